@@ -1,0 +1,1 @@
+"""jaxopt_study: how optimizers behave under sparse, non-stationary transformer gradients."""

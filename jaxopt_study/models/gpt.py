@@ -1,0 +1,252 @@
+"""A decoder-only GPT in Flax (linen), written for optimizer studies.
+
+What matters for the study, and why each option exists:
+
+* ``ln_position``: 'pre' (GPT-2, default) or 'post' (original Transformer). LayerNorm placement
+  drives how unevenly gradient norms spread over blocks (gradient heterogeneity, arXiv
+  2502.00213), which is the regime where SGD falls behind Adam.
+* ``tie_embeddings``: with tied weights the softmax touches every embedding row every step, so
+  embedding-gradient sparsity is invisible. Untied (default here) keeps the input embedding's
+  gradient exactly zero on rows of tokens absent from the batch.
+* ``num_kv_heads``: grouped-query attention (num_kv_heads < num_heads), multi-query at 1.
+* Parameters are float32; ``dtype`` is the compute dtype (bfloat16 on accelerators).
+* Attention goes through ``jax.nn.dot_product_attention`` so cuDNN flash attention is used on
+  GPU (``attention_impl='cudnn'``) and XLA's elsewhere.
+
+Every parameter carries logical axis names ('vocab', 'embed', 'heads', 'kv', 'mlp', ...);
+``sharding.py`` maps them onto the device mesh. The parameter tree is listed in docs/DESIGN.md.
+Blocks are unrolled (block_0, block_1, ...) so that per-layer diagnostics need no slicing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Logical axis names used on activations; sharding.py maps them to mesh axes.
+BATCH, LENGTH, EMBED = "activation_batch", "activation_length", "activation_embed"
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+  """Static model hyper-parameters (built from ``config.model`` by ``from_config``)."""
+
+  vocab_size: int
+  max_len: int
+  num_layers: int
+  d_model: int
+  num_heads: int
+  num_kv_heads: int
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  ln_position: str = "pre"
+  tie_embeddings: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention_impl: str | None = None  # None: XLA picks; 'cudnn': flash attention on GPU.
+  remat: str = "none"  # 'none' | 'full' | 'dots' (save matmul outputs only)
+  init_std: float = 0.02
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+
+_INIT = nn.initializers.normal
+
+
+def _dense(features, axes, name, cfg: GPTConfig, std=None):
+  """DenseGeneral with logically-partitioned kernel and bias."""
+  std = cfg.init_std if std is None else std
+  return nn.DenseGeneral(
+      features,
+      axis=-1,
+      dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype,
+      kernel_init=nn.with_logical_partitioning(_INIT(std), axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
+      name=name,
+  )
+
+
+def _layer_norm(name, cfg: GPTConfig):
+  return nn.LayerNorm(
+      epsilon=1e-5,
+      dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+      name=name,
+  )
+
+
+class CausalSelfAttention(nn.Module):
+  cfg: GPTConfig
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool):
+    cfg = self.cfg
+    h, g, k = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    # GPT-2's residual-projection init: std / sqrt(2 * num_layers).
+    out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+    q = _dense((h, k), ("embed", "heads", "kv"), "query", cfg)(x)  # [B, T, H, K]
+    kk = _dense((g, k), ("embed", "kv_heads", "kv"), "key", cfg)(x)  # [B, T, G, K]
+    v = _dense((g, k), ("embed", "kv_heads", "kv"), "value", cfg)(x)  # [B, T, G, K]
+    # jax.nn.dot_product_attention handles grouped K/V heads (H % G == 0) itself.
+    y = jax.nn.dot_product_attention(
+        q, kk, v, is_causal=True, implementation=cfg.attention_impl
+    )  # [B, T, H, K]
+    y = nn.DenseGeneral(
+        cfg.d_model,
+        axis=(-2, -1),
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        kernel_init=nn.with_logical_partitioning(_INIT(out_std), ("heads", "kv", "embed")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+        name="out",
+    )(y)  # [B, T, D]
+    return nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
+
+
+class MLP(nn.Module):
+  cfg: GPTConfig
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool):
+    cfg = self.cfg
+    out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+    x = _dense(cfg.mlp_dim, ("embed", "mlp"), "fc", cfg)(x)  # [B, T, F]
+    x = nn.gelu(x, approximate=True)
+    x = _dense(cfg.d_model, ("mlp", "embed"), "proj", cfg, std=out_std)(x)  # [B, T, D]
+    return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+
+
+class Block(nn.Module):
+  """One transformer block; pre-LN: x + f(LN(x)); post-LN: LN(x + f(x))."""
+
+  cfg: GPTConfig
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    cfg = self.cfg
+    attn = CausalSelfAttention(cfg, name="attn")
+    mlp = MLP(cfg, name="mlp")
+    ln_attn, ln_mlp = _layer_norm("ln_attn", cfg), _layer_norm("ln_mlp", cfg)
+    if cfg.ln_position == "pre":
+      x = x + attn(ln_attn(x), deterministic=deterministic)
+      x = x + mlp(ln_mlp(x), deterministic=deterministic)
+    else:
+      x = ln_attn(x + attn(x, deterministic=deterministic))
+      x = ln_mlp(x + mlp(x, deterministic=deterministic))
+    return nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
+
+
+_REMAT_POLICIES = {
+    "full": None,  # recompute everything in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class GPT(nn.Module):
+  """tokens [B, T] int -> logits [B, T, V] float32."""
+
+  cfg: GPTConfig
+
+  @nn.compact
+  def __call__(self, tokens, *, deterministic: bool = True):
+    cfg = self.cfg
+    b, t = tokens.shape
+    if t > cfg.max_len:
+      raise ValueError(f"sequence length {t} > config.model.max_len={cfg.max_len}")
+    wte = nn.Embed(
+        cfg.vocab_size,
+        cfg.d_model,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        embedding_init=nn.with_logical_partitioning(_INIT(cfg.init_std), ("vocab", "embed")),
+        name="wte",
+    )
+    wpe = nn.Embed(
+        cfg.max_len,
+        cfg.d_model,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        embedding_init=nn.with_logical_partitioning(_INIT(0.01), ("length", "embed")),
+        name="wpe",
+    )
+    x = wte(tokens) + wpe(jnp.arange(t)[None, :])  # [B, T, D]
+    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    x = nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
+
+    block = Block
+    if cfg.remat != "none":
+      block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], static_argnums=(2,))
+    for i in range(cfg.num_layers):
+      x = block(cfg, name=f"block_{i}")(x, deterministic)
+
+    if cfg.ln_position == "pre":
+      x = _layer_norm("ln_f", cfg)(x)
+    if cfg.tie_embeddings:
+      logits = wte.attend(x)  # [B, T, V]
+    else:
+      logits = nn.DenseGeneral(
+          cfg.vocab_size,
+          use_bias=False,
+          dtype=cfg.dtype,
+          param_dtype=cfg.param_dtype,
+          kernel_init=nn.with_logical_partitioning(_INIT(cfg.init_std), ("embed", "vocab")),
+          name="lm_head",
+      )(x)  # [B, T, V]
+    # The softmax cross-entropy is computed in float32 whatever the compute dtype.
+    return logits.astype(jnp.float32)
+
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+LN_POSITIONS = ("pre", "post")
+
+
+def from_config(model_config, vocab_size: int) -> GPTConfig:
+  """Builds a GPTConfig from ``config.model``; errors name the field to fix."""
+  m = model_config
+  if m.dtype not in _DTYPES:
+    raise ValueError(f"config.model.dtype={m.dtype!r}; valid: {sorted(_DTYPES)}")
+  if m.ln_position not in LN_POSITIONS:
+    raise ValueError(f"config.model.ln_position={m.ln_position!r}; valid: {LN_POSITIONS}")
+  if m.remat not in ("none", *_REMAT_POLICIES):
+    raise ValueError(f"config.model.remat={m.remat!r}; valid: {('none', *_REMAT_POLICIES)}")
+  if m.d_model % m.num_heads:
+    raise ValueError(
+        f"config.model.d_model={m.d_model} is not divisible by config.model.num_heads="
+        f"{m.num_heads}; choose num_heads dividing d_model."
+    )
+  num_kv_heads = m.num_kv_heads or m.num_heads
+  if m.num_heads % num_kv_heads:
+    raise ValueError(
+        f"config.model.num_heads={m.num_heads} is not divisible by config.model.num_kv_heads="
+        f"{num_kv_heads}; grouped-query attention needs num_heads % num_kv_heads == 0."
+    )
+  if m.attention_impl not in (None, "xla", "cudnn"):
+    raise ValueError(
+        f"config.model.attention_impl={m.attention_impl!r}; valid: None, 'xla', 'cudnn'"
+    )
+  return GPTConfig(
+      vocab_size=vocab_size,
+      max_len=m.max_len,
+      num_layers=m.num_layers,
+      d_model=m.d_model,
+      num_heads=m.num_heads,
+      num_kv_heads=num_kv_heads,
+      mlp_dim=m.mlp_ratio * m.d_model,
+      dropout_rate=m.dropout_rate,
+      ln_position=m.ln_position,
+      tie_embeddings=m.tie_embeddings,
+      dtype=_DTYPES[m.dtype],
+      attention_impl=m.attention_impl,
+      remat=m.remat,
+  )

@@ -1,0 +1,126 @@
+"""Metric writers and progress reporting: CLU where it can run, the same interface where not.
+
+CLU's ``metric_writers`` and ``periodic_actions`` import TensorFlow. Where TensorFlow is
+installed we use them as they are (``create_default_writer``, ``ReportProgress``). Where it is not
+(the lent GPU machines, a slim TPU VM), ``TensorboardXWriter`` writes the same TensorBoard event
+files through tensorboardX and ``ReportProgress`` reports steps/s and ETA; both keep CLU's method
+names, so ``train.py`` never knows which one it has.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Mapping
+
+import numpy as np
+
+
+def _clu():
+  """(metric_writers, periodic_actions) from CLU, or None where TensorFlow is missing."""
+  try:
+    from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
+
+    return metric_writers, periodic_actions
+  except ImportError:
+    return None
+
+
+class TensorboardXWriter:
+  """CLU ``MetricWriter`` interface over tensorboardX; also logs scalars like CLU's LoggingWriter."""
+
+  def __init__(self, logdir: str, *, just_logging: bool = False):
+    self._tb = None
+    if not just_logging:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
+      self._tb = SummaryWriter(logdir, flush_secs=30)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    logging.info(
+        "[%d] %s", step, ", ".join(f"{k}={float(v):.6g}" for k, v in sorted(scalars.items()))
+    )
+    if self._tb:
+      for k, v in scalars.items():
+        self._tb.add_scalar(k, float(v), global_step=step)
+
+  def write_histograms(self, step: int, arrays: Mapping[str, Any], num_buckets=None):
+    if self._tb:
+      for k, v in arrays.items():
+        v = np.asarray(v, dtype=np.float64).ravel()
+        v = v[np.isfinite(v)]
+        if v.size:
+          self._tb.add_histogram(k, v, global_step=step, bins="auto")
+
+  def write_texts(self, step: int, texts: Mapping[str, str]):
+    if self._tb:
+      for k, v in texts.items():
+        self._tb.add_text(k, v, global_step=step)
+
+  def write_hparams(self, hparams: Mapping[str, Any]):
+    logging.info("hparams: %s", dict(hparams))
+    if self._tb:
+      self._tb.add_hparams(dict(hparams), {})
+
+  def flush(self):
+    if self._tb:
+      self._tb.flush()
+
+  def close(self):
+    if self._tb:
+      self._tb.close()
+
+
+def create_writer(workdir: str, *, just_logging: bool = False, backend: str = "auto"):
+  """CLU's default writer (TensorBoard + logging, asynchronous) or the tensorboardX fallback.
+
+  Args:
+    workdir: where event files go.
+    just_logging: True on non-zero processes of a multi-host run (one writer per run).
+    backend: 'auto' (CLU if TensorFlow imports), 'clu' or 'tensorboardx'.
+  """
+  if backend not in ("auto", "clu", "tensorboardx"):
+    raise ValueError(f"writer backend={backend!r}; valid: auto, clu, tensorboardx")
+  clu = _clu() if backend != "tensorboardx" else None
+  if clu is None and backend == "clu":
+    raise ImportError("CLU metric writers need TensorFlow: pip install tensorflow-cpu")
+  if clu is not None:
+    return clu[0].create_default_writer(workdir, just_logging=just_logging, asynchronous=True)
+  return TensorboardXWriter(workdir, just_logging=just_logging)
+
+
+class _FallbackReportProgress:
+  """Reports steps/s, ETA and step time like ``clu.periodic_actions.ReportProgress``."""
+
+  def __init__(self, *, num_train_steps: int, writer=None, every_secs: float = 60.0):
+    self._total, self._writer, self._every = num_train_steps, writer, every_secs
+    self._last_time, self._last_step = None, None
+
+  def __call__(self, step: int, t: float | None = None) -> bool:
+    t = time.monotonic() if t is None else t
+    if self._last_time is None:
+      self._last_time, self._last_step = t, step
+      return False
+    if t - self._last_time < self._every:
+      return False
+    rate = (step - self._last_step) / (t - self._last_time)
+    eta = (self._total - step) / rate if rate > 0 else float("inf")
+    logging.info(
+        "step %d/%d: %.2f steps/s, ETA %.0f min", step, self._total, rate, eta / 60
+    )
+    if self._writer is not None:
+      self._writer.write_scalars(step, {"steps_per_sec": rate})
+    self._last_time, self._last_step = t, step
+    return True
+
+
+def report_progress(num_train_steps: int, writer, every_secs: float = 60.0):
+  """CLU's ``ReportProgress`` periodic action, or the fallback with the same call signature."""
+  clu = _clu()
+  if clu is not None and not isinstance(writer, TensorboardXWriter):
+    return clu[1].ReportProgress(
+        num_train_steps=num_train_steps, writer=writer, every_secs=every_secs
+    )
+  return _FallbackReportProgress(
+      num_train_steps=num_train_steps, writer=writer, every_secs=every_secs
+  )
