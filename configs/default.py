@@ -71,6 +71,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   config.checkpoint_every = 100  # Steps between orbax checkpoints (and always at the end).
   config.keep_checkpoints = 2  # Checkpoints kept; older ones are deleted.
   config.prefetch = 2  # Batches put on devices ahead of use.
+  config.inject_nan_at_step = -1  # Fault injection (tests): NaN loss and grads at this step.
 
   # ------------------------------------------------------------------ diagnostics/
   config.diagnostics = diagnostics_lib.default_config()  # Families, cadence; documented there.

@@ -89,9 +89,11 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, diag_config, di
   }
   diag_state = state.diag_state
   if diag_mode is not None:
+    # The optimizer state *before* this update: cos(g_t, m_{t-1}) asks whether the momentum
+    # the optimizer carried into this step points where the new gradient points.
     diag_metrics, diag_state = diagnostics.update(
-        state.params, grads, updates, opt_state, state.diag_state, state.step, diag_config,
-        mode=diag_mode,
+        state.params, grads, updates, state.opt_state, state.diag_state, state.step, diag_config,
+        full=diag_mode,
     )
     metrics.update(diag_metrics)
 
@@ -116,7 +118,9 @@ def eval_step(params, batch, diag_state, *, model, diag_config):
   loss = cross_entropy(logits, targets)  # [B, T]
   out = {"loss_sum": loss.sum(), "tokens": jnp.asarray(loss.size, jnp.float32)}
   if diag_config.enabled and diag_config.loss_by_frequency:
-    sums, counts = diagnostics.loss_by_frequency(loss, targets, diag_state, diag_config)
+    sums, counts = diagnostics.loss_by_frequency(
+        loss, targets, diag_state, num_buckets=diag_config.num_freq_buckets
+    )
     out["freq_loss_sum"], out["freq_tokens"] = sums, counts
   return out
 
@@ -158,7 +162,7 @@ def create_state(config, model, tx, mesh, token_frequencies, *, dummy_len):
   def init_rest(params):
     opt_state = tx.init(params)
     diag_state = (
-        diagnostics.init(params, config.diagnostics, token_frequencies)
+        diagnostics.init(params, config.diagnostics, token_frequencies, opt_state=opt_state)
         if config.diagnostics.enabled
         else None
     )
@@ -281,7 +285,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         step_fns[mode] = jax.jit(
             functools.partial(
                 train_step, model=model, tx=tx, schedule=schedule, diag_config=dcfg,
-                diag_mode=mode, nan_step=config.get("inject_nan_at_step", -1),
+                diag_mode=mode, nan_step=config.inject_nan_at_step,
             ),
             in_shardings=(state_sh, batch_sh),
             out_shardings=(state_sh, None),
@@ -366,12 +370,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if preempt.flag:
         status = "preempted"
         break
-      every = dcfg.every if dcfg.enabled else 0
       mode = diagnostics.mode_for_step(step, dcfg) if dcfg.enabled else None
       _, batch = next(batches)
       state, metrics = step_fn(mode)(state, batch)
       done = step + 1
-      keep_metrics = done % config.log_every == 0 or (every and mode == "full")
+      keep_metrics = done % config.log_every == 0 or mode == "full"
       if keep_metrics:
         pending.append((done, metrics))
       progress(done)

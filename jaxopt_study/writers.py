@@ -9,7 +9,9 @@ names, so ``train.py`` never knows which one it has.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from typing import Any, Mapping
 
@@ -71,8 +73,56 @@ class TensorboardXWriter:
       self._tb.close()
 
 
+class JsonlWriter:
+  """Appends every scalar write as one JSON line ``{"step": s, name: value, ...}``.
+
+  A plain-text copy of the scalars for the study report (``study/report.py``) that needs neither
+  TensorFlow nor TensorBoard to read. A resumed run may append a step again; readers keep the
+  last record of each (step, name).
+  """
+
+  def __init__(self, path: str):
+    self._f = open(path, "a", buffering=1)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+    self._f.write(json.dumps(row) + "\n")
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    pass
+
+  def write_texts(self, step, texts):
+    pass
+
+  def write_hparams(self, hparams):
+    pass
+
+  def flush(self):
+    self._f.flush()
+
+  def close(self):
+    self._f.close()
+
+
+class _Fanout:
+  """Sends every call to several writers (CLU's MultiWriter, without its TensorFlow import)."""
+
+  def __init__(self, writers):
+    self._writers = writers
+
+  def __getattr__(self, name):
+    def call(*args, **kwargs):
+      for w in self._writers:
+        getattr(w, name)(*args, **kwargs)
+
+    return call
+
+
+METRICS_FILE = "metrics.jsonl"
+
+
 def create_writer(workdir: str, *, just_logging: bool = False, backend: str = "auto"):
-  """CLU's default writer (TensorBoard + logging, asynchronous) or the tensorboardX fallback.
+  """CLU's default writer (TensorBoard + logging) or the tensorboardX fallback, + metrics.jsonl.
 
   Args:
     workdir: where event files go.
@@ -85,8 +135,12 @@ def create_writer(workdir: str, *, just_logging: bool = False, backend: str = "a
   if clu is None and backend == "clu":
     raise ImportError("CLU metric writers need TensorFlow: pip install tensorflow-cpu")
   if clu is not None:
-    return clu[0].create_default_writer(workdir, just_logging=just_logging, asynchronous=True)
-  return TensorboardXWriter(workdir, just_logging=just_logging)
+    tb = clu[0].create_default_writer(workdir, just_logging=just_logging, asynchronous=True)
+  else:
+    tb = TensorboardXWriter(workdir, just_logging=just_logging)
+  if just_logging:
+    return tb
+  return _Fanout([tb, JsonlWriter(os.path.join(workdir, METRICS_FILE))])
 
 
 class _FallbackReportProgress:
@@ -117,7 +171,7 @@ class _FallbackReportProgress:
 def report_progress(num_train_steps: int, writer, every_secs: float = 60.0):
   """CLU's ``ReportProgress`` periodic action, or the fallback with the same call signature."""
   clu = _clu()
-  if clu is not None and not isinstance(writer, TensorboardXWriter):
+  if clu is not None:
     return clu[1].ReportProgress(
         num_train_steps=num_train_steps, writer=writer, every_secs=every_secs
     )

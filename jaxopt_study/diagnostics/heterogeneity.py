@@ -1,0 +1,53 @@
+r"""Gradient heterogeneity family (Tomihari & Sato 2025, arXiv 2502.00213).
+
+Blocks are the parameter tensors b (of a kind, for ``/kind=<kind>``). For per-block values
+x_b > 0 (blocks with x_b = 0 or undefined are excluded), over the B blocks left:
+
+* ``..._cv``      = std(x) / mean(x)  (population std, ddof = 0): coefficient of variation;
+* ``..._max_min`` = max(x) / min(x).
+
+Values x_b:
+
+* ``heterogeneity/grad_norm_*``   : |g_b|, the gradient norm of the block;
+* ``heterogeneity/update_norm_*`` : |u_b|, the optimizer's per-block step;
+* ``heterogeneity/step_size_*``   : |u_b| / |g_b|, the optimizer's effective per-block step size
+  (constant across blocks for SGD without momentum, i.e. cv = 0; adaptive methods equalize
+  |u_b| and so spread |u_b|/|g_b| as much as the gradient norms).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from jaxopt_study.diagnostics import _agg
+
+
+def _spread(x):
+  ok = jnp.isfinite(x) & (x > 0)
+  k = jnp.sum(ok)
+  mean = jnp.sum(jnp.where(ok, x, 0.0)) / k
+  var = jnp.sum(jnp.where(ok, jnp.square(x - mean), 0.0)) / k
+  cv = jnp.where(k > 0, jnp.sqrt(var) / mean, _agg.NAN)
+  mx = jnp.max(jnp.where(ok, x, -jnp.inf))
+  mn = jnp.min(jnp.where(ok, x, jnp.inf))
+  return cv, jnp.where(k > 0, mx / mn, _agg.NAN)
+
+
+def compute(ctx: _agg.Ctx):
+  ts = ctx.tensors
+  if not ts:
+    return
+  gn = jnp.stack([jnp.sqrt(jnp.vdot(t.g, t.g)) for t in ts])
+  un = jnp.stack([jnp.sqrt(jnp.vdot(t.u, t.u)) for t in ts])
+  step = jnp.where(gn > 0, un / jnp.where(gn > 0, gn, 1.0), _agg.NAN)
+  kinds = [t.kind for t in ts]
+  sel = [("", list(range(len(ts))))]
+  if ctx.cfg.per_kind:
+    sel += [(f"/kind={k}", [i for i, kk in enumerate(kinds) if kk == k])
+            for k in sorted(set(kinds))]
+  for suffix, idx in sel:
+    idx = jnp.asarray(idx)
+    for name, x in (("grad_norm", gn), ("update_norm", un), ("step_size", step)):
+      cv, mm = _spread(x[idx])
+      ctx.metrics[f"heterogeneity/{name}_cv{suffix}"] = cv
+      ctx.metrics[f"heterogeneity/{name}_max_min{suffix}"] = mm

@@ -1,0 +1,102 @@
+"""The GPT: shapes, causality, LayerNorm placement, tied/untied embeddings, GQA, config errors."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from jaxopt_study.models import gpt
+
+V, T = 96, 12
+
+
+def _model(**overrides):
+  m = default.get_config("tiny").model
+  m.num_layers, m.d_model, m.num_heads, m.max_len = 2, 32, 4, 16
+  for k, v in overrides.items():
+    m[k] = v
+  return gpt.GPT(gpt.from_config(m, V))
+
+
+def _init(model):
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, T), 0, V)
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), tokens)["params"])
+  return params, tokens
+
+
+@pytest.mark.parametrize("ln_position", ["pre", "post"])
+def test_causal(ln_position):
+  """Changing token t changes no logit before t."""
+  model = _model(ln_position=ln_position)
+  params, tokens = _init(model)
+  logits = model.apply({"params": params}, tokens)
+  assert logits.shape == (2, T, V) and logits.dtype == jnp.float32
+  changed = tokens.at[:, 7].set((tokens[:, 7] + 1) % V)
+  logits2 = model.apply({"params": params}, changed)
+  np.testing.assert_allclose(logits[:, :7], logits2[:, :7], atol=1e-6)
+  assert not np.allclose(logits[:, 7:], logits2[:, 7:])
+
+
+def test_parameter_tree_and_ln_placement():
+  pre, _ = _init(_model())
+  post, _ = _init(_model(ln_position="post"))
+  assert {"wte", "wpe", "block_0", "block_1", "ln_f", "lm_head"} == set(pre)
+  assert "ln_f" not in post  # post-LN ends with the last block's LayerNorm
+  assert pre["block_0"]["attn"]["query"]["kernel"].shape == (32, 4, 8)
+
+
+def test_untied_embedding_gradient_is_zero_on_absent_tokens_tied_is_dense():
+  for tie, expect_sparse in [(False, True), (True, False)]:
+    model = _model(tie_embeddings=tie)
+    params, tokens = _init(model)
+    tokens = tokens % 10  # only ids 0..9 occur
+
+    def loss(p):
+      logits = model.apply({"params": p}, tokens[:, :-1])
+      return -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+    g = jax.grad(loss)(params)["wte"]["embedding"]
+    zero_rows = np.all(np.asarray(g) == 0, axis=1)
+    assert zero_rows[10:].all() == expect_sparse
+    assert not zero_rows[:10].any()
+    assert ("lm_head" in params) != tie
+
+
+def test_grouped_query_attention_matches_repeated_kv_heads():
+  model = _model(num_kv_heads=2)
+  params, tokens = _init(model)
+  assert params["block_0"]["attn"]["key"]["kernel"].shape == (32, 2, 8)
+  # Multi-head attention with each K/V head repeated for its group is the same function.
+  mha = _model(num_kv_heads=4)
+  p = jax.tree.map(lambda x: x, params)
+  for i in range(2):
+    for name in ("key", "value"):
+      leaf = p[f"block_{i}"]["attn"][name]
+      leaf["kernel"] = jnp.repeat(leaf["kernel"], 2, axis=1)
+      leaf["bias"] = jnp.repeat(leaf["bias"], 2, axis=0)
+  np.testing.assert_allclose(
+      model.apply({"params": params}, tokens), mha.apply({"params": p}, tokens), atol=1e-5
+  )
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  model = _model(dtype="bfloat16")
+  params, tokens = _init(model)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  assert model.apply({"params": params}, tokens).dtype == jnp.float32
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("num_heads", 5, r"config\.model\.d_model=32 is not divisible by config\.model\.num_heads=5"),
+        ("num_kv_heads", 3, r"config\.model\.num_kv_heads=3"),
+        ("ln_position", "middle", r"config\.model\.ln_position"),
+        ("dtype", "float8", r"config\.model\.dtype"),
+    ],
+)
+def test_bad_model_config(field, value, match):
+  with pytest.raises(ValueError, match=match):
+    _model(**{field: value})
