@@ -22,9 +22,17 @@ config_flags.DEFINE_config_file(
 flags.mark_flags_as_required(["workdir"])
 
 
+class _QuietOrbax(logging.logging.Filter):
+  """Orbax logs every checkpoint phase at INFO; keep its warnings and errors only."""
+
+  def filter(self, record):
+    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietOrbax())
   logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 

@@ -17,7 +17,7 @@ import math
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -217,6 +217,10 @@ class _Preempted:
       signal.signal(signal.SIGTERM, self._old)
 
 
+def _float(x):
+  return None if x is None else float(x)
+
+
 def _flatten(tree: dict, prefix=""):
   out = {}
   for k, v in tree.items():
@@ -230,8 +234,21 @@ def _flatten(tree: dict, prefix=""):
 # ------------------------------------------------------------------------------ the run
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (or resumes) the run described by ``config`` in ``workdir``; returns results.json."""
+class Setup(NamedTuple):
+  """What a run is made of, before its loop (also used by scripts/benchmark.py)."""
+
+  mesh: Any
+  dataset: Any
+  model: gpt.GPT
+  tx: optax.GradientTransformation
+  schedule: Any
+  state: TrainState
+  state_sharding: TrainState
+  batch_sharding: Any
+
+
+def setup(config: ml_collections.ConfigDict) -> Setup:
+  """Validates ``config`` (before any compile), then builds mesh, data, model and the state."""
   validate_config(config)
   sharding.maybe_initialize_distributed()
   mesh = sharding.make_mesh(config.mesh)
@@ -241,9 +258,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f"config.batch_size={config.batch_size} is not divisible by the "
         f"{jax.process_count()} processes."
     )
-  os.makedirs(workdir, exist_ok=True)
-  is_main = jax.process_index() == 0
-
   ds = data_lib.build_dataset(
       config.data,
       seq_len=config.seq_len,
@@ -251,13 +265,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       seed=config.seed,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
+      num_train_steps=config.num_steps,
   )
   vocab = _padded_vocab(ds.vocab_size, config.model.vocab_multiple)
   model = gpt.GPT(gpt.from_config(config.model, vocab))
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-
   token_freq = np.zeros(vocab, np.float64)
   token_freq[: ds.vocab_size] = ds.token_frequencies
   with mesh, nn.logical_axis_rules(sharding.LOGICAL_RULES):
@@ -267,8 +278,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     tx, schedule = optimizers.build(config, params_shape)
     state, state_sh = create_state(config, model, tx, mesh, token_freq, dummy_len=config.seq_len)
+  return Setup(mesh, ds, model, tx, schedule, state, state_sh, sharding.batch_sharding(mesh))
+
+
+def compile_train_step(config, s: Setup):
+  """``mode -> jitted train step``, each diagnostics mode compiled once, on first use."""
+  cache = {}
+
+  def get(mode):
+    if mode not in cache:
+      cache[mode] = jax.jit(
+          functools.partial(
+              train_step, model=s.model, tx=s.tx, schedule=s.schedule,
+              diag_config=config.diagnostics, diag_mode=mode,
+              nan_step=config.inject_nan_at_step,
+          ),
+          in_shardings=(s.state_sharding, s.batch_sharding),
+          out_shardings=(s.state_sharding, None),
+          donate_argnums=0,
+      )
+    return cache[mode]
+
+  return get
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or resumes) the run described by ``config`` in ``workdir``; returns results.json."""
+  s = setup(config)
+  mesh, ds, model, state, state_sh = s.mesh, s.dataset, s.model, s.state, s.state_sharding
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  with mesh, nn.logical_axis_rules(sharding.LOGICAL_RULES):
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
-    logging.info("model: %.2fM parameters, vocab %d, mesh %s", num_params / 1e6, vocab, dict(mesh.shape))
+    logging.info(
+        "model: %.2fM parameters, vocab %d, mesh %s",
+        num_params / 1e6, model.cfg.vocab_size, dict(mesh.shape),
+    )
 
     ckpt = checkpointing.manager(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
     restored = checkpointing.restore_latest(ckpt, state)
@@ -276,22 +325,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       state = restored
       logging.info("resumed from step %d", int(state.step))
 
-    batch_sh = sharding.batch_sharding(mesh)
+    batch_sh = s.batch_sharding
     dcfg = config.diagnostics
-    step_fns = {}
-
-    def step_fn(mode):
-      if mode not in step_fns:
-        step_fns[mode] = jax.jit(
-            functools.partial(
-                train_step, model=model, tx=tx, schedule=schedule, diag_config=dcfg,
-                diag_mode=mode, nan_step=config.inject_nan_at_step,
-            ),
-            in_shardings=(state_sh, batch_sh),
-            out_shardings=(state_sh, None),
-            donate_argnums=0,
-        )
-      return step_fns[mode]
+    step_fn = compile_train_step(config, s)
 
     p_eval = jax.jit(
         functools.partial(eval_step, model=model, diag_config=dcfg),
@@ -346,12 +382,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       nonlocal last_train
       host = jax.device_get(pending)
       pending.clear()
-      for s, m in host:
+      for at, m in host:
         scalars = {k: v for k, v in m.items() if np.ndim(v) == 0}
-        hists = {k: v for k, v in m.items() if np.ndim(v) == 1}
-        writer.write_scalars(s, scalars)
+        # Histogram samples: drop non-finite entries (e.g. log-staleness of a zero moment).
+        hists = {k: v[np.isfinite(v)] for k, v in m.items() if np.ndim(v) == 1}
+        hists = {k: v for k, v in hists.items() if v.size}
+        writer.write_scalars(at, scalars)
         if hists:
-          writer.write_histograms(s, hists)
+          writer.write_histograms(at, hists)
         if all(np.isfinite(float(v)) for k, v in scalars.items() if k.startswith("train/")):
           last_train = scalars
       now = time.perf_counter()
@@ -415,7 +453,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       status=status,
       steps_done=steps_done,
       tokens_seen=steps_done * results["tokens_per_step"],
-      final_train_loss=last_train.get("train/loss", results.get("final_train_loss")),
+      final_train_loss=_float(last_train.get("train/loss", results.get("final_train_loss"))),
       final_eval_loss=last_eval.get("eval/loss", results.get("final_eval_loss")),
       final_eval_perplexity=last_eval.get("eval/perplexity", results.get("final_eval_perplexity")),
       eval_loss_by_frequency={

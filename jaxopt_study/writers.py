@@ -1,7 +1,7 @@
 """Metric writers and progress reporting: CLU where it can run, the same interface where not.
 
 CLU's ``metric_writers`` and ``periodic_actions`` import TensorFlow. Where TensorFlow is
-installed we use them as they are (``create_default_writer``, ``ReportProgress``). Where it is not
+installed we use them as they are (``SummaryWriter`` behind ``AsyncWriter``, ``ReportProgress``). Where it is not
 (the lent GPU machines, a slim TPU VM), ``TensorboardXWriter`` writes the same TensorBoard event
 files through tensorboardX and ``ReportProgress`` reports steps/s and ETA; both keep CLU's method
 names, so ``train.py`` never knows which one it has.
@@ -29,48 +29,61 @@ def _clu():
 
 
 class TensorboardXWriter:
-  """CLU ``MetricWriter`` interface over tensorboardX; also logs scalars like CLU's LoggingWriter."""
+  """CLU's ``MetricWriter`` interface over tensorboardX (TensorBoard event files, no TF)."""
 
-  def __init__(self, logdir: str, *, just_logging: bool = False):
-    self._tb = None
-    if not just_logging:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  def __init__(self, logdir: str):
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
 
-      self._tb = SummaryWriter(logdir, flush_secs=30)
+    self._tb = SummaryWriter(logdir, flush_secs=30)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
-    logging.info(
-        "[%d] %s", step, ", ".join(f"{k}={float(v):.6g}" for k, v in sorted(scalars.items()))
-    )
-    if self._tb:
-      for k, v in scalars.items():
-        self._tb.add_scalar(k, float(v), global_step=step)
+    for k, v in scalars.items():
+      self._tb.add_scalar(k, float(v), global_step=step)
 
   def write_histograms(self, step: int, arrays: Mapping[str, Any], num_buckets=None):
-    if self._tb:
-      for k, v in arrays.items():
-        v = np.asarray(v, dtype=np.float64).ravel()
-        v = v[np.isfinite(v)]
-        if v.size:
-          self._tb.add_histogram(k, v, global_step=step, bins="auto")
+    for k, v in arrays.items():
+      self._tb.add_histogram(k, np.asarray(v, np.float64), global_step=step, bins="auto")
 
   def write_texts(self, step: int, texts: Mapping[str, str]):
-    if self._tb:
-      for k, v in texts.items():
-        self._tb.add_text(k, v, global_step=step)
+    for k, v in texts.items():
+      self._tb.add_text(k, v, global_step=step)
+
+  def write_hparams(self, hparams: Mapping[str, Any]):
+    self._tb.add_hparams(dict(hparams), {})
+
+  def flush(self):
+    self._tb.flush()
+
+  def close(self):
+    self._tb.close()
+
+
+class ConsoleWriter:
+  """Logs the scalars whose names start with ``prefixes`` (the hundreds of diagnostics go only
+  to TensorBoard and metrics.jsonl)."""
+
+  def __init__(self, prefixes=("train/", "eval/", "steps_per_sec")):
+    self._prefixes = tuple(prefixes)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    shown = {k: v for k, v in scalars.items() if k.startswith(self._prefixes)}
+    if shown:
+      logging.info("[%d] %s", step, ", ".join(f"{k}={float(v):.6g}" for k, v in sorted(shown.items())))
 
   def write_hparams(self, hparams: Mapping[str, Any]):
     logging.info("hparams: %s", dict(hparams))
-    if self._tb:
-      self._tb.add_hparams(dict(hparams), {})
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    pass
+
+  def write_texts(self, step, texts):
+    pass
 
   def flush(self):
-    if self._tb:
-      self._tb.flush()
+    pass
 
   def close(self):
-    if self._tb:
-      self._tb.close()
+    pass
 
 
 class JsonlWriter:
@@ -122,7 +135,7 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def create_writer(workdir: str, *, just_logging: bool = False, backend: str = "auto"):
-  """CLU's default writer (TensorBoard + logging) or the tensorboardX fallback, + metrics.jsonl.
+  """TensorBoard (CLU's asynchronous SummaryWriter, or tensorboardX), console, metrics.jsonl.
 
   Args:
     workdir: where event files go.
@@ -134,13 +147,13 @@ def create_writer(workdir: str, *, just_logging: bool = False, backend: str = "a
   clu = _clu() if backend != "tensorboardx" else None
   if clu is None and backend == "clu":
     raise ImportError("CLU metric writers need TensorFlow: pip install tensorflow-cpu")
-  if clu is not None:
-    tb = clu[0].create_default_writer(workdir, just_logging=just_logging, asynchronous=True)
-  else:
-    tb = TensorboardXWriter(workdir, just_logging=just_logging)
   if just_logging:
-    return tb
-  return _Fanout([tb, JsonlWriter(os.path.join(workdir, METRICS_FILE))])
+    return ConsoleWriter()
+  if clu is not None:
+    tb = clu[0].AsyncWriter(clu[0].SummaryWriter(workdir))
+  else:
+    tb = TensorboardXWriter(workdir)
+  return _Fanout([tb, ConsoleWriter(), JsonlWriter(os.path.join(workdir, METRICS_FILE))])
 
 
 class _FallbackReportProgress:

@@ -148,18 +148,21 @@ def copy_sources(rng: np.random.Generator, batch: int, length: int, copy_prob: f
   mark = np.zeros((batch, length), np.int32)  # [B, L]
   rows, cols = np.nonzero(starts < length)
   mark[rows, starts[rows, cols]] = 1
-  span = np.cumsum(mark, axis=1) - 1  # [B, L]
+  # Indices into the flattened [B * S] span arrays (flat fancy indexing is ~4x faster than
+  # take_along_axis at these sizes).
+  span = (np.cumsum(mark, axis=1) - 1 + np.arange(batch)[:, None] * num_spans).ravel()  # [B*L]
 
-  pos = np.arange(length, dtype=np.int64)[None, :]  # [1, L]
-  offset = pos - np.take_along_axis(starts, span, axis=1)  # [B, L]
-  src = np.where(np.take_along_axis(is_copy, span, axis=1),
-                 np.take_along_axis(src_start, span, axis=1) + offset, pos)  # [B, L]
+  pos = np.arange(batch * length, dtype=np.int64)  # [B*L], flat position
+  row_base = pos - pos % length  # [B*L], flat index of the row's first position
+  src = np.where(is_copy.ravel()[span],
+                 row_base + src_start.ravel()[span] + (pos - row_base - starts.ravel()[span]),
+                 pos)  # [B*L]
   # Pointer jumping: src <- src[src] until every position points at an original one. Sources
-  # are strictly earlier, so chains are finite and this takes O(log chain length) rounds.
+  # are strictly earlier in the same row, so chains are finite and this takes O(log depth) rounds.
   while True:
-    nxt = np.take_along_axis(src, src, axis=1)
+    nxt = src[src]
     if np.array_equal(nxt, src):
-      return src
+      return (src - row_base).reshape(batch, length)
     src = nxt
 
 
@@ -174,6 +177,8 @@ class SyntheticDataset:
     topic_perms: int32 [K, V], ``topic_perms[k, r]`` is the token of rank ``r + 1`` in topic k.
     topic_probs: float64 [K, V], ``topic_probs[k, v]`` is topic k's probability of token v.
     horizon_steps: the number of training steps ``token_frequencies`` averages over.
+    num_eval_batches: batches per ``eval_batches()`` pass.
+    info: a summary for logs.
   """
 
   def __init__(self, *, vocab_size: int, seq_len: int, global_batch_size: int, seed: int,
@@ -214,6 +219,13 @@ class SyntheticDataset:
     self.token_frequencies = self.horizon_weights() @ self.topic_probs  # [V]
     self.num_eval_batches = min(int(eval_batches),
                                 int(num_eval_sequences) // self.global_batch_size)
+    if self.num_eval_batches < 1:
+      raise ValueError(
+          f'config.data.synthetic.num_eval_sequences={num_eval_sequences} is fewer than one global '
+          f'batch of {self.global_batch_size} sequences; raise it to at least that.')
+    self.info = dict(source='synthetic', zipf_exponent=self.zipf_exponent,
+                     num_topics=self.num_topics, shift=self.shift, shift_every=self.shift_every,
+                     copy_prob=self.copy_prob, horizon_steps=self.horizon_steps)
 
   # --- The ground truth -------------------------------------------------------------------
 
@@ -222,7 +234,7 @@ class SyntheticDataset:
     return mixture_weights(step, self.num_topics, self.shift, self.shift_every)
 
   def topic_at(self, step: int) -> int:
-    """The dominant topic at ``step`` (for 'drift', the topic being drifted away from)."""
+    """The topic of ``step`` (for 'drift', the one it is moving away from)."""
     if self.shift == 'none':
       return 0
     return int((step // self.shift_every) % self.num_topics)
@@ -252,7 +264,8 @@ class SyntheticDataset:
       tokens = self.topic_perms[int(np.argmax(w))][ranks]  # [B, L]
     if self.copy_prob > 0:
       src = copy_sources(rng, batch, length, self.copy_prob, self.span_min, self.span_max)
-      tokens = np.take_along_axis(tokens, src, axis=1)
+      rows = np.arange(batch, dtype=np.int64)[:, None] * length  # [B, 1]
+      tokens = tokens.ravel()[(src + rows).ravel()].reshape(batch, length)
     return tokens.astype(np.int32, copy=False)
 
   def _local_rows(self, global_batch: np.ndarray) -> np.ndarray:

@@ -25,7 +25,7 @@ _TRAIN_SEED = 0  # The tokenizer is shared by every run of a study, whatever its
 
 
 def train_tokenizer(lines: Iterable[str], model_path: str | os.PathLike, *, vocab_size: int,
-                    model_type: str = 'unigram', input_sentence_size: int = 200_000,
+                    model_type: str = 'unigram', input_sentence_size: int = 100_000,
                     character_coverage: float = 0.9995,
                     num_threads: int | None = None) -> pathlib.Path:
   """Trains a SentencePiece model on ``lines`` and writes it atomically to ``model_path``.
@@ -76,13 +76,14 @@ def train_tokenizer(lines: Iterable[str], model_path: str | os.PathLike, *, voca
   return model_path
 
 
-def load_tokenizer(model_path: str | os.PathLike) -> spm.SentencePieceProcessor:
-  return spm.SentencePieceProcessor(model_file=str(model_path))
+def load_tokenizer(model_path: str | os.PathLike) -> tuple[spm.SentencePieceProcessor, str]:
+  """The model at ``model_path`` and its identity (12 hex digits of the sha256 of its bytes).
 
-
-def file_hash(path: str | os.PathLike, length: int = 12) -> str:
-  """Leading hex digits of the sha256 of a file: the identity of a tokenizer model."""
-  return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()[:length]
+  Both come from one read, so they agree even if another process replaces the file meanwhile.
+  """
+  model = pathlib.Path(model_path).read_bytes()
+  return (spm.SentencePieceProcessor(model_proto=model),
+          hashlib.sha256(model).hexdigest()[:12])
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

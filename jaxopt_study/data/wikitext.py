@@ -15,6 +15,7 @@ Every failure names the source and the fix.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -235,12 +236,31 @@ def _hf_lines(name: str, split: str, cache_dir: str | None, timeout_s: float) ->
           f'in the datasets cache, set HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 to read it offline.')
   try:
     import datasets  # pylint: disable=g-import-not-at-top  (slow import, only needed here)
-    ds = datasets.load_dataset(HF_DATASET, hf_config, split=hf_split, cache_dir=cache_dir)
+    with _offline_mode(offline):
+      ds = datasets.load_dataset(HF_DATASET, hf_config, split=hf_split, cache_dir=cache_dir)
   except Exception as e:  # datasets raises ConnectionError, FileNotFoundError, ValueError, ...
     mode = ('offline mode is on (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE) and it is not cached'
             if offline else 'loading failed')
     raise SourceUnavailableError(f'{what}: {mode}: {type(e).__name__}: {e}. {fix}') from e
   return _iter_hf_text(ds)
+
+
+@contextlib.contextmanager
+def _offline_mode(offline: bool):
+  """Makes ``datasets`` and ``huggingface_hub`` honour the offline variables as they are now.
+
+  Both read them once, at import: set after that (a notebook, a test), they would be ignored and
+  ``load_dataset`` would retry the network for ~25 s before failing.
+  """
+  import datasets  # pylint: disable=g-import-not-at-top
+  from huggingface_hub import constants  # pylint: disable=g-import-not-at-top
+  saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+  if offline:
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+  try:
+    yield
+  finally:
+    datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
 
 
 def _iter_hf_text(ds) -> Iterator[str]:

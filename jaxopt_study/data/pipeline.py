@@ -1,0 +1,511 @@
+"""One interface over every data source: config, validation, packed windows, prefetching.
+
+``build_dataset(config.data, ...)`` returns a ``Dataset`` whose training batch ``step`` is a pure
+function of ``(seed, step)``: the data position of a run is its step, so a resumed run sees the
+batches it would have seen. Each process gets only its rows of the global batch.
+
+Text sources (WikiText-103/-2 from the hub, local WikiText files) go through:
+
+  text lines --SentencePiece--> ids + EOS per line --> one flat array per split (.npy, cached)
+
+and are cut into packed windows with no padding (a padded, unmasked loader makes the loss
+meaningless). With ``T = seq_len`` and ``N`` tokens, window ``i`` is
+
+  tokens[i*T : i*T + T + 1],      i = 0 .. W - 1,      W = (N - 1) // T,
+
+so consecutive windows share exactly one token (the last target of one is the first input of
+the next) and every token is a target exactly once per epoch. Training visits global window
+``g = step * B + b`` (row ``b`` of batch ``step``) at position ``g mod W`` of the seeded
+permutation of epoch ``g // W``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+import queue
+import threading
+import time
+import uuid
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxopt_study.data import synthetic
+from jaxopt_study.data import tokenizer as tokenizer_lib
+from jaxopt_study.data import wikitext
+
+_PERM_STREAM = 0x7065726D  # 'perm': seed-sequence tag of the epoch permutations.
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Defaults of ``config.data``."""
+  c = ml_collections.ConfigDict()
+  c.name = 'synthetic'  # Source: 'synthetic' | 'wikitext-103' | 'wikitext-2' | 'local'.
+  c.path = ''  # For 'local': folder with wiki.{train,valid,test}.{tokens,raw} (WikiText layout).
+  c.local_suffix = 'auto'  # For 'local': 'tokens' | 'raw' | 'auto' (.tokens if present, else .raw).
+  c.train_split = 'train'  # Split trained on (and the tokenizer fitted on): 'train'|'valid'|'test'.
+  c.eval_split = 'valid'  # Split evaluated on: 'train' | 'valid' | 'test'.
+  # Tokenizer models, tokenized splits and the datasets download cache live here.
+  # '' = $JAXOPT_STUDY_CACHE if set, else ~/.cache/jaxopt_study (resolved when the data is built,
+  # so a saved config stays portable).
+  c.cache_dir = ''
+  # Text: SentencePiece vocabulary (ids < vocab_size even if the corpus supports fewer pieces).
+  # Synthetic: the corpus vocabulary. Either way it is the model's vocabulary (before padding).
+  c.vocab_size = 8192
+  c.eval_batches = 16  # At most this many eval batches (remainder dropped; fewer if data is short).
+  c.hub_timeout_s = 5.0  # Seconds to wait for the Hugging Face hub before failing with a fix.
+
+  t = c.tokenizer = ml_collections.ConfigDict()  # Text sources only.
+  t.model_type = 'unigram'  # SentencePiece algorithm: 'unigram' | 'bpe'.
+  t.input_sentence_size = 100_000  # Fit on a random sample of this many lines (~13M words of
+  # WikiText-103, plenty for 50k pieces); the whole split is then tokenized with the model.
+  t.character_coverage = 0.9995  # Rarer characters are spelled as UTF-8 bytes (byte_fallback).
+
+  s = c.synthetic = ml_collections.ConfigDict()  # name='synthetic' only; see data/synthetic.py.
+  # s in p(rank r) ~ r^(-s) (text: about 1.0-1.2). Larger s puts the mass on fewer tokens and
+  # makes the rest rarer: sparser embedding gradients.
+  s.zipf_exponent = 1.1
+  s.num_topics = 4  # Topics = seeded permutations rank -> token id (which tokens are frequent).
+  s.shift = 'switch'  # 'none' (topic 0) | 'switch' (k = step // shift_every mod K) | 'drift'.
+  s.shift_every = 100  # Steps between switches; for 'drift', steps to move from topic k to k+1.
+  s.copy_prob = 0.5  # Chance a span copies an earlier span of its window (learnable structure).
+  s.span_min = 4  # Span lengths are uniform in [span_min, span_max] tokens.
+  s.span_max = 32  # (span_min <= span_max; a span copies only if its window has room before it.)
+  s.num_eval_sequences = 512  # Held-out eval windows (then capped by eval_batches batches).
+  return c
+
+
+@runtime_checkable
+class Dataset(Protocol):
+  """What ``build_dataset`` returns (see docs/DESIGN.md)."""
+
+  vocab_size: int  # Token ids are in [0, vocab_size).
+  eos_id: int | None  # Separator between lines/documents of text; None for synthetic data.
+  token_frequencies: np.ndarray  # float64 [vocab_size], unigram frequency of training data.
+
+  def train_batch(self, step: int) -> np.ndarray:
+    """int32 [global_batch_size // process_count, seq_len + 1]; pure in (seed, step)."""
+
+  def eval_batches(self) -> Iterator[np.ndarray]:
+    """Finite; int32 [global_batch_size // process_count, seq_len + 1]; same every call."""
+
+
+# --- Validation ----------------------------------------------------------------------------
+
+
+def _positive_int(value: Any, what: str, fix: str) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f'{what}={value!r} must be a positive integer; {fix}.')
+
+
+def _check_common(data_config, seq_len, global_batch_size, process_index, process_count) -> None:
+  _positive_int(seq_len, 'seq_len', 'pass the window length (config.seq_len)')
+  _positive_int(global_batch_size, 'global_batch_size',
+                'pass the global batch in sequences (config.batch_size)')
+  _positive_int(process_count, 'process_count', 'pass jax.process_count()')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} is not in [0, process_count={process_count}); '
+                     'pass jax.process_index().')
+  if global_batch_size % process_count:
+    raise ValueError(
+        f'global_batch_size={global_batch_size} (config.batch_size) is not divisible by '
+        f'process_count={process_count}: each process loads an equal share of the batch; use a '
+        f'multiple of {process_count}.')
+  _positive_int(data_config.eval_batches, 'config.data.eval_batches', 'e.g. 16')
+  _positive_int(data_config.vocab_size, 'config.data.vocab_size', 'e.g. 8192')
+
+
+def _check_synthetic(c) -> None:
+  s = c.synthetic
+  if c.vocab_size < 2:
+    raise ValueError(f'config.data.vocab_size={c.vocab_size} must be >= 2 for the synthetic '
+                     'corpus (a Zipf law over one token is constant).')
+  if c.vocab_size > np.iinfo(np.int32).max:
+    raise ValueError(f'config.data.vocab_size={c.vocab_size} does not fit int32 token ids.')
+  if not s.zipf_exponent > 0:
+    raise ValueError(f'config.data.synthetic.zipf_exponent={s.zipf_exponent} must be > 0 '
+                     '(typical text: about 1.0-1.2).')
+  _positive_int(s.num_topics, 'config.data.synthetic.num_topics', 'e.g. 4')
+  if s.shift not in synthetic.SHIFTS:
+    raise ValueError(f'config.data.synthetic.shift={s.shift!r} is not one of {synthetic.SHIFTS}.')
+  _positive_int(s.shift_every, 'config.data.synthetic.shift_every', 'steps per topic, e.g. 100')
+  if not 0.0 <= s.copy_prob <= 1.0:
+    raise ValueError(f'config.data.synthetic.copy_prob={s.copy_prob} must be in [0, 1].')
+  _positive_int(s.span_min, 'config.data.synthetic.span_min', 'e.g. 4')
+  if s.span_max < s.span_min:
+    raise ValueError(f'config.data.synthetic.span_max={s.span_max} must be >= '
+                     f'config.data.synthetic.span_min={s.span_min}.')
+  _positive_int(s.num_eval_sequences, 'config.data.synthetic.num_eval_sequences', 'e.g. 512')
+
+
+def _check_text(c) -> None:
+  if c.vocab_size < tokenizer_lib.MIN_VOCAB_SIZE:
+    raise ValueError(f'config.data.vocab_size={c.vocab_size} is too small for a byte-fallback '
+                     f'SentencePiece model: use >= {tokenizer_lib.MIN_VOCAB_SIZE} (typically '
+                     '8192-50304).')
+  if c.tokenizer.model_type not in tokenizer_lib.MODEL_TYPES:
+    raise ValueError(f'config.data.tokenizer.model_type={c.tokenizer.model_type!r} is not one of '
+                     f'{tokenizer_lib.MODEL_TYPES}.')
+  for field in ('train_split', 'eval_split'):
+    if c[field] not in wikitext.SPLITS:
+      raise ValueError(f'config.data.{field}={c[field]!r} is not one of {wikitext.SPLITS}.')
+  _positive_int(c.tokenizer.input_sentence_size, 'config.data.tokenizer.input_sentence_size',
+                'e.g. 200000')
+
+
+def resolve_cache_dir(data_config) -> pathlib.Path:
+  """``config.data.cache_dir``, else ``$JAXOPT_STUDY_CACHE``, else ``~/.cache/jaxopt_study``."""
+  path = (data_config.cache_dir or os.environ.get('JAXOPT_STUDY_CACHE')
+          or os.path.join('~', '.cache', 'jaxopt_study'))
+  return pathlib.Path(path).expanduser()
+
+
+# --- Packed windows ------------------------------------------------------------------------
+
+
+def num_windows(num_tokens: int, seq_len: int) -> int:
+  """W = (N - 1) // T windows of T + 1 tokens at offsets 0, T, 2T, ..."""
+  return max(0, (num_tokens - 1) // seq_len)
+
+
+def epoch_permutation(seed: int, epoch: int, num_windows_: int) -> np.ndarray:
+  """The order of the windows in epoch ``epoch``: int64 [W]."""
+  return np.random.default_rng([seed, _PERM_STREAM, epoch]).permutation(num_windows_)
+
+
+def gather_windows(tokens: np.ndarray, window_ids: np.ndarray, seq_len: int) -> np.ndarray:
+  """Windows ``tokens[i*T : i*T + T + 1]`` for ``i`` in ``window_ids`` [n]: int32 [n, T + 1].
+
+  Works on a memory map: only the rows asked for are read.
+  """
+  # Contiguous slices beat one fancy index on a memmap (one read per window, no index array).
+  out = np.empty((len(window_ids), seq_len + 1), np.int32)
+  for row, i in enumerate(window_ids):
+    start = int(i) * seq_len
+    out[row] = tokens[start:start + seq_len + 1]
+  return out
+
+
+class TextDataset:
+  """Packed windows over a tokenized text corpus (see the module docstring).
+
+  Attributes:
+    vocab_size: config.data.vocab_size; ids are below it (the SentencePiece model may hold fewer
+      pieces, ``tokenizer.get_piece_size()``).
+    eos_id: the id ending every line (``tokenizer.EOS_ID``, 2).
+    token_frequencies: float64 [vocab_size], unigram frequency of the training split, EOS included.
+    tokenizer: the SentencePiece processor (``decode`` a window to read it).
+    train_tokens, eval_tokens: the flat token arrays, memory-mapped.
+    num_train_windows, num_eval_batches: W of the training split; eval batches per pass.
+  """
+
+  def __init__(self, *, train_tokens: np.ndarray, eval_tokens: np.ndarray,
+               token_frequencies: np.ndarray, vocab_size: int, tokenizer, seq_len: int,
+               global_batch_size: int, seed: int, eval_batches: int, process_index: int = 0,
+               process_count: int = 1, info: dict | None = None):
+    self.train_tokens, self.eval_tokens = train_tokens, eval_tokens
+    self.token_frequencies = token_frequencies
+    self.vocab_size = int(vocab_size)
+    self.eos_id = tokenizer_lib.EOS_ID
+    self.tokenizer = tokenizer
+    self.seq_len, self.global_batch_size, self.seed = seq_len, global_batch_size, seed
+    self.process_index, self.process_count = process_index, process_count
+    self.local_batch_size = global_batch_size // process_count
+    self.info = dict(info or {})
+
+    self.num_train_windows = num_windows(len(train_tokens), seq_len)
+    if self.num_train_windows < 1:
+      raise ValueError(f'config.data.train_split has {len(train_tokens)} tokens, fewer than one '
+                       f'window of seq_len + 1 = {seq_len + 1}; use more text or a shorter seq_len.')
+    eval_windows = num_windows(len(eval_tokens), seq_len)
+    self.num_eval_batches = min(eval_batches, eval_windows // global_batch_size)
+    if self.num_eval_batches < 1:
+      raise ValueError(
+          f'config.data.eval_split has {len(eval_tokens)} tokens = {eval_windows} windows of '
+          f'seq_len + 1 = {seq_len + 1}, fewer than one global batch of {global_batch_size}; '
+          'use a smaller batch or seq_len, or a larger eval split.')
+    self._perms: dict[int, np.ndarray] = {}  # epoch -> permutation; the last two are kept.
+    self._lock = threading.Lock()  # train_batch may be called from a prefetch thread.
+
+  def _perm(self, epoch: int) -> np.ndarray:
+    with self._lock:
+      if epoch not in self._perms:
+        if len(self._perms) >= 2:
+          del self._perms[min(self._perms)]
+        self._perms[epoch] = epoch_permutation(self.seed, epoch, self.num_train_windows)
+      return self._perms[epoch]
+
+  def train_window_ids(self, step: int) -> np.ndarray:
+    """Windows of this process's rows of batch ``step``: int64 [B // process_count]."""
+    lo = step * self.global_batch_size + self.process_index * self.local_batch_size
+    g = np.arange(lo, lo + self.local_batch_size, dtype=np.int64)  # Global window indices.
+    epoch, pos = np.divmod(g, self.num_train_windows)
+    ids = np.empty_like(g)
+    for e in np.unique(epoch):  # A batch spans at most a few epochs (one, nearly always).
+      sel = epoch == e
+      ids[sel] = self._perm(int(e))[pos[sel]]
+    return ids
+
+  def train_batch(self, step: int) -> np.ndarray:
+    """This process's rows of training batch ``step``: int32 [B // process_count, T + 1]."""
+    return gather_windows(self.train_tokens, self.train_window_ids(int(step)), self.seq_len)
+
+  def eval_batches(self) -> Iterator[np.ndarray]:
+    """The eval split's windows in order, ``num_eval_batches`` batches, remainder dropped:
+    int32 [B // process_count, T + 1] each, this process's rows."""
+    for b in range(self.num_eval_batches):
+      lo = b * self.global_batch_size + self.process_index * self.local_batch_size
+      yield gather_windows(self.eval_tokens, np.arange(lo, lo + self.local_batch_size),
+                           self.seq_len)
+
+
+# --- Caching -------------------------------------------------------------------------------
+
+
+def _atomic_save(path: pathlib.Path, array: np.ndarray) -> None:
+  """np.save to a unique temporary name, then rename: readers never see a partial file, and
+  processes racing to build the same cache each write a complete copy."""
+  tmp = path.with_name(f'.{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp')
+  with open(tmp, 'wb') as f:
+    np.save(f, array)
+  os.replace(tmp, path)
+
+
+def tokenized_split(source: wikitext.TextSource, split: str, text_hash: str, sp, tok_hash: str,
+                    vocab_size: int, folder: pathlib.Path) -> np.ndarray:
+  """The split as a flat id array, memory-mapped from the cache (tokenized on first use).
+
+  The cache key is (source, split, hash of the split's text, hash of the tokenizer model).
+  """
+  path = folder / f'{split}-{text_hash[:12]}-tok{tok_hash}.npy'
+  if not path.exists():
+    t0 = time.perf_counter()
+    dtype = tokenizer_lib.token_dtype(vocab_size)
+    chunks = list(tokenizer_lib.encode_lines(sp, source.lines(split), dtype=dtype))
+    _atomic_save(path, np.concatenate(chunks) if chunks else np.zeros(0, dtype))
+    logging.info('tokenized %s/%s in %.1fs -> %s', source.source_id, split,
+                 time.perf_counter() - t0, path)
+  return np.load(path, mmap_mode='r')
+
+
+def unigram_frequencies(tokens: np.ndarray, vocab_size: int, cache: pathlib.Path) -> np.ndarray:
+  """float64 [vocab_size]: count(v) / N over ``tokens``, cached next to them."""
+  if cache.exists():
+    return np.load(cache)
+  counts = np.zeros(vocab_size, np.int64)
+  for lo in range(0, len(tokens), 1 << 26):  # Chunks: bincount of a memmap slice stays small.
+    counts += np.bincount(tokens[lo:lo + (1 << 26)], minlength=vocab_size)[:vocab_size]
+  freqs = counts / max(1, counts.sum())
+  _atomic_save(cache, freqs)
+  return freqs
+
+
+# --- Builders --------------------------------------------------------------------------------
+
+
+def _build_synthetic(c, *, seq_len, global_batch_size, seed, process_index, process_count,
+                     num_train_steps):
+  _check_synthetic(c)
+  s = c.synthetic
+  return synthetic.SyntheticDataset(
+      vocab_size=c.vocab_size, seq_len=seq_len, global_batch_size=global_batch_size, seed=seed,
+      zipf_exponent=s.zipf_exponent, num_topics=s.num_topics, shift=s.shift,
+      shift_every=s.shift_every, copy_prob=s.copy_prob, span_min=s.span_min,
+      span_max=s.span_max, num_eval_sequences=s.num_eval_sequences, eval_batches=c.eval_batches,
+      num_train_steps=num_train_steps, process_index=process_index, process_count=process_count)
+
+
+def _build_text(c, *, seq_len, global_batch_size, seed, process_index, process_count,
+                num_train_steps):
+  del num_train_steps  # A text corpus is stationary by construction.
+  _check_text(c)
+  cache_dir = resolve_cache_dir(c)
+  # Local files are checked here (FileNotFoundError), before anything is trained or read.
+  source = wikitext.get_source(c.name, path=c.path, local_suffix=c.local_suffix,
+                               splits=(c.train_split, c.eval_split), cache_dir=str(cache_dir),
+                               hub_timeout_s=c.hub_timeout_s)
+  folder = cache_dir / source.source_id
+  folder.mkdir(parents=True, exist_ok=True)
+
+  # Hashing local files reads them once (~1 s per GB); hub releases hash by name, no network.
+  text_hash = {split: source.fingerprint(split) for split in {c.train_split, c.eval_split}}
+  t = c.tokenizer
+  model_path = folder / (f'{c.train_split}-{text_hash[c.train_split][:12]}-spm-'
+                         f'{t.model_type}-v{c.vocab_size}-n{t.input_sentence_size}'
+                         f'-c{t.character_coverage}.model')
+  if not model_path.exists():
+    t0 = time.perf_counter()
+    tokenizer_lib.train_tokenizer(source.lines(c.train_split), model_path,
+                                  vocab_size=c.vocab_size, model_type=t.model_type,
+                                  input_sentence_size=t.input_sentence_size,
+                                  character_coverage=t.character_coverage)
+    logging.info('trained tokenizer in %.1fs -> %s', time.perf_counter() - t0, model_path)
+  sp, tok_hash = tokenizer_lib.load_tokenizer(model_path)
+
+  train = tokenized_split(source, c.train_split, text_hash[c.train_split], sp, tok_hash,
+                          c.vocab_size, folder)
+  evals = (train if c.eval_split == c.train_split else
+           tokenized_split(source, c.eval_split, text_hash[c.eval_split], sp, tok_hash,
+                           c.vocab_size, folder))
+  freq_path = folder / f'{c.train_split}-{text_hash[c.train_split][:12]}-tok{tok_hash}.freq.npy'
+  freqs = unigram_frequencies(train, c.vocab_size, freq_path)
+  info = dict(source=source.source_id, tokenizer=str(model_path),
+              tokenizer_pieces=sp.get_piece_size(), train_tokens=len(train),
+              eval_tokens=len(evals))
+  return TextDataset(train_tokens=train, eval_tokens=evals, token_frequencies=freqs,
+                     vocab_size=c.vocab_size, tokenizer=sp, seq_len=seq_len,
+                     global_batch_size=global_batch_size, seed=seed,
+                     eval_batches=c.eval_batches, process_index=process_index,
+                     process_count=process_count, info=info)
+
+
+# config.data.name -> builder(config.data, **build_dataset's keyword arguments).
+DATASETS: dict[str, Callable[..., Dataset]] = {
+    'synthetic': _build_synthetic,
+    'wikitext-103': _build_text,
+    'wikitext-2': _build_text,
+    'local': _build_text,
+}
+
+
+def build_dataset(data_config: ml_collections.ConfigDict, *, seq_len: int,
+                  global_batch_size: int, seed: int, process_index: int = 0,
+                  process_count: int = 1, num_train_steps: int | None = None) -> Dataset:
+  """The dataset of ``config.data``; every argument is checked before any heavy work.
+
+  Args:
+    data_config: config.data (see ``default_config``).
+    seq_len: T; windows hold T + 1 tokens (inputs [:-1], targets [1:]).
+    global_batch_size: B, sequences per step over all processes.
+    seed: fixes the data order (and the synthetic corpus); batch ``s`` is a function of
+      ``(seed, s)``.
+    process_index, process_count: this process's rows are
+      ``[process_index * B / P, (process_index + 1) * B / P)`` of the global batch.
+    num_train_steps: the training horizon; the synthetic ``token_frequencies`` average the
+      shifting distribution over it (unknown: one full topic cycle). Ignored for text.
+
+  Raises:
+    ValueError: an unknown config.data.name or an invalid field or argument (the message names
+      it and the fix); FileNotFoundError: missing local files; wikitext.SourceUnavailableError:
+      a hub source offline or unreachable and not cached.
+  """
+  if data_config.name not in DATASETS:
+    raise ValueError(f'config.data.name={data_config.name!r} is unknown; valid names: '
+                     f'{sorted(DATASETS)}.')
+  _check_common(data_config, seq_len, global_batch_size, process_index, process_count)
+  return DATASETS[data_config.name](
+      data_config, seq_len=int(seq_len), global_batch_size=int(global_batch_size), seed=int(seed),
+      process_index=int(process_index), process_count=int(process_count),
+      num_train_steps=num_train_steps)
+
+
+# --- Prefetching to devices --------------------------------------------------------------------
+
+_END = object()
+
+
+@dataclasses.dataclass
+class _Failure:
+  error: BaseException
+
+
+class Prefetcher:
+  """Iterator of ``(step, batch)`` for steps ``start_step, start_step + 1, ...``.
+
+  A background thread calls ``batch_fn(step)`` and turns each process-local numpy batch into a
+  global ``jax.Array`` with ``jax.make_array_from_process_local_data(sharding, local)``, keeping at
+  most ``buffer_size`` batches ready, so host work and host-to-device copies overlap the step.
+  An exception in the thread is re-raised by ``next``. ``close()`` (or leaving a ``with`` block)
+  stops the thread.
+
+  Attributes:
+    wait_seconds: total time ``next`` spent blocked on the thread: the input wait of the loop.
+    num_waited: batches handed out (``wait_seconds / num_waited`` is the mean wait per step).
+  """
+
+  def __init__(self, batch_fn: Callable[[int], np.ndarray], start_step: int, sharding,
+               buffer_size: int = 2, end_step: int | None = None):
+    if buffer_size < 1:
+      raise ValueError(f'buffer_size={buffer_size} must be >= 1 (config.prefetch).')
+    self._batch_fn, self._sharding = batch_fn, sharding
+    self._queue: queue.Queue = queue.Queue(maxsize=buffer_size)
+    self._stop = threading.Event()
+    self._done = False
+    self.wait_seconds = 0.0
+    self.num_waited = 0
+    self._thread = threading.Thread(target=self._work, args=(int(start_step), end_step),
+                                    name='prefetch_to_device', daemon=True)
+    self._thread.start()
+
+  def _put(self, item) -> bool:
+    # Poll so close() is noticed even while the queue is full.
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.05)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def _work(self, step: int, end_step: int | None) -> None:
+    try:
+      while end_step is None or step < end_step:
+        local = self._batch_fn(step)
+        batch = (local if self._sharding is None else
+                 jax.make_array_from_process_local_data(self._sharding, local))
+        if not self._put((step, batch)):
+          return
+        step += 1
+      self._put(_END)
+    except BaseException as e:  # pylint: disable=broad-except  (re-raised in the consumer)
+      self._put(_Failure(e))
+
+  def __iter__(self) -> 'Prefetcher':
+    return self
+
+  def __next__(self) -> tuple[int, Any]:
+    if self._done:
+      raise StopIteration
+    t0 = time.perf_counter()
+    item = self._queue.get()
+    self.wait_seconds += time.perf_counter() - t0
+    if item is _END:
+      self._done = True
+      raise StopIteration
+    if isinstance(item, _Failure):
+      self._done = True
+      self.close()
+      raise item.error
+    self.num_waited += 1
+    return item
+
+  def close(self, timeout: float = 10.0) -> None:
+    """Stops the thread and drops the batches it had ready."""
+    self._stop.set()
+    self._done = True
+    while True:  # Unblock a put in progress.
+      try:
+        self._queue.get_nowait()
+      except queue.Empty:
+        break
+    if self._thread is not threading.current_thread():
+      self._thread.join(timeout)
+
+  def __enter__(self) -> 'Prefetcher':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def prefetch_to_device(batch_fn: Callable[[int], np.ndarray], start_step: int, sharding,
+                       buffer_size: int = 2, *, end_step: int | None = None) -> Prefetcher:
+  """Batches for steps ``start_step, ...`` (up to ``end_step``, exclusive, if given) built and put
+  on devices ahead of use; yields ``(step, jax.Array)``. ``sharding=None`` yields the numpy
+  batches unchanged. See ``Prefetcher``."""
+  return Prefetcher(batch_fn, start_step, sharding, buffer_size, end_step)

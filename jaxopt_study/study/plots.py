@@ -1,0 +1,587 @@
+"""The study's figures (matplotlib, Agg backend, PNG).
+
+Every figure function takes ``(study, best, runs, condition, path)``, writes a PNG at ``path``
+and returns a note (None, or what data was absent). A figure whose data is absent is still
+written, as a panel that says so; a figure that raises becomes such a panel too, so the report
+never stops on a plot. :func:`make_all` runs them all and returns :class:`Figure` records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from typing import Callable, Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pandas as pd  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from jaxopt_study.study import report as R  # pylint: disable=wrong-import-position
+
+DPI = 90
+COLORS = {
+    "sgd_momentum": "tab:gray",
+    "adamw": "tab:blue",
+    "adafactor": "tab:green",
+    "lion": "tab:red",
+    "signsgd": "tab:orange",
+}
+
+
+@dataclasses.dataclass
+class Figure:
+  name: str
+  title: str
+  caption: str
+  path: str
+  note: Optional[str]
+
+
+def _color(opt: str, i: int = 0) -> str:
+  return COLORS.get(opt, f"C{i % 10}")
+
+
+def _placeholder(path: str, title: str, message: str) -> None:
+  fig, ax = plt.subplots(figsize=(6, 2.2))
+  ax.axis("off")
+  ax.text(0.5, 0.6, title, ha="center", va="center", fontsize=11, weight="bold")
+  ax.text(0.5, 0.3, f"no data: {message}", ha="center", va="center", fontsize=9, wrap=True)
+  fig.savefig(path, dpi=DPI, bbox_inches="tight")
+  plt.close(fig)
+
+
+def _save(fig, path: str) -> None:
+  fig.tight_layout()
+  fig.savefig(path, dpi=DPI, bbox_inches="tight")
+  plt.close(fig)
+
+
+def _best_runs(study: R.Study, best: pd.DataFrame, cond: str, opt: str) -> list[R.Run]:
+  """Runs of (cond, opt) at its best lr that have metrics."""
+  lr = R.best_lr_of(best, cond, opt)
+  if lr is None:
+    return []
+  return [r for r in study.select(cond, opt, lr) if r.metrics is not None and len(r.metrics)]
+
+
+def _seed_frame(runs: list[R.Run], name: str) -> pd.DataFrame:
+  """Columns = seeds, index = step, values of `name` (outer-aligned)."""
+  cols = {}
+  for r in runs:
+    steps, vals = r.series(name)
+    if steps.size:
+      cols[r.seed] = pd.Series(vals, index=steps)
+  return pd.DataFrame(cols).sort_index() if cols else pd.DataFrame()
+
+
+def _smooth(y: np.ndarray, k: int) -> np.ndarray:
+  if k <= 1 or y.size < 3:
+    return y
+  return pd.Series(y).rolling(k, min_periods=1).mean().values
+
+
+def _mark_shifts(ax, shifts, scale: float = 1.0, label: bool = True) -> None:
+  for i, s in enumerate(shifts):
+    ax.axvline(s * scale, color="k", ls=":", lw=0.8,
+               label="distribution shift" if (label and i == 0) else None)
+
+
+def _layer_cols(run: R.Run, base: str) -> list[tuple[str, str]]:
+  """(row label, column) for embedding, each layer, head of a metric family."""
+  cols = run.columns(base)
+  out = []
+  emb = f"{base}/kind=token_embedding"
+  if emb in cols:
+    out.append(("wte", emb))
+  layers = sorted((int(m.group(1)), c) for c in cols
+                  if (m := re.fullmatch(re.escape(base) + r"/layer=(\d+)", c)))
+  out += [(f"layer {i}", c) for i, c in layers]
+  head = f"{base}/kind=head"
+  if head in cols:
+    out.append(("head", head))
+  return out
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def loss_vs_tokens(study, best, runs, cond, path):
+  shifts = study.shift_steps(cond)
+  fig, ax = plt.subplots(figsize=(8, 4.5))
+  plotted, absent = 0, []
+  tps = None
+  for i, opt in enumerate(study.optimizers):
+    rs = _best_runs(study, best, cond, opt)
+    df = _seed_frame(rs, "train/loss")
+    if df.empty:
+      absent.append(opt)
+      continue
+    tps = rs[0].tokens_per_step or 1
+    x = df.index.values * tps
+    k = max(1, len(df) // 60)
+    mean, lo, hi = (_smooth(df.mean(axis=1).values, k), _smooth(df.min(axis=1).values, k),
+                    _smooth(df.max(axis=1).values, k))
+    c = _color(opt, i)
+    lr = R.best_lr_of(best, cond, opt)
+    ax.plot(x, mean, color=c, lw=1.5, label=f"{opt} (lr {R.lr_str(lr)}, {df.shape[1]} seeds)")
+    if df.shape[1] > 1:
+      ax.fill_between(x, lo, hi, color=c, alpha=0.2, lw=0)
+    ev = _seed_frame(rs, "eval/loss")
+    if not ev.empty:
+      ax.plot(ev.index.values * tps, ev.mean(axis=1).values, "o", color=c, ms=4)
+    plotted += 1
+  if not plotted:
+    plt.close(fig)
+    _placeholder(path, f"Loss vs tokens ({cond})", "no train/loss in any run")
+    return "no train/loss in any run"
+  _mark_shifts(ax, shifts, tps or 1)
+  ax.set_xlabel("tokens")
+  ax.set_ylabel("train loss (smoothed; dots: eval loss)")
+  ax.set_title(f"Loss vs tokens at each optimizer's best lr, seed range shaded ({cond})")
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  _save(fig, path)
+  return f"absent: {', '.join(absent)}" if absent else None
+
+
+def lr_sweep(study, best, runs, cond, path):
+  g = runs[runs["condition"] == cond]
+  if g.empty:
+    _placeholder(path, f"Learning-rate sweep ({cond})", "no runs")
+    return "no runs"
+  fig, ax = plt.subplots(figsize=(8, 4.5))
+  finite = pd.to_numeric(g["final_loss"], errors="coerce").dropna()
+  top = float(finite.max()) * 1.05 if len(finite) else 1.0
+  bottom = float(finite.min()) * 0.97 if len(finite) else 0.0
+  notes = []
+  for i, opt in enumerate(study.optimizers):
+    go = g[g["optimizer"] == opt]
+    if go.empty:
+      continue
+    c = _color(opt, i)
+    done = go[go["status"] == "completed"]
+    agg = done.groupby("learning_rate")["final_loss"].mean().sort_index()
+    ax.plot(agg.index, agg.values, "-o", color=c, label=opt, ms=5)
+    ax.plot(done["learning_rate"], done["final_loss"], ".", color=c, alpha=0.5)
+    bad = go[go["status"].isin(("diverged", "failed"))]
+    if len(bad):
+      ax.plot(bad["learning_rate"], [top] * len(bad), "x", color=c, ms=10, mew=2)
+      notes.append(f"{opt}: {len(bad)} diverged/failed")
+    miss = go[~go["status"].isin(("completed", "diverged", "failed"))]
+    if len(miss):
+      ax.plot(miss["learning_rate"], [bottom] * len(miss), "^", color=c, mfc="none", ms=8)
+      notes.append(f"{opt}: {len(miss)} missing/unfinished")
+    lr = R.best_lr_of(best, cond, opt)
+    if lr is not None and lr in agg.index:
+      ax.plot([lr], [agg[lr]], "*", color=c, ms=16, mec="k")
+  ax.set_xscale("log")
+  ax.set_xlabel("peak learning rate")
+  ax.set_ylabel("final loss (eval; train if no eval)")
+  ax.set_title(f"LR sweep ({cond}): mean over seeds; star = best; x (top) = diverged/failed; "
+               "triangle (bottom) = missing", fontsize=9)
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3, which="both")
+  _save(fig, path)
+  return "; ".join(notes) or None
+
+
+def grad_sparsity_heatmap(study, best, runs, cond, path):
+  base = "sparsity/small_frac"
+  panels = []
+  for opt in study.optimizers:
+    rs = _best_runs(study, best, cond, opt)
+    if not rs:
+      continue
+    run = rs[0]
+    rows = _layer_cols(run, base)
+    if not rows:
+      continue
+    df = run.metrics[[c for _, c in rows]].dropna(how="all")
+    if df.empty:
+      continue
+    panels.append((opt, run, [l for l, _ in rows], df))
+  if not panels:
+    _placeholder(path, f"Per-layer gradient sparsity ({cond})", f"no {base}/layer=NN metrics")
+    return f"no {base}/layer=NN metrics"
+  fig, axes = plt.subplots(len(panels), 1, figsize=(8, 1.2 + 1.0 * len(panels) *
+                                                    max(1, len(panels[0][2]) / 4)),
+                           squeeze=False, sharex=True)
+  vmax = max(float(np.nanmax(p[3].values)) for p in panels)
+  im = None
+  for ax, (opt, run, labels, df) in zip(axes[:, 0], panels):
+    steps = df.index.values
+    im = ax.imshow(df.values.T, aspect="auto", origin="lower", cmap="viridis", vmin=0,
+                   vmax=vmax or 1, interpolation="nearest",
+                   extent=(steps.min(), steps.max(), -0.5, len(labels) - 0.5))
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.set_ylabel(f"{opt}\nseed {run.seed}", fontsize=8)
+    _mark_shifts(ax, study.shift_steps(cond), label=False)
+  axes[-1, 0].set_xlabel("step")
+  axes[0, 0].set_title(f"Share of gradient entries with |g| <= 1e-3 rms(g of the tensor), "
+                       f"layer x step ({cond})", fontsize=9)
+  fig.colorbar(im, ax=axes[:, 0].tolist(), shrink=0.8, label="small-gradient fraction")
+  fig.savefig(path, dpi=DPI, bbox_inches="tight")
+  plt.close(fig)
+  return None
+
+
+def _bucket_cols(run: R.Run, base: str) -> list[tuple[int, str]]:
+  return sorted((int(m.group(1)), c) for c in run.columns(base)
+                if (m := re.fullmatch(re.escape(base) + r"/freq_bucket=(\d+)", c)))
+
+
+def embedding_update_frequency(study, best, runs, cond, path):
+  info = study.condition_info(cond)
+  buckets = {int(b["bucket"]): b for b in info.get("freq_buckets") or []}
+  base = "sparsity/emb_row_update_freq"
+  stale = "aging/emb_row_log_staleness_mean"
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.3))
+  got, got2, notes = 0, 0, []
+  use_freq = bool(buckets)
+  if not use_freq:
+    notes.append("token frequency per bucket unknown (study.json has no freq_buckets): "
+                 "x axis is the bucket index")
+  for i, opt in enumerate(study.optimizers):
+    rs = _best_runs(study, best, cond, opt)
+    if not rs:
+      continue
+    run = rs[0]
+    for ax, name, flag in ((ax1, base, 1), (ax2, stale, 2)):
+      cols = _bucket_cols(run, name)
+      if not cols:
+        continue
+      last = run.metrics[[c for _, c in cols]].ffill().iloc[-1]
+      xs, ys = [], []
+      for b, c in cols:
+        x = buckets.get(b, {}).get("mean_token_freq") if use_freq else b
+        if x is None or not np.isfinite(last[c]):
+          continue
+        xs.append(x)
+        ys.append(last[c])
+      if xs:
+        ax.plot(xs, ys, "-o", color=_color(opt, i), label=opt, ms=4)
+        got += flag == 1
+        got2 += flag == 2
+  if use_freq:
+    xs = [buckets[b]["mean_token_freq"] for b in sorted(buckets)]
+    ex = [buckets[b].get("expected_update_freq") for b in sorted(buckets)]
+    if all(e is not None for e in ex):
+      ax1.plot(xs, ex, "k--", lw=1, label="expected: 1-(1-f)^(tokens/step)")
+  if not got:
+    notes.append(f"no {base}/freq_bucket=BB metrics")
+    ax1.text(0.5, 0.5, "no data", transform=ax1.transAxes, ha="center")
+  if not got2:
+    notes.append(f"no {stale}/freq_bucket=BB (optimizers without a second moment have none)")
+    ax2.text(0.5, 0.5, "no data", transform=ax2.transAxes, ha="center")
+  for ax in (ax1, ax2):
+    if use_freq:
+      ax.set_xscale("log")
+      ax.set_xlabel("mean token frequency of the bucket (training corpus)")
+    else:
+      ax.set_xlabel("frequency bucket (0 = most frequent)")
+    ax.grid(alpha=0.3, which="both")
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=7)
+  if got and use_freq:
+    ax1.set_yscale("log")
+  ax1.set_ylabel("embedding-row update frequency (share of steps)")
+  ax1.set_title(f"Embedding update frequency vs token frequency ({cond})", fontsize=9)
+  ax2.set_ylabel("log(nu_row / short EMA of g^2)")
+  ax2.set_title("Embedding-row second-moment staleness vs token frequency", fontsize=9)
+  _save(fig, path)
+  return "; ".join(notes) or None
+
+
+def drift_around_shifts(study, best, runs, cond, path):
+  shifts = study.shift_steps(cond)
+  names = [("train/loss", "train loss"), ("drift/cos_grad_mu", "cos(g_t, m_{t-1})"),
+           ("drift/energy_ratio", "short / long EMA of ||g||^2")]
+  fig, axes = plt.subplots(len(names), 1, figsize=(8, 7), sharex=True)
+  notes = []
+  for ax, (name, label) in zip(axes, names):
+    got = 0
+    for i, opt in enumerate(study.optimizers):
+      df = _seed_frame(_best_runs(study, best, cond, opt), name)
+      if df.empty:
+        continue
+      y = df.mean(axis=1).values
+      if name == "train/loss":
+        y = _smooth(y, max(1, len(y) // 100))
+      ax.plot(df.index.values, y, color=_color(opt, i), lw=1.2, label=opt)
+      got += 1
+    _mark_shifts(ax, shifts)
+    ax.set_ylabel(label, fontsize=8)
+    ax.grid(alpha=0.3)
+    if not got:
+      ax.text(0.5, 0.5, f"no {name}", transform=ax.transAxes, ha="center")
+      notes.append(f"no {name}")
+  if name == "drift/energy_ratio":
+    axes[-1].axhline(1.0, color="k", lw=0.5)
+  axes[0].legend(fontsize=7, ncol=3)
+  axes[-1].set_xlabel("step")
+  title = f"Drift around distribution shifts ({cond}, best lr, mean over seeds)"
+  if not shifts:
+    title += " - this condition has no shift"
+    notes.append("this condition has no distribution shift")
+  axes[0].set_title(title, fontsize=9)
+  _save(fig, path)
+  if len([n for n in notes if n.startswith("no ")]) == len(names):
+    return "no drift metrics in any run"
+  return "; ".join(notes) or None
+
+
+def moment_staleness(study, best, runs, cond, path):
+  panels = [("aging/age", "entry age (steps since last gradient)"),
+            ("aging/log_staleness", "log(nu / short EMA of g^2)")]
+  fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+  notes = []
+  for ax, (base, label) in zip(axes[:2], panels):
+    got = 0
+    for i, opt in enumerate(study.optimizers):
+      rs = _best_runs(study, best, cond, opt)
+      if not rs:
+        continue
+      run = rs[0]
+      s10, q10 = run.series(f"{base}_q10")
+      s50, q50 = run.series(f"{base}_q50")
+      s90, q90 = run.series(f"{base}_q90")
+      if not s50.size:
+        continue
+      c = _color(opt, i)
+      ax.plot(s50, q50, color=c, lw=1.3, label=f"{opt} median")
+      if s10.size == s50.size == s90.size:
+        ax.fill_between(s50, q10, q90, color=c, alpha=0.15, lw=0)
+      got += 1
+    _mark_shifts(ax, study.shift_steps(cond), label=False)
+    ax.set_xlabel("step")
+    ax.set_ylabel(label + " (q10-q90 band)", fontsize=8)
+    ax.grid(alpha=0.3)
+    if got:
+      ax.legend(fontsize=7)
+    else:
+      ax.text(0.5, 0.5, f"no {base}_q50", transform=ax.transAxes, ha="center")
+      notes.append(f"no {base}_q* metrics")
+  ax = axes[2]
+  got = 0
+  for i, opt in enumerate(study.optimizers):
+    rs = _best_runs(study, best, cond, opt)
+    if not rs:
+      continue
+    for name, ls in (("aging/mu_mass_older_than_H", "-"), ("aging/nu_mass_older_than_H", "--")):
+      s, v = rs[0].series(name)
+      if s.size:
+        ax.plot(s, v, ls, color=_color(opt, i), lw=1.2,
+                label=f"{opt} {'m' if 'mu' in name else 'nu'}")
+        got += 1
+  ax.set_xlabel("step")
+  ax.set_ylabel("share of moment mass on entries idle >= H steps", fontsize=8)
+  ax.grid(alpha=0.3)
+  if got:
+    ax.legend(fontsize=6, ncol=2)
+  else:
+    ax.text(0.5, 0.5, "no aging/*_mass_older_than_H", transform=ax.transAxes, ha="center")
+    notes.append("no aging/*_mass_older_than_H metrics")
+  axes[0].set_title(f"Second-moment age and staleness distributions ({cond}, best lr, first "
+                    "seed); SGD, Lion, SignSGD have no second moment", fontsize=8, loc="left")
+  _save(fig, path)
+  return "; ".join(notes) or None
+
+
+def grad_heterogeneity(study, best, runs, cond, path):
+  names = [("heterogeneity/grad_norm_cv", "CV of per-tensor ||g||"),
+           ("heterogeneity/step_size_cv", "CV of per-tensor ||u|| / ||g||")]
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+  notes = []
+  for ax, (name, label) in zip(axes, names):
+    got = 0
+    for i, opt in enumerate(study.optimizers):
+      df = _seed_frame(_best_runs(study, best, cond, opt), name)
+      if df.empty:
+        continue
+      ax.plot(df.index.values, df.mean(axis=1).values, color=_color(opt, i), lw=1.2, label=opt)
+      got += 1
+    _mark_shifts(ax, study.shift_steps(cond), label=False)
+    ax.set_xlabel("step")
+    ax.set_ylabel(label, fontsize=8)
+    ax.grid(alpha=0.3)
+    if got:
+      ax.legend(fontsize=7)
+    else:
+      ax.text(0.5, 0.5, f"no {name}", transform=ax.transAxes, ha="center")
+      notes.append(f"no {name}")
+  axes[0].set_title(f"Gradient heterogeneity over training ({cond}, best lr, mean over seeds)",
+                    fontsize=9, loc="left")
+  _save(fig, path)
+  return "; ".join(notes) or None
+
+
+def layer_norms(study, best, runs, cond, path):
+  opts = [o for o in study.optimizers if _best_runs(study, best, cond, o)]
+  rows = [("norms/param", "||theta||"), ("norms/update_param_ratio", "||u|| / ||theta||")]
+  panels = []
+  for opt in opts:
+    run = _best_runs(study, best, cond, opt)[0]
+    if any(_layer_cols(run, base) for base, _ in rows):
+      panels.append((opt, run))
+  if not panels:
+    _placeholder(path, f"Layer-wise norms ({cond})", "no norms/*/layer=NN metrics")
+    return "no norms/*/layer=NN metrics"
+  fig, axes = plt.subplots(2, len(panels), figsize=(3.2 * len(panels) + 1, 6), squeeze=False,
+                           sharex=True)
+  for j, (opt, run) in enumerate(panels):
+    for i, (base, label) in enumerate(rows):
+      ax = axes[i, j]
+      cols = _layer_cols(run, base)
+      cmap = plt.get_cmap("viridis")
+      for k, (lab, c) in enumerate(cols):
+        s, v = run.series(c)
+        ax.plot(s, v, color=cmap(k / max(1, len(cols) - 1)), lw=1, label=lab)
+      if base == "norms/update_param_ratio" and cols:
+        ax.set_yscale("log")
+      ax.grid(alpha=0.3)
+      if j == 0:
+        ax.set_ylabel(label, fontsize=8)
+      if i == 0:
+        ax.set_title(opt, fontsize=9)
+      if i == 1:
+        ax.set_xlabel("step")
+  axes[0, -1].legend(fontsize=6, loc="best")
+  fig.suptitle(f"Layer-wise norm evolution ({cond}, best lr, first seed)", fontsize=10)
+  _save(fig, path)
+  return None
+
+
+def loss_by_frequency(study, best, runs, cond, path):
+  fig, ax = plt.subplots(figsize=(8, 4))
+  got = 0
+  for i, opt in enumerate(study.optimizers):
+    lr = R.best_lr_of(best, cond, opt)
+    if lr is None:
+      continue
+    tabs = [r.results.get("eval_loss_by_frequency") for r in study.select(cond, opt, lr)
+            if r.status == "completed" and r.results.get("eval_loss_by_frequency")]
+    if not tabs:
+      continue
+    df = pd.DataFrame([{int(str(k).split("=")[-1]): float(v) for k, v in t.items()}
+                       for t in tabs]).sort_index(axis=1)
+    ax.plot(df.columns, df.mean(axis=0).values, "-o", color=_color(opt, i), ms=4,
+            label=f"{opt} (lr {R.lr_str(lr)})")
+    got += 1
+  if not got:
+    plt.close(fig)
+    _placeholder(path, f"Eval loss by token frequency ({cond})",
+                 "no eval_loss_by_frequency in results.json")
+    return "no eval_loss_by_frequency in results.json"
+  ax.set_xlabel("target-token frequency bucket (0 = most frequent, last = rarest)")
+  ax.set_ylabel("final eval loss")
+  ax.set_title(f"Eval loss by token frequency at the best lr ({cond})", fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  _save(fig, path)
+  return None
+
+
+def heterogeneity_by_condition(study, best, runs, cond, path):
+  """Study-level: mean gradient-norm CV per optimizer and condition (matched lrs and seeds)."""
+  name = "heterogeneity/grad_norm_cv"
+  conds = study.conditions
+  vals = {}
+  for opt in study.optimizers:
+    per = {c: {(round(r.learning_rate, 12), r.seed) for r in study.select(c, opt)
+               if r.has(name)} for c in conds}
+    common = set.intersection(*per.values()) if per and all(per.values()) else set()
+    for c in conds:
+      keys = common or per.get(c, set())
+      xs = [R.series_mean(r, name) for r in study.select(c, opt)
+            if (round(r.learning_rate, 12), r.seed) in keys]
+      m = R._mean(xs)  # pylint: disable=protected-access
+      if m is not None:
+        vals[(opt, c)] = m
+  if not vals:
+    _placeholder(path, "Gradient heterogeneity by condition", f"no {name} in any run")
+    return f"no {name} in any run"
+  fig, ax = plt.subplots(figsize=(8, 4))
+  width = 0.8 / max(1, len(conds))
+  for j, c in enumerate(conds):
+    xs = np.arange(len(study.optimizers)) + j * width
+    ys = [vals.get((o, c), np.nan) for o in study.optimizers]
+    ax.bar(xs, ys, width, label=c)
+  ax.set_xticks(np.arange(len(study.optimizers)) + width * (len(conds) - 1) / 2)
+  ax.set_xticklabels(study.optimizers, fontsize=8)
+  ax.set_ylabel("mean CV of per-tensor ||g|| over training")
+  ax.set_title("Gradient heterogeneity by condition (runs matched on lr and seed)", fontsize=9)
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3, axis="y")
+  _save(fig, path)
+  return None if len(conds) > 1 else "a single condition: nothing to compare against"
+
+
+# (name, title, caption, function, per condition?)
+FIGURES: list[tuple[str, str, str, Callable, bool]] = [
+    ("loss_vs_tokens", "Loss vs tokens",
+     "Train loss (smoothed) against tokens seen for each optimizer at its best learning rate; "
+     "the band spans the seeds, dots are eval losses, dotted lines mark distribution shifts.",
+     loss_vs_tokens, True),
+    ("lr_sweep", "Learning-rate sweep",
+     "Final loss against the peak learning rate (mean over seeds, dots per seed). Stars mark "
+     "the best rate; crosses at the top are diverged or failed runs; hollow triangles at the "
+     "bottom are missing or unfinished runs.", lr_sweep, True),
+    ("grad_sparsity_heatmap", "Per-layer gradient sparsity",
+     "Share of gradient entries below 1e-3 of their tensor's rms, per layer (and token "
+     "embedding / head) and step, at each optimizer's best learning rate.",
+     grad_sparsity_heatmap, True),
+    ("embedding_update_frequency", "Embedding update frequency vs token frequency",
+     "Left: share of steps in which an embedding row received a gradient, per token-frequency "
+     "bucket (log-log; dashed: the probability that a token of that frequency appears in a "
+     "batch). Right: the rows' second-moment staleness per bucket (optimizers with a second "
+     "moment).", embedding_update_frequency, True),
+    ("drift_around_shifts", "Drift around distribution shifts",
+     "Train loss, cosine between the gradient and the optimizer's first moment, and the "
+     "short/long gradient-energy ratio; dotted lines mark the shifts.",
+     drift_around_shifts, True),
+    ("moment_staleness", "Second-moment age and staleness",
+     "Distributions (q10-q90 bands, median lines) of entry age and of log(nu / short EMA of "
+     "g^2), and the share of the moments' mass on entries idle for at least H steps.",
+     moment_staleness, True),
+    ("grad_heterogeneity", "Gradient heterogeneity over training",
+     "Coefficient of variation over parameter tensors of the gradient norm and of the "
+     "effective step size ||u||/||g|| (arXiv 2502.00213).", grad_heterogeneity, True),
+    ("layer_norms", "Layer-wise norm evolution",
+     "Parameter norm and update/parameter norm ratio per layer over training.",
+     layer_norms, True),
+    ("loss_by_frequency", "Eval loss by token frequency",
+     "Final eval loss per target-token frequency bucket (equal-mass buckets; 0 = most "
+     "frequent).", loss_by_frequency, True),
+    ("heterogeneity_by_condition", "Gradient heterogeneity by condition",
+     "Mean gradient-norm CV per optimizer under each condition (e.g. pre- vs post-LN), over "
+     "runs with the same learning rate and seed in every condition.",
+     heterogeneity_by_condition, False),
+]
+FIGURE_NAMES = [f[0] for f in FIGURES]
+
+
+def make_all(study: R.Study, best: pd.DataFrame, runs: pd.DataFrame,
+             plots_dir: str) -> list[Figure]:
+  """Every figure of FIGURES (per condition where marked); failures become placeholders."""
+  os.makedirs(plots_dir, exist_ok=True)
+  out = []
+  conds = study.conditions or ["(none)"]
+  for name, title, caption, fn, per_cond in FIGURES:
+    for cond in (conds if per_cond else [None]):
+      fname = f"{name}__{cond}.png" if per_cond else f"{name}.png"
+      path = os.path.join(plots_dir, fname)
+      full_title = f"{title} ({cond})" if per_cond else title
+      try:
+        note = fn(study, best, runs, cond, path)
+      except Exception as e:  # pylint: disable=broad-except
+        plt.close("all")
+        note = f"plot failed: {type(e).__name__}: {e}"
+        _placeholder(path, full_title, note)
+      out.append(Figure(name, full_title, caption, path, note))
+  return out
