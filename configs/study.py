@@ -54,6 +54,9 @@ def get_config(preset=None) -> ml_collections.ConfigDict:
   c.base = b = default.get_config(base_preset)
   b.log_every = 1  # Every step's train loss: the spike rule needs a 128-step history.
   b.keep_checkpoints = 1  # One checkpoint per run is enough to resume (keeps the study small).
+  # The report uses the global, per-kind and per-layer aggregates; per-tensor ('/param=') series
+  # multiply the metrics (and the compile time) several-fold. True puts them in TensorBoard.
+  b.diagnostics.per_param = False
 
   # ---------------------------------------------------------------- what varies
   c.optimizers = OPTIMIZERS  # Names in configs.default.OPTIMIZER_BLOCKS.

@@ -5,6 +5,8 @@ picked with `--config=configs/lion.py:gpt2_small`. Running the same command agai
 the latest checkpoint in the workdir.
 """
 
+import logging as std_logging
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -22,11 +24,11 @@ config_flags.DEFINE_config_file(
 flags.mark_flags_as_required(["workdir"])
 
 
-class _QuietOrbax(logging.logging.Filter):
+class _QuietOrbax(std_logging.Filter):
   """Orbax logs every checkpoint phase at INFO; keep its warnings and errors only."""
 
   def filter(self, record):
-    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
 def main(argv):

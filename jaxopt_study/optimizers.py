@@ -51,9 +51,10 @@ def make_schedule(config: ml_collections.ConfigDict) -> Schedule:
         end_value=lr * s.min_lr_ratio,
     )
   if s.name == "constant":
+    if warmup == 0:
+      return optax.constant_schedule(lr)
     return optax.join_schedules(
-        [optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)],
-        [max(warmup, 1)],
+        [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup]
     )
   raise ValueError(f"config.schedule.name={s.name!r}; valid: ['constant', 'cosine']")
 

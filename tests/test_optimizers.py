@@ -72,7 +72,7 @@ def test_signum_equals_optax_signum():
   config = _config("signsgd", momentum=0.9)
   params = _params()
   tx, _ = optimizers.build(config, params)
-  ours, ref = _run(tx, params), _run(optax.signum(LR, momentum=0.9), params)
+  ours, ref = _run(tx, params), _run(optax.signum(LR, 0.9), params)
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 

@@ -381,11 +381,12 @@ def test_runner_reuses_resumes_and_records_failures(tmp_path, monkeypatch):
   from jaxopt_study import train
   from jaxopt_study.study import runner
 
-  calls = []
+  calls, failed_once = [], []
 
   def fake_train(config, workdir):
     calls.append(config.optimizer.name)
-    if config.optimizer.name == "lion" and calls.count("lion") == 1:
+    if config.optimizer.name == "lion" and not failed_once:
+      failed_once.append(1)
       raise RuntimeError("boom")
     status = "diverged" if config.optimizer.name == "sgd_momentum" else "completed"
     res = {"optimizer": config.optimizer.name, "status": status, "num_steps": config.num_steps,

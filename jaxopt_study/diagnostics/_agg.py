@@ -1,55 +1,128 @@
-"""Trace-time context and the aggregation of per-tensor partial sums into named metrics.
+"""Trace-time context, vectorized aggregation and the packed metrics container.
 
-Every additive metric is a function ``combine(S_1, ..., S_k)`` of sums of per-tensor partial
-sums ``S_j = sum_{tensors b in group} s_j(b)``. Groups: all tensors (``family/metric``), one kind
-(``/kind=<kind>``), one layer (``/layer=<NN>``), one tensor (``/param=<path>``). E.g. a fraction is
-``(count, size)`` -> count/size, a norm is ``(sum x^2,)`` -> sqrt, a cosine is
-``(<a,b>, |a|^2, |b|^2)`` -> <a,b>/sqrt(|a|^2 |b|^2) (the cosine of the concatenated vectors).
+Compile-time matters: a GPT has ~200 parameter tensors and thousands of per-tensor metrics, and
+XLA compiles thousands of scalar ops / outputs very slowly. So (i) tensors with the same *role*
+(path with ``block_<i>`` replaced by ``block_*``, same shape, dtype and kind) are stacked along a
+new leading axis and reduced together (same-role tensors share their sharding, so stacking needs
+no communication); (ii) group aggregates are one matrix product of the per-tensor partial-sum
+vectors with a static membership matrix; (iii) all scalars leave the step as ONE float32 vector
+inside :class:`Metrics`, a read-only Mapping name -> value (a pytree whose names are static).
 
-Quantiles are taken (``jnp.nanquantile``, linear interpolation) over a strided subsample:
-``x.reshape(-1)[::stride]`` with one ``stride = ceil(total size / quantile_sample_size)`` for all
-tensors of a metric, so every tensor contributes in proportion to its size. Histogram samples
-are the global subsample strided again to <= ``histogram_size`` entries.
+Every additive metric is ``combine(S_1, ..., S_k)`` of sums ``S_j = sum_{b in group} s_j(b)`` of
+per-tensor partial sums. Groups: all tensors (``family/metric``), one kind (``/kind=<kind>``),
+one layer (``/layer=<NN>``), one tensor (``/param=<path>``). E.g. a fraction is (count, size) ->
+count/size, a norm (sum x^2,) -> sqrt, a cosine (<a,b>, |a|^2, |b|^2) -> <a,b>/sqrt(|a|^2 |b|^2)
+(the cosine of the concatenated vectors).
+
+Quantiles (``jnp.nanquantile``, linear interpolation) are taken over a subsample: each tensor
+of size N_b contributes a strided grid ``x[::s, ::s, ...]`` with the smallest stride s such that
+it has <= ceil(N_b * quantile_sample_size / N_total) entries (s = 1, i.e. exact, when the
+tensors hold <= quantile_sample_size entries in all). Histogram samples are the concatenated
+subsample strided again to <= ``histogram_size`` entries.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import math
+import re
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 NAN = float("nan")
 
 
+@jax.tree_util.register_pytree_node_class
+class Metrics(collections.abc.Mapping):
+  """Mapping metric name -> 0-d value (a slice of one packed vector) or 1-d histogram sample.
+
+  A pytree (returned from jit as 1 + #histograms buffers; names are static aux data). Use
+  ``jax.device_get(metrics)`` (or :meth:`to_numpy`) once before iterating on the host.
+  """
+
+  def __init__(self, names, values, hists):
+    self._names = tuple(names)
+    self.values = values
+    self.hists = dict(hists)
+    self._index = {n: i for i, n in enumerate(self._names)}
+
+  def tree_flatten(self):
+    return (self.values, self.hists), self._names
+
+  @classmethod
+  def tree_unflatten(cls, names, children):
+    return cls(names, *children)
+
+  def __getitem__(self, key):
+    if key in self._index:
+      return self.values[self._index[key]]
+    return self.hists[key]
+
+  def __iter__(self):
+    yield from self._names
+    yield from self.hists
+
+  def __len__(self):
+    return len(self._names) + len(self.hists)
+
+  def __contains__(self, key):
+    return key in self._index or key in self.hists
+
+  def to_numpy(self) -> dict[str, np.ndarray]:
+    """One device->host transfer; {name: numpy 0-d / 1-d array}."""
+    values, hists = jax.device_get((self.values, self.hists))
+    out = {n: np.asarray(values[i]) for n, i in self._index.items()}
+    out.update({k: np.asarray(v) for k, v in hists.items()})
+    return out
+
+  def __repr__(self):
+    return f"Metrics({len(self._names)} scalars, {len(self.hists)} histograms)"
+
+
+def role_of(path: str) -> str:
+  return re.sub(r"(^|/)block_\d+(/|$)", r"\1block_*\2", path)
+
+
+def red(x):
+  """Per-member sum over all but the leading (stacking) axis."""
+  return jnp.sum(x, axis=tuple(range(1, x.ndim)))
+
+
 @dataclasses.dataclass
-class Tensor:
-  path: str
+class Group:
+  """Tensors of one role, stacked along axis 0 (n members). Arrays are float32 unless noted."""
+  paths: list[str]
   kind: str
-  layer: Optional[int]
-  shape: tuple
-  size: int
-  g: jax.Array                     # float32 gradient g_t
-  p: jax.Array                     # float32 parameter theta_t (before this step's update)
-  u: jax.Array                     # float32 update u_t (params_{t+1} = params_t + u_t)
-  active: jax.Array                # bool |g_t| > active_threshold
-  m: Optional[jax.Array] = None    # first moment m_{t-1} (state passed to tx.update with g_t)
-  v: Optional[jax.Array] = None    # second moment v_{t-1} (reconstructed for Adafactor)
-  age: Optional[jax.Array] = None  # int32 t - last_active_t (0 if active at t)
-  count: Optional[jax.Array] = None  # int32 number of active steps incl. t
-  ema: Optional[jax.Array] = None  # float32 raw EMA of the active indicator incl. t
-  s: Optional[jax.Array] = None    # float32 raw EMA of g^2 incl. t
-  prev_g: Optional[jax.Array] = None
-  prev_sign: Optional[jax.Array] = None
+  layers: list[Optional[int]]
+  shape: tuple                     # member shape
+  size: int                        # member size
+  start: int                       # index of the first member in the context's tensor order
+  g: Any = None                    # g_t
+  p: Any = None                    # theta_t (before this step's update)
+  u: Any = None                    # u_t (params_{t+1} = params_t + u_t)
+  m: Any = None                    # first moment m_{t-1}
+  v: Any = None                    # second moment v_{t-1} (reconstructed for Adafactor)
+  age: Any = None                  # int32 t - last_active_t
+  count: Any = None                # int32 active steps incl. t
+  ema: Any = None                  # raw EMA of the active indicator
+  s: Any = None                    # raw EMA of g^2
+  prev_g: Any = None
+  prev_sign: Any = None            # int8
+
+  @property
+  def n(self):
+    return len(self.paths)
 
 
 @dataclasses.dataclass
 class Rows:
   """Row statistics of one (V, D) token embedding (rows = axis 0)."""
   path: str
-  tensor: Tensor
+  group: Group                        # its (singleton) group; arrays [1, V, D]
   count: Optional[jax.Array] = None   # int32 [V] steps in which the row was active
   ema: Optional[jax.Array] = None     # float32 [V] raw EMA of the row-active indicator
 
@@ -57,21 +130,153 @@ class Rows:
 @dataclasses.dataclass
 class Ctx:
   cfg: Any
-  tensors: list[Tensor]
+  groups: list[Group]
   rows: list[Rows]
   step: jax.Array          # int32 t
   n: jax.Array             # int32 number of update() calls including this one
   prev_valid: jax.Array    # bool: the stored previous gradient/sign is from step t-1
   token_bucket: Optional[jax.Array]
-  energy_short: Optional[jax.Array] = None   # raw, per tensor (after this step)
+  energy_short: Optional[jax.Array] = None   # raw, per tensor in context order
   energy_long: Optional[jax.Array] = None
-  metrics: dict = dataclasses.field(default_factory=dict)
+  names: list = dataclasses.field(default_factory=list)
+  values: list = dataclasses.field(default_factory=list)
+  hists: dict = dataclasses.field(default_factory=dict)
 
-  def stride(self, total: int) -> int:
-    return max(1, math.ceil(total / int(self.cfg.quantile_sample_size)))
+  @property
+  def paths(self) -> list[str]:
+    return [p for g in self.groups for p in g.paths]
+
+  @property
+  def kinds(self) -> list[str]:
+    return [g.kind for g in self.groups for _ in g.paths]
+
+  @property
+  def layers(self) -> list[Optional[int]]:
+    return [l for g in self.groups for l in g.layers]
 
   def bias_correction(self, decay: float) -> jax.Array:
     return 1.0 - jnp.power(jnp.float32(decay), self.n.astype(jnp.float32))
+
+  # ---- output ----
+  def add(self, names: list[str], vec):
+    vec = jnp.asarray(vec, jnp.float32).reshape(-1)
+    assert vec.shape[0] == len(names), (names, vec.shape)
+    self.names.extend(names)
+    self.values.append(vec)
+
+  def add_scalar(self, name: str, x):
+    self.add([name], x)
+
+  def result(self) -> Metrics:
+    values = (jnp.concatenate(self.values) if self.values else jnp.zeros((0,), jnp.float32))
+    return Metrics(self.names, values, self.hists)
+
+  # ---- per-tensor vectors ----
+  def per_tensor(self, fn: Callable[[Group], Any]):
+    """fn(group) -> tuple of [n] arrays, or None (absent). Returns (tuple of [T], present)."""
+    outs, present, k = [], [], None
+    for g in self.groups:
+      r = fn(g)
+      present += [r is not None] * g.n
+      outs.append(r)
+      if r is not None:
+        k = len(r)
+    if k is None:
+      return None, np.zeros(len(present), bool)
+    vecs = []
+    for j in range(k):
+      vecs.append(jnp.concatenate([
+          jnp.asarray(r[j], jnp.float32).reshape(g.n) if r is not None
+          else jnp.zeros((g.n,), jnp.float32) for g, r in zip(self.groups, outs)]))
+    return tuple(vecs), np.asarray(present)
+
+  def group_table(self, present: np.ndarray):
+    """(suffixes, membership matrix [num_groups, T]) over present tensors."""
+    paths, kinds, layers = self.paths, self.kinds, self.layers
+    idx = np.nonzero(present)[0]
+    rows = [("", idx)]
+    if self.cfg.per_kind:
+      for k in sorted({kinds[i] for i in idx}):
+        rows.append((f"/kind={k}", [i for i in idx if kinds[i] == k]))
+    if self.cfg.per_layer:
+      for l in sorted({layers[i] for i in idx if layers[i] is not None}):
+        rows.append((f"/layer={l:02d}", [i for i in idx if layers[i] == l]))
+    if self.cfg.per_param:
+      rows += [(f"/param={paths[i]}", [i]) for i in idx]
+    mat = np.zeros((len(rows), len(paths)), np.float32)
+    for r, (_, members) in enumerate(rows):
+      mat[r, members] = 1.0
+    return [s for s, _ in rows], mat
+
+  def emit(self, name: str, fn: Callable[[Group], Any], combine: Callable):
+    """metrics[name + suffix] = combine(*group sums of fn's per-tensor partial sums)."""
+    parts, present = self.per_tensor(fn)
+    if parts is None:
+      return
+    suffixes, mat = self.group_table(present)
+    mat = jnp.asarray(mat)
+    sums = [jnp.dot(mat, jnp.where(jnp.asarray(present), p, 0.0),
+                    precision=jax.lax.Precision.HIGHEST) for p in parts]
+    self.add([name + s for s in suffixes], combine(*sums))
+
+  # ---- quantiles ----
+  def sample(self, g: Group, x, total: int):
+    """Strided-grid subsample of each member of x [n, *shape] -> [n, k] float32."""
+    budget = max(1, math.ceil(g.size * int(self.cfg.quantile_sample_size) / max(total, 1)))
+    s = grid_stride(g.shape, budget)
+    sl = (slice(None),) + tuple(slice(None, None, s) for _ in g.shape)
+    return x[sl].reshape(g.n, -1).astype(jnp.float32)
+
+  def emit_quantiles(self, name: str, fn: Callable[[Group], Any], hist: bool = False):
+    """Quantiles (global, per kind) of fn(group) ([n, *shape] or None) over the groups."""
+    sel = [(g, fn(g)) for g in self.groups]
+    sel = [(g, x) for g, x in sel if x is not None]
+    if not sel:
+      return
+    total = sum(g.n * g.size for g, _ in sel)
+    samples = [(g.kind, self.sample(g, x, total).reshape(-1)) for g, x in sel]
+    sets = [("", [s for _, s in samples])]
+    if self.cfg.per_kind:
+      for k in sorted({k for k, _ in samples}):
+        sets.append((f"/kind={k}", [s for kk, s in samples if kk == k]))
+    for suffix, xs in sets:
+      x = jnp.concatenate(xs)
+      self.quantiles(name, x, suffix)
+      if hist and suffix == "":
+        self.hists[name + "_hist"] = hist_sample(x, int(self.cfg.histogram_size))
+
+  def quantiles(self, name: str, x, suffix: str = ""):
+    qs = tuple(self.cfg.quantiles)
+    if not qs:
+      return
+    self.add([qname(name, q) + suffix for q in qs],
+             jnp.nanquantile(x.astype(jnp.float32), jnp.asarray(qs, jnp.float32)))
+
+  # ---- token-frequency buckets ----
+  def emit_buckets(self, name: str, values, weights=None):
+    """Per token-frequency bucket mean of a per-row value: name + '/freq_bucket=BB'."""
+    if self.token_bucket is None or self.token_bucket.shape[0] != values.shape[0]:
+      return
+    nb = int(self.cfg.num_freq_buckets)
+    values = values.astype(jnp.float32)
+    w = jnp.ones_like(values) if weights is None else weights.astype(jnp.float32)
+    values = jnp.where(w > 0, values, 0.0)
+    num = jax.ops.segment_sum(values * w, self.token_bucket, num_segments=nb)
+    den = jax.ops.segment_sum(w, self.token_bucket, num_segments=nb)
+    self.add([f"{name}/freq_bucket={b:02d}" for b in range(nb)], safe_div(num, den))
+
+
+def grid_stride(shape: tuple, budget: int) -> int:
+  """Smallest s >= 1 with prod(ceil(n_i / s)) <= budget."""
+  size = lambda s: int(np.prod([math.ceil(n / s) for n in shape], dtype=np.int64))
+  lo, hi = 1, max([1] + list(shape))
+  while lo < hi:  # size(s) is non-increasing in s and size(max(shape)) == 1
+    mid = (lo + hi) // 2
+    if size(mid) <= budget:
+      hi = mid
+    else:
+      lo = mid + 1
+  return lo
 
 
 def safe_div(a, b):
@@ -90,76 +295,9 @@ def sqrt_ratio(a, b):
   return jnp.sqrt(safe_div(a, b))
 
 
-def groups(ctx: Ctx, paths: list[str]) -> list[tuple[str, list[str]]]:
-  """(name suffix, member paths) for the global, kind, layer and param groups."""
-  info = {t.path: t for t in ctx.tensors}
-  out = [("", list(paths))]
-  if ctx.cfg.per_kind:
-    kinds = sorted({info[p].kind for p in paths})
-    out += [(f"/kind={k}", [p for p in paths if info[p].kind == k]) for k in kinds]
-  if ctx.cfg.per_layer:
-    layers = sorted({info[p].layer for p in paths if info[p].layer is not None})
-    out += [(f"/layer={l:02d}", [p for p in paths if info[p].layer == l]) for l in layers]
-  if ctx.cfg.per_param:
-    out += [(f"/param={p}", [p]) for p in paths]
-  return out
-
-
-def emit(ctx: Ctx, name: str, parts: dict[str, tuple], combine: Callable,
-         per_group: bool = True):
-  """metrics[name + suffix] = combine(*sum over group of parts) for every group."""
-  if not parts:
-    return
-  paths = list(parts)
-  for suffix, members in (groups(ctx, paths) if per_group else [("", paths)]):
-    k = len(parts[members[0]])
-    sums = [sum(jnp.asarray(parts[p][j], jnp.float32) for p in members) for j in range(k)]
-    ctx.metrics[name + suffix] = jnp.asarray(combine(*sums), jnp.float32)
-
-
 def qname(name: str, q: float) -> str:
   return f"{name}_q{100 * q:g}"
 
 
-def sample(x: jax.Array, stride: int) -> jax.Array:
-  return x.reshape(-1)[::stride].astype(jnp.float32)
-
-
-def emit_quantiles(ctx: Ctx, name: str, samples: dict[str, jax.Array],
-                   hist: bool = False, per_kind: bool = True):
-  """Quantiles (global and per kind) of concatenated subsamples; optional histogram sample."""
-  if not samples:
-    return
-  qs = jnp.asarray(ctx.cfg.quantiles, jnp.float32)
-  info = {t.path: t for t in ctx.tensors}
-  groups_ = [("", list(samples))]
-  if per_kind and ctx.cfg.per_kind:
-    kinds = sorted({info[p].kind if p in info else "other" for p in samples})
-    groups_ += [(f"/kind={k}", [p for p in samples if (info[p].kind if p in info else "other") == k])
-                for k in kinds]
-  for suffix, members in groups_:
-    x = jnp.concatenate([samples[p] for p in members])
-    vals = jnp.nanquantile(x, qs)
-    for i, q in enumerate(ctx.cfg.quantiles):
-      ctx.metrics[qname(name, q) + suffix] = vals[i]
-    if hist and suffix == "":
-      ctx.metrics[name + "_hist"] = hist_sample(x, int(ctx.cfg.histogram_size))
-
-
-def hist_sample(x: jax.Array, size: int) -> jax.Array:
+def hist_sample(x, size: int):
   return x[::max(1, math.ceil(x.shape[0] / size))]
-
-
-def emit_buckets(ctx: Ctx, name: str, values: jax.Array, weights: Optional[jax.Array] = None):
-  """Per token-frequency bucket mean of a per-row value: name + '/freq_bucket=BB'."""
-  if ctx.token_bucket is None:
-    return
-  nb = int(ctx.cfg.num_freq_buckets)
-  values = values.astype(jnp.float32)
-  w = jnp.ones_like(values) if weights is None else weights.astype(jnp.float32)
-  values = jnp.where(w > 0, values, 0.0)
-  num = jax.ops.segment_sum(values * w, ctx.token_bucket, num_segments=nb)
-  den = jax.ops.segment_sum(w, ctx.token_bucket, num_segments=nb)
-  mean = safe_div(num, den)
-  for b in range(nb):
-    ctx.metrics[f"{name}/freq_bucket={b:02d}"] = mean[b]

@@ -39,57 +39,51 @@ from jaxopt_study.diagnostics import _agg
 
 def compute(ctx: _agg.Ctx):
   cfg = ctx.cfg
-  ts = ctx.tensors
+  red = _agg.red
   h = int(cfg.horizon)
-  stride = ctx.stride(sum(t.size for t in ts))
-  _agg.emit(ctx, "aging/age_mean",
-            {t.path: (jnp.sum(t.age.astype(jnp.float32)), t.size) for t in ts}, _agg.ratio)
-  _agg.emit_quantiles(ctx, "aging/age", {t.path: _agg.sample(t.age, stride) for t in ts},
-                      hist=True)
-  _agg.emit(ctx, "aging/frac_older_than_H",
-            {t.path: (jnp.sum(t.age >= h), t.size) for t in ts}, _agg.ratio)
+  size = lambda g: jnp.full((g.n,), g.size, jnp.float32)
+  ctx.emit("aging/age_mean", lambda g: (red(g.age.astype(jnp.float32)), size(g)), _agg.ratio)
+  ctx.emit_quantiles("aging/age", lambda g: g.age, hist=True)
+  ctx.emit("aging/frac_older_than_H", lambda g: (red(g.age >= h), size(g)), _agg.ratio)
 
   s_bc = ctx.bias_correction(cfg.sq_ema_decay)
-  with_v = [t for t in ts if t.v is not None]
-  if with_v and with_v[0].s is not None:
-    ls = {}
-    for t in with_v:
-      ok = (t.v > 0) & (t.s > 0)
-      ls[t.path] = jnp.where(ok, jnp.log(jnp.where(ok, t.v, 1.0))
-                             - jnp.log(jnp.where(ok, t.s / s_bc, 1.0)), jnp.nan)
-    _agg.emit(ctx, "aging/log_staleness_mean",
-              {p: (jnp.nansum(x), jnp.sum(~jnp.isnan(x))) for p, x in ls.items()}, _agg.ratio)
-    vstride = ctx.stride(sum(t.size for t in with_v))
-    _agg.emit_quantiles(ctx, "aging/log_staleness",
-                        {p: _agg.sample(x, vstride) for p, x in ls.items()}, hist=True)
-  _agg.emit(ctx, "aging/nu_mass_older_than_H",
-            {t.path: (jnp.sum(jnp.where(t.age >= h, t.v, 0.0)), jnp.sum(t.v)) for t in with_v},
-            _agg.ratio)
-  _agg.emit(ctx, "aging/mu_mass_older_than_H",
-            {t.path: (jnp.sum(jnp.where(t.age >= h, jnp.square(t.m), 0.0)),
-                      jnp.sum(jnp.square(t.m))) for t in ts if t.m is not None},
-            _agg.ratio)
+
+  def log_stale(g):
+    if g.v is None or g.s is None:
+      return None
+    ok = (g.v > 0) & (g.s > 0)
+    return jnp.where(ok, jnp.log(jnp.where(ok, g.v, 1.0))
+                     - jnp.log(jnp.where(ok, g.s / s_bc, 1.0)), jnp.nan)
+  ctx.emit("aging/log_staleness_mean",
+           lambda g: None if log_stale(g) is None else (
+               red(jnp.nan_to_num(log_stale(g), nan=0.0)), red(~jnp.isnan(log_stale(g)))),
+           _agg.ratio)
+  ctx.emit_quantiles("aging/log_staleness", log_stale, hist=True)
+  ctx.emit("aging/nu_mass_older_than_H",
+           lambda g: None if g.v is None else (red(jnp.where(g.age >= h, g.v, 0.0)), red(g.v)),
+           _agg.ratio)
+  ctx.emit("aging/mu_mass_older_than_H",
+           lambda g: None if g.m is None else (
+               red(jnp.where(g.age >= h, jnp.square(g.m), 0.0)), red(jnp.square(g.m))),
+           _agg.ratio)
 
   for r in ctx.rows:
     sfx = f"/param={r.path}" if len(ctx.rows) > 1 else ""
-    t = r.tensor
-    v = t.shape[0]
-    row_age = jnp.min(t.age.reshape(v, -1), axis=1).astype(jnp.float32)
+    grp = r.group
+    v = grp.shape[0]
+    row_age = jnp.min(grp.age[0].reshape(v, -1), axis=1).astype(jnp.float32)
     old = (row_age >= h).astype(jnp.float32)
-    ctx.metrics["aging/emb_row_age_mean" + sfx] = jnp.mean(row_age)
-    ctx.metrics["aging/emb_row_frac_older_than_H" + sfx] = jnp.mean(old)
-    _agg.emit_quantiles(ctx, "aging/emb_row_age" + sfx,
-                        {r.path: _agg.sample(row_age, ctx.stride(v))}, per_kind=False)
-    buckets = ctx.token_bucket is not None and ctx.token_bucket.shape[0] == v
-    if buckets:
-      _agg.emit_buckets(ctx, "aging/emb_row_age_mean" + sfx, row_age)
-      _agg.emit_buckets(ctx, "aging/emb_row_frac_older_than_H" + sfx, old)
-    if t.v is not None and t.s is not None:
-      vm = jnp.mean(t.v.reshape(v, -1), axis=1)
-      sm = jnp.mean(t.s.reshape(v, -1), axis=1) / s_bc
+    ctx.add_scalar("aging/emb_row_age_mean" + sfx, jnp.mean(row_age))
+    ctx.add_scalar("aging/emb_row_frac_older_than_H" + sfx, jnp.mean(old))
+    ctx.quantiles("aging/emb_row_age",
+                  row_age[::_agg.grid_stride((v,), int(cfg.quantile_sample_size))], sfx)
+    ctx.emit_buckets("aging/emb_row_age_mean" + sfx, row_age)
+    ctx.emit_buckets("aging/emb_row_frac_older_than_H" + sfx, old)
+    if grp.v is not None and grp.s is not None:
+      vm = jnp.mean(grp.v[0].reshape(v, -1), axis=1)
+      sm = jnp.mean(grp.s[0].reshape(v, -1), axis=1) / s_bc
       ok = (vm > 0) & (sm > 0)
       x = jnp.log(jnp.where(ok, vm, 1.0)) - jnp.log(jnp.where(ok, sm, 1.0))
-      ctx.metrics["aging/emb_row_log_staleness_mean" + sfx] = _agg.safe_div(
-          jnp.sum(jnp.where(ok, x, 0.0)), jnp.sum(ok))
-      if buckets:
-        _agg.emit_buckets(ctx, "aging/emb_row_log_staleness_mean" + sfx, x, ok)
+      ctx.add_scalar("aging/emb_row_log_staleness_mean" + sfx,
+                     _agg.safe_div(jnp.sum(jnp.where(ok, x, 0.0)), jnp.sum(ok)))
+      ctx.emit_buckets("aging/emb_row_log_staleness_mean" + sfx, x, ok)

@@ -246,35 +246,44 @@ def update(params, grads, updates, opt_state, diag_state: DiagState, step, cfg,
   want_moments = cfg.drift or cfg.aging
   mom = (opt_state_lib.find_moments(opt_state, params) if want_moments and opt_state is not None
          else opt_state_lib.Moments({}, None, {}, None, ()))
-  prev_g = paths_lib.flatten(st.prev_grad) if st.prev_grad is not None else {}
-  prev_s = paths_lib.flatten(st.prev_sign) if st.prev_sign is not None else {}
-  tensors = []
+  per_path = {
+      "g": g,
+      "p": {k: jnp.asarray(pflat[k]).astype(f32) for k in keys},
+      "u": {k: jnp.asarray(uflat[k]).astype(f32) for k in keys},
+      "m": {k: jnp.asarray(x).astype(f32) for k, x in mom.first.items()},
+      "v": {k: jnp.asarray(x).astype(f32) for k, x in mom.second.items()},
+      "age": {k: step - la[k] for k in keys} if la is not None else {},
+      "count": cnt or {}, "ema": ema or {}, "s": sq or {},
+      "prev_g": paths_lib.flatten(st.prev_grad) if st.prev_grad is not None else {},
+      "prev_sign": paths_lib.flatten(st.prev_sign) if st.prev_sign is not None else {},
+  }
+  roles: dict[tuple, list[str]] = {}
   for k in keys:
-    shape = tuple(np.shape(pflat[k]))
-    m = mom.first.get(k)
-    v = mom.second.get(k)
-    tensors.append(_agg.Tensor(
-        path=k, kind=paths_lib.kind_of(k), layer=paths_lib.layer_of(k), shape=shape,
-        size=int(np.prod(shape, dtype=np.int64)), g=g[k],
-        p=jnp.asarray(pflat[k]).astype(f32), u=jnp.asarray(uflat[k]).astype(f32),
-        active=active[k],
-        m=None if m is None else jnp.asarray(m).astype(f32),
-        v=None if v is None else jnp.asarray(v).astype(f32),
-        age=None if la is None else step - la[k],
-        count=None if cnt is None else cnt[k],
-        ema=None if ema is None else ema[k],
-        s=None if sq is None else sq[k],
-        prev_g=prev_g.get(k), prev_sign=prev_s.get(k)))
-  by_path = {t.path: t for t in tensors}
+    x = pflat[k]
+    role = (_agg.role_of(k), tuple(np.shape(x)), str(jnp.asarray(x).dtype),
+            paths_lib.kind_of(k), tuple(q for q in per_path if k in per_path[q]))
+    roles.setdefault(role, []).append(k)
+  groups, start = [], 0
+  for (_, shape, _, kind, _), members in roles.items():
+    grp = _agg.Group(paths=members, kind=kind, layers=[paths_lib.layer_of(k) for k in members],
+                     shape=shape, size=int(np.prod(shape, dtype=np.int64)), start=start)
+    for q, d in per_path.items():
+      if members[0] in d:
+        setattr(grp, q, jnp.stack([d[k] for k in members]))
+    groups.append(grp)
+    start += len(members)
+  order = [k for grp in groups for k in grp.paths]
+  perm = np.asarray([keys.index(k) for k in order])
   rows = []
-  for t in tensors:
-    if _is_row_tensor(t.path, t.shape):
-      r = (rows_new or {}).get(t.path.replace("/", "."), {})
-      rows.append(_agg.Rows(path=t.path, tensor=by_path[t.path],
+  for grp in groups:
+    if grp.n == 1 and _is_row_tensor(grp.paths[0], grp.shape):
+      r = (rows_new or {}).get(grp.paths[0].replace("/", "."), {})
+      rows.append(_agg.Rows(path=grp.paths[0], group=grp,
                             count=r.get("update_count"), ema=r.get("update_ema")))
-  ctx = _agg.Ctx(cfg=cfg, tensors=tensors, rows=rows, step=step, n=n,
+  ctx = _agg.Ctx(cfg=cfg, groups=groups, rows=rows, step=step, n=n,
                  prev_valid=st.prev_step == step - 1, token_bucket=st.token_bucket,
-                 energy_short=new.get("energy_short"), energy_long=new.get("energy_long"))
+                 energy_short=new["energy_short"][perm] if "energy_short" in new else None,
+                 energy_long=new["energy_long"][perm] if "energy_long" in new else None)
   if cfg.sparsity:
     sparsity.compute(ctx)
   if cfg.drift:
@@ -287,7 +296,7 @@ def update(params, grads, updates, opt_state, diag_state: DiagState, step, cfg,
     heterogeneity.compute(ctx)
   if cfg.sign:
     sign.compute(ctx)
-  return ctx.metrics, new_state
+  return ctx.result(), new_state
 
 
 def state_bytes_per_param(cfg, has_second_moment: bool = True) -> dict[str, float]:

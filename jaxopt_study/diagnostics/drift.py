@@ -26,25 +26,24 @@ from jaxopt_study.diagnostics import _agg
 
 
 def compute(ctx: _agg.Ctx):
-  ts = ctx.tensors
-  nan_unless_valid = lambda f: (lambda *a: jnp.where(ctx.prev_valid, f(*a), _agg.NAN))
-  if ts and ts[0].prev_g is not None:
-    cos, rel, flip = {}, {}, {}
-    for t in ts:
-      gp = t.prev_g.astype(jnp.float32)
-      cos[t.path] = (jnp.vdot(t.g, gp), jnp.vdot(t.g, t.g), jnp.vdot(gp, gp))
-      rel[t.path] = (jnp.sum(jnp.square(t.g - gp)), jnp.vdot(gp, gp))
-      prod = jnp.sign(t.g) * jnp.sign(gp)
-      flip[t.path] = (jnp.sum(prod < 0), jnp.sum(prod != 0))
-    _agg.emit(ctx, "drift/cos_grad_prev", cos, nan_unless_valid(_agg.cosine))
-    _agg.emit(ctx, "drift/grad_rel_change", rel, nan_unless_valid(_agg.sqrt_ratio))
-    _agg.emit(ctx, "drift/grad_sign_flip_frac", flip, nan_unless_valid(_agg.ratio))
-  mom = {t.path: (jnp.vdot(t.g, t.m), jnp.vdot(t.g, t.g), jnp.vdot(t.m, t.m))
-         for t in ts if t.m is not None}
-  _agg.emit(ctx, "drift/cos_grad_mu", mom, _agg.cosine)
+  red, sq = _agg.red, lambda x: _agg.red(jnp.square(x))
+  valid = lambda f: (lambda *a: jnp.where(ctx.prev_valid, f(*a), _agg.NAN))
+
+  def prev(fn):
+    return lambda g: None if g.prev_g is None else fn(g, g.prev_g.astype(jnp.float32))
+  ctx.emit("drift/cos_grad_prev", prev(lambda g, gp: (red(g.g * gp), sq(g.g), sq(gp))),
+           valid(_agg.cosine))
+  ctx.emit("drift/grad_rel_change", prev(lambda g, gp: (sq(g.g - gp), sq(gp))),
+           valid(_agg.sqrt_ratio))
+  ctx.emit("drift/grad_sign_flip_frac",
+           prev(lambda g, gp: (red(jnp.sign(g.g) * jnp.sign(gp) < 0),
+                               red(jnp.sign(g.g) * jnp.sign(gp) != 0))),
+           valid(_agg.ratio))
+  ctx.emit("drift/cos_grad_mu",
+           lambda g: None if g.m is None else (red(g.g * g.m), sq(g.g), sq(g.m)), _agg.cosine)
   if ctx.energy_short is not None:
     bs = ctx.bias_correction(ctx.cfg.energy_short_decay)
     bl = ctx.bias_correction(ctx.cfg.energy_long_decay)
-    parts = {t.path: (ctx.energy_short[i] / bs, ctx.energy_long[i] / bl)
-             for i, t in enumerate(ts)}
-    _agg.emit(ctx, "drift/energy_ratio", parts, _agg.ratio)
+    es, el = ctx.energy_short / bs, ctx.energy_long / bl
+    ctx.emit("drift/energy_ratio",
+             lambda g: (es[g.start:g.start + g.n], el[g.start:g.start + g.n]), _agg.ratio)

@@ -18,6 +18,7 @@ Values x_b:
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 from jaxopt_study.diagnostics import _agg
 
@@ -34,20 +35,17 @@ def _spread(x):
 
 
 def compute(ctx: _agg.Ctx):
-  ts = ctx.tensors
-  if not ts:
-    return
-  gn = jnp.stack([jnp.sqrt(jnp.vdot(t.g, t.g)) for t in ts])
-  un = jnp.stack([jnp.sqrt(jnp.vdot(t.u, t.u)) for t in ts])
+  (gsq, usq), _ = ctx.per_tensor(lambda g: (_agg.red(jnp.square(g.g)), _agg.red(jnp.square(g.u))))
+  gn, un = jnp.sqrt(gsq), jnp.sqrt(usq)
   step = jnp.where(gn > 0, un / jnp.where(gn > 0, gn, 1.0), _agg.NAN)
-  kinds = [t.kind for t in ts]
-  sel = [("", list(range(len(ts))))]
+  kinds = ctx.kinds
+  sel = [("", list(range(len(kinds))))]
   if ctx.cfg.per_kind:
     sel += [(f"/kind={k}", [i for i, kk in enumerate(kinds) if kk == k])
             for k in sorted(set(kinds))]
   for suffix, idx in sel:
-    idx = jnp.asarray(idx)
+    idx = np.asarray(idx)
     for name, x in (("grad_norm", gn), ("update_norm", un), ("step_size", step)):
       cv, mm = _spread(x[idx])
-      ctx.metrics[f"heterogeneity/{name}_cv{suffix}"] = cv
-      ctx.metrics[f"heterogeneity/{name}_max_min{suffix}"] = mm
+      ctx.add([f"heterogeneity/{name}_cv{suffix}", f"heterogeneity/{name}_max_min{suffix}"],
+              jnp.stack([cv, mm]))

@@ -14,12 +14,8 @@ from jaxopt_study.diagnostics import _agg
 
 
 def compute(ctx: _agg.Ctx):
-  sq = lambda x: jnp.vdot(x, x)
-  p = {t.path: (sq(t.p),) for t in ctx.tensors}
-  g = {t.path: (sq(t.g),) for t in ctx.tensors}
-  u = {t.path: (sq(t.u),) for t in ctx.tensors}
-  _agg.emit(ctx, "norms/param", p, jnp.sqrt)
-  _agg.emit(ctx, "norms/grad", g, jnp.sqrt)
-  _agg.emit(ctx, "norms/update", u, jnp.sqrt)
-  _agg.emit(ctx, "norms/update_param_ratio",
-            {k: (u[k][0], p[k][0]) for k in p}, _agg.sqrt_ratio)
+  sq = lambda x: _agg.red(jnp.square(x))
+  ctx.emit("norms/param", lambda g: (sq(g.p),), jnp.sqrt)
+  ctx.emit("norms/grad", lambda g: (sq(g.g),), jnp.sqrt)
+  ctx.emit("norms/update", lambda g: (sq(g.u),), jnp.sqrt)
+  ctx.emit("norms/update_param_ratio", lambda g: (sq(g.u), sq(g.p)), _agg.sqrt_ratio)

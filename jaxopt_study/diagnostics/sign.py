@@ -15,14 +15,13 @@ from jaxopt_study.diagnostics import _agg
 
 
 def compute(ctx: _agg.Ctx):
-  ts = ctx.tensors
-  if ts and ts[0].prev_sign is not None:
-    flip = {}
-    for t in ts:
-      prod = jnp.sign(t.u) * t.prev_sign.astype(jnp.float32)
-      flip[t.path] = (jnp.sum(prod < 0), jnp.sum(prod != 0))
-    _agg.emit(ctx, "sign/update_flip_frac", flip,
-              lambda a, b: jnp.where(ctx.prev_valid, _agg.ratio(a, b), _agg.NAN))
-  agree = {t.path: (jnp.sum((t.g != 0) & (jnp.sign(t.u) == -jnp.sign(t.g))), jnp.sum(t.g != 0))
-           for t in ts}
-  _agg.emit(ctx, "sign/descent_agree_frac", agree, _agg.ratio)
+  def flip(g):
+    if g.prev_sign is None:
+      return None
+    prod = jnp.sign(g.u) * g.prev_sign.astype(jnp.float32)
+    return _agg.red(prod < 0), _agg.red(prod != 0)
+  ctx.emit("sign/update_flip_frac", flip,
+           lambda a, b: jnp.where(ctx.prev_valid, _agg.ratio(a, b), _agg.NAN))
+  ctx.emit("sign/descent_agree_frac",
+           lambda g: (_agg.red((g.g != 0) & (jnp.sign(g.u) == -jnp.sign(g.g))),
+                      _agg.red(g.g != 0)), _agg.ratio)

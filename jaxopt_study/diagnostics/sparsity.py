@@ -22,7 +22,9 @@ step iff any of its entries is active):
   ``sparsity/emb_row_update_freq_ema_mean`` / ``_q<Q>`` (bias-corrected EMA of row activity);
   ``sparsity/emb_row_active_frac_window`` = #{rows active in the last W steps} / V.
 * With a token-frequency bucket table (``init(..., token_frequencies=...)``), the per-bucket
-  means of those four row statistics: ``<name>/freq_bucket=BB`` (00 = most frequent tokens).
+  means of those four row statistics (00 = most frequent tokens):
+  ``sparsity/emb_row_zero_frac/freq_bucket=BB``, ``sparsity/emb_row_active_frac_window/...``,
+  ``sparsity/emb_row_update_freq_mean/...``, ``sparsity/emb_row_update_freq_ema_mean/...``.
 
 With tied embeddings, ``wte`` also receives the output layer's gradient, which is dense: every
 row is non-zero at every step, so row sparsity is only informative for untied embeddings (or a
@@ -39,59 +41,45 @@ from jaxopt_study.diagnostics import _agg
 
 def compute(ctx: _agg.Ctx):
   cfg = ctx.cfg
-  ts = ctx.tensors
+  red = _agg.red
   nf = ctx.n.astype(jnp.float32)
-  zero, small = {}, {}
-  for t in ts:
-    zero[t.path] = (jnp.sum(t.g == 0), t.size)
-    rms = jnp.sqrt(jnp.mean(jnp.square(t.g)))
-    small[t.path] = (jnp.sum(jnp.abs(t.g) <= cfg.rel_threshold * rms), t.size)
-  _agg.emit(ctx, "sparsity/zero_frac", zero, _agg.ratio)
-  _agg.emit(ctx, "sparsity/small_frac", small, _agg.ratio)
+  size = lambda g: jnp.full((g.n,), g.size, jnp.float32)
 
-  stride = ctx.stride(sum(t.size for t in ts))
-  if ts and ts[0].count is not None:
-    freq = {t.path: t.count.astype(jnp.float32) / nf for t in ts}
-    _agg.emit(ctx, "sparsity/update_freq_mean",
-              {p: (jnp.sum(f), f.size) for p, f in freq.items()}, _agg.ratio)
-    _agg.emit_quantiles(ctx, "sparsity/update_freq",
-                        {p: _agg.sample(f, stride) for p, f in freq.items()}, hist=True)
-  if ts and ts[0].ema is not None:
-    bc = ctx.bias_correction(cfg.update_ema_decay)
-    ema = {t.path: t.ema / bc for t in ts}
-    _agg.emit(ctx, "sparsity/update_freq_ema_mean",
-              {p: (jnp.sum(e), e.size) for p, e in ema.items()}, _agg.ratio)
-    _agg.emit_quantiles(ctx, "sparsity/update_freq_ema",
-                        {p: _agg.sample(e, stride) for p, e in ema.items()})
-  _agg.emit(ctx, "sparsity/active_frac_window",
-            {t.path: (jnp.sum(t.age < cfg.window), t.size) for t in ts}, _agg.ratio)
+  def small(g):
+    rms = jnp.sqrt(jnp.mean(jnp.square(g.g), axis=tuple(range(1, g.g.ndim)), keepdims=True))
+    return red(jnp.abs(g.g) <= cfg.rel_threshold * rms), size(g)
+  ctx.emit("sparsity/zero_frac", lambda g: (red(g.g == 0), size(g)), _agg.ratio)
+  ctx.emit("sparsity/small_frac", small, _agg.ratio)
+  freq = lambda g: None if g.count is None else g.count.astype(jnp.float32) / nf
+  ctx.emit("sparsity/update_freq_mean",
+           lambda g: None if g.count is None else (red(freq(g)), size(g)), _agg.ratio)
+  ctx.emit_quantiles("sparsity/update_freq", freq, hist=True)
+  bc = ctx.bias_correction(cfg.update_ema_decay)
+  ema = lambda g: None if g.ema is None else g.ema / bc
+  ctx.emit("sparsity/update_freq_ema_mean",
+           lambda g: None if g.ema is None else (red(ema(g)), size(g)), _agg.ratio)
+  ctx.emit_quantiles("sparsity/update_freq_ema", ema)
+  ctx.emit("sparsity/active_frac_window", lambda g: (red(g.age < cfg.window), size(g)),
+           _agg.ratio)
 
   for r in ctx.rows:
     sfx = f"/param={r.path}" if len(ctx.rows) > 1 else ""
-    g = r.tensor.g.reshape(r.tensor.shape[0], -1)
-    v = g.shape[0]
-    zero_rows = jnp.all(g == 0, axis=1)
-    row_age = jnp.min(r.tensor.age.reshape(v, -1), axis=1)
-    rstride = ctx.stride(v)
-    ctx.metrics["sparsity/emb_row_zero_frac" + sfx] = jnp.mean(zero_rows.astype(jnp.float32))
+    g = r.group.g[0].reshape(r.group.shape[0], -1)
+    zero_rows = jnp.all(g == 0, axis=1).astype(jnp.float32)
+    row_age = jnp.min(r.group.age[0].reshape(g.shape[0], -1), axis=1)
     active_w = (row_age < cfg.window).astype(jnp.float32)
-    ctx.metrics["sparsity/emb_row_active_frac_window" + sfx] = jnp.mean(active_w)
-    _bucket(ctx, "sparsity/emb_row_zero_frac" + sfx, zero_rows, v)
-    _bucket(ctx, "sparsity/emb_row_active_frac_window" + sfx, active_w, v)
+    stats = [("zero_frac", zero_rows, False), ("active_frac_window", active_w, False)]
     if r.count is not None:
-      f = r.count.astype(jnp.float32) / nf
-      ctx.metrics["sparsity/emb_row_update_freq_mean" + sfx] = jnp.mean(f)
-      _agg.emit_quantiles(ctx, "sparsity/emb_row_update_freq" + sfx,
-                          {r.path: _agg.sample(f, rstride)}, per_kind=False)
-      _bucket(ctx, "sparsity/emb_row_update_freq" + sfx, f, v)
+      stats.append(("update_freq", r.count.astype(jnp.float32) / nf, True))
     if r.ema is not None:
-      e = r.ema / ctx.bias_correction(cfg.update_ema_decay)
-      ctx.metrics["sparsity/emb_row_update_freq_ema_mean" + sfx] = jnp.mean(e)
-      _agg.emit_quantiles(ctx, "sparsity/emb_row_update_freq_ema" + sfx,
-                          {r.path: _agg.sample(e, rstride)}, per_kind=False)
-      _bucket(ctx, "sparsity/emb_row_update_freq_ema" + sfx, e, v)
+      stats.append(("update_freq_ema", r.ema / bc, True))
+    for name, x, quant in stats:
+      full = f"sparsity/emb_row_{name}" + ("_mean" if quant else "")
+      ctx.add_scalar(full + sfx, jnp.mean(x))
+      if quant:
+        ctx.quantiles(f"sparsity/emb_row_{name}", row_sample(ctx, x), sfx)
+      ctx.emit_buckets(full + sfx, x)
 
 
-def _bucket(ctx, name, values, v):
-  if ctx.token_bucket is not None and ctx.token_bucket.shape[0] == v:
-    _agg.emit_buckets(ctx, name, values)
+def row_sample(ctx, x):
+  return x[::_agg.grid_stride(x.shape, int(ctx.cfg.quantile_sample_size))]

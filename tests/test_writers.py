@@ -1,0 +1,69 @@
+"""Both metric-writer back ends write TensorBoard events; metrics.jsonl mirrors the scalars."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+
+from jaxopt_study import writers
+
+
+def _read_scalars(logdir):
+  acc = event_accumulator.EventAccumulator(logdir, size_guidance={"tensors": 0, "scalars": 0})
+  acc.Reload()
+  out = {}
+  for tag in acc.Tags()["scalars"]:
+    out[tag] = [(e.step, e.value) for e in acc.Scalars(tag)]
+  for tag in acc.Tags()["tensors"]:  # TF2 summaries store scalars as tensors
+    from tensorboard.util import tensor_util
+    out[tag] = [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)
+                if e.tensor_proto.tensor_shape.dim == []]
+  return out, acc.Tags()
+
+
+@pytest.mark.parametrize("backend", ["tensorboardx", "clu"])
+def test_writer_backends(backend, tmp_path):
+  if backend == "clu":
+    pytest.importorskip("tensorflow", reason="CLU's SummaryWriter needs TensorFlow")
+  w = writers.create_writer(str(tmp_path), backend=backend)
+  w.write_hparams({"lr": 0.1, "name": "adamw"})
+  w.write_scalars(3, {"train/loss": 2.5, "sparsity/zero_frac": 0.25})
+  w.write_histograms(3, {"aging/age_hist": np.arange(10.0)})
+  w.flush()
+  w.close()
+  scalars, tags = _read_scalars(str(tmp_path))
+  assert scalars["train/loss"] == [(3, 2.5)]
+  assert scalars["sparsity/zero_frac"] == [(3, 0.25)]
+  assert tags["histograms"] or "aging/age_hist" in tags["tensors"]
+  rows = [json.loads(l) for l in open(tmp_path / writers.METRICS_FILE)]
+  assert rows == [{"step": 3, "train/loss": 2.5, "sparsity/zero_frac": 0.25}]
+
+
+def test_just_logging_writes_no_files(tmp_path):
+  w = writers.create_writer(str(tmp_path), just_logging=True)
+  w.write_scalars(1, {"train/loss": 1.0})
+  w.flush()
+  assert os.listdir(tmp_path) == []
+
+
+def test_unknown_backend():
+  with pytest.raises(ValueError, match="backend"):
+    writers.create_writer("/tmp/x", backend="wandb")
+
+
+def test_fallback_progress_reports_rate_and_eta():
+  class Rec:
+    def __init__(self):
+      self.rows = []
+
+    def write_scalars(self, step, scalars):
+      self.rows.append((step, scalars))
+
+  rec = Rec()
+  p = writers._FallbackReportProgress(num_train_steps=100, writer=rec, every_secs=1.0)
+  assert not p(0, t=0.0)
+  assert not p(5, t=0.5)
+  assert p(20, t=2.0)
+  assert rec.rows == [(20, {"steps_per_sec": 10.0})]
