@@ -287,12 +287,18 @@ def compile_train_step(config, s: Setup):
 
   def get(mode):
     if mode not in cache:
-      cache[mode] = jax.jit(
-          functools.partial(
-              train_step, model=s.model, tx=s.tx, schedule=s.schedule,
+
+      def step(state, batch):
+        # Activation sharding constraints in the model resolve against these rules and mesh.
+        with s.mesh, nn.logical_axis_rules(sharding.LOGICAL_RULES):
+          return train_step(
+              state, batch, model=s.model, tx=s.tx, schedule=s.schedule,
               diag_config=config.diagnostics, diag_mode=mode,
               nan_step=config.inject_nan_at_step,
-          ),
+          )
+
+      cache[mode] = jax.jit(
+          step,
           in_shardings=(s.state_sharding, s.batch_sharding),
           out_shardings=(s.state_sharding, None),
           donate_argnums=0,

@@ -46,6 +46,7 @@ flags.DEFINE_integer("steps", 30, "Timed steps per setting.")
 flags.DEFINE_integer("warmup", 5, "Untimed steps per setting after compilation.")
 flags.DEFINE_string("append", None, "Markdown file to append the table to (e.g. BENCHMARKS.md).")
 flags.DEFINE_string("json_out", None, "Also write the rows as JSON here.")
+flags.DEFINE_bool("breakdown", False, "Also time forward and forward+backward alone (first setting).")
 
 
 def matmul_tflops(n: int = 8192, reps: int = 20) -> float:
@@ -131,12 +132,49 @@ def bench_one(config, steps: int, warmup: int) -> dict:
   }
 
 
+def _median_ms(fn, *args, reps=10):
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return 1e3 * float(np.median(times))
+
+
+def breakdown(config) -> dict:
+  """Where a step's time goes: forward, forward + backward, and the whole train step."""
+  s = train.setup(config)
+  batch = jax.device_put(s.dataset.train_batch(0), s.batch_sharding)
+
+  def loss(params, batch):
+    logits = s.model.apply({"params": params}, batch[:, :-1])
+    return train.cross_entropy(logits, batch[:, 1:]).mean()
+
+  fwd = jax.jit(loss)
+  fwd_bwd = jax.jit(jax.value_and_grad(loss))
+  step = jax.jit(lambda st, b: train.train_step(
+      st, b, model=s.model, tx=s.tx, schedule=s.schedule, diag_config=config.diagnostics,
+      diag_mode=None, nan_step=-1))
+  return {
+      "forward_ms": _median_ms(fwd, s.state.params, batch),
+      "forward_backward_ms": _median_ms(fwd_bwd, s.state.params, batch),
+      "train_step_ms": _median_ms(step, s.state, batch),
+  }
+
+
 def main(argv):
   del argv
   base = FLAGS.config
   rate = matmul_tflops() if jax.devices()[0].platform == "gpu" else matmul_tflops(2048, 5)
   device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
-  print(f"device: {device}; measured bf16 matmul {rate:.0f} TFLOP/s per device", flush=True)
+  print(f"device: {device}; measured bf16 matmul {rate:.3g} TFLOP/s per device", flush=True)
+  if FLAGS.breakdown:
+    config = base.copy_and_resolve_references()
+    config.unlock()
+    config.diagnostics.enabled = False
+    config.batch_size = int((FLAGS.batch_sizes or [base.batch_size])[0])
+    print("breakdown:", json.dumps(breakdown(config)), flush=True)
   rows = []
   for opt in FLAGS.optimizers or [base.optimizer.name]:
     for b in [int(x) for x in (FLAGS.batch_sizes or [base.batch_size])]:
@@ -176,7 +214,7 @@ def render(rows, device, rate) -> str:
   head = (
       f"\n### {device}, {datetime.date.today().isoformat()}, commit {commit or '?'}\n\n"
       f"`{' '.join(['python'] + sys.argv)}`\n\n"
-      f"jax {jax.__version__}; measured bf16 matmul rate {rate:.0f} TFLOP/s per device.\n\n"
+      f"jax {jax.__version__}; measured bf16 matmul rate {rate:.3g} TFLOP/s per device.\n\n"
       "| optimizer | batch | diagnostics | step ms (median) | step ms (mean) | tokens/s | MFU % | input wait % | peak GiB |\n"
       "|---|---|---|---|---|---|---|---|---|\n"
   )
