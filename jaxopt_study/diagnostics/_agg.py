@@ -141,6 +141,7 @@ class Ctx:
   names: list = dataclasses.field(default_factory=list)
   values: list = dataclasses.field(default_factory=list)
   hists: dict = dataclasses.field(default_factory=dict)
+  quantile_requests: list = dataclasses.field(default_factory=list)
 
   @property
   def paths(self) -> list[str]:
@@ -168,6 +169,11 @@ class Ctx:
     self.add([name], x)
 
   def result(self) -> Metrics:
+    if self.quantile_requests:
+      names = [n for ns, _ in self.quantile_requests for n in ns]
+      xs = [x for _, x in self.quantile_requests]
+      self.quantile_requests = []
+      self.add(names, batched_nanquantile(xs, tuple(self.cfg.quantiles)).reshape(-1))
     values = (jnp.concatenate(self.values) if self.values else jnp.zeros((0,), jnp.float32))
     return Metrics(self.names, values, self.hists)
 
@@ -246,11 +252,10 @@ class Ctx:
         self.hists[name + "_hist"] = hist_sample(x, int(self.cfg.histogram_size))
 
   def quantiles(self, name: str, x, suffix: str = ""):
-    qs = tuple(self.cfg.quantiles)
-    if not qs:
-      return
-    self.add([qname(name, q) + suffix for q in qs],
-             jnp.nanquantile(x.astype(jnp.float32), jnp.asarray(qs, jnp.float32)))
+    """Requests nanquantiles of the 1-d x; all requests are served by one batched sort."""
+    if tuple(self.cfg.quantiles):
+      self.quantile_requests.append(([qname(name, q) + suffix for q in self.cfg.quantiles],
+                                     x.reshape(-1).astype(jnp.float32)))
 
   # ---- token-frequency buckets ----
   def emit_buckets(self, name: str, values, weights=None):
@@ -277,6 +282,21 @@ def grid_stride(shape: tuple, budget: int) -> int:
     else:
       lo = mid + 1
   return lo
+
+
+def batched_nanquantile(xs: list, qs: tuple):
+  """[len(xs), len(qs)]: np.nanquantile(x, qs) (linear) of each 1-d x, with ONE sort."""
+  length = max(x.shape[0] for x in xs)
+  mat = jnp.stack([jnp.pad(x, (0, length - x.shape[0]), constant_values=jnp.nan) for x in xs])
+  mat = jnp.sort(mat, axis=1)  # NaNs last
+  c = jnp.sum(~jnp.isnan(mat), axis=1).astype(jnp.float32)[:, None]      # [R, 1]
+  pos = jnp.asarray(qs, jnp.float32)[None, :] * jnp.maximum(c - 1.0, 0.0)  # [R, Q]
+  lo = jnp.floor(pos)
+  hi = jnp.minimum(lo + 1.0, jnp.maximum(c - 1.0, 0.0))
+  vlo = jnp.take_along_axis(mat, lo.astype(jnp.int32), axis=1)
+  vhi = jnp.take_along_axis(mat, hi.astype(jnp.int32), axis=1)
+  out = vlo + (vhi - vlo) * (pos - lo)
+  return jnp.where(c > 0, out, NAN)
 
 
 def safe_div(a, b):

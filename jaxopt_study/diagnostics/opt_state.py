@@ -20,7 +20,7 @@ without new code.
   ``(1,)`` placeholders. The full-shape second moment Adafactor actually divides by is
   reconstructed exactly as optax applies it::
 
-      v_hat = expand(v_row / mean_{d1}(v_row), d0) * expand(v_col, d1)
+      v_hat = expand(v_row / mean_{d1}(v_row), d0) * expand(v_col, d1)   (0 while v_row == 0)
 
   (its mean over d1 equals v_col: for a (V, D) embedding with V > D, ``v_col`` (V,) is the
   per-token statistic). Adafactor adds eps=1e-30 to g^2, so v is never exactly 0; Adam's ``nu``
@@ -100,7 +100,9 @@ def reconstruct_factored(v_row, v_col, shape) -> Optional[jax.Array]:
   v_col = v_col.astype(jnp.float32)
   reduced_d1 = d1 - 1 if d1 > d0 else d1
   row_col_mean = jnp.mean(v_row, axis=reduced_d1, keepdims=True)
-  return jnp.expand_dims(v_row / row_col_mean, d0) * jnp.expand_dims(v_col, d1)
+  # 0 (not 0/0) before the first update, like Adam's nu.
+  row = jnp.where(row_col_mean > 0, v_row / jnp.where(row_col_mean > 0, row_col_mean, 1.0), 0.0)
+  return jnp.expand_dims(row, d0) * jnp.expand_dims(v_col, d1)
 
 
 def _find_factored(opt_state, shapes):
