@@ -15,7 +15,7 @@ setuptools.setup(
     install_requires=[
         "jax>=0.6",
         "flax>=0.10",
-        "optax>=0.2.4",
+        "optax>=0.2.5",
         "orbax-checkpoint>=0.11",
         "ml_collections>=0.1.1",
         "clu>=0.0.12",

@@ -13,6 +13,7 @@ factored row/column statistics) is small and replicated.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -55,6 +56,16 @@ def maybe_initialize_distributed() -> None:
       jax.distributed.initialize()
     except RuntimeError as e:  # Already initialised (e.g. in a notebook).
       logging.info("jax.distributed.initialize skipped: %s", e)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh):
+  """Mesh and logical rules in effect: jit traces the model's activation constraints with them.
+
+  (``jax.set_mesh`` must be entered outside ``jax.jit``: wrap the calls, not the step body.)
+  """
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    yield
 
 
 def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:

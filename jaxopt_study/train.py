@@ -79,12 +79,12 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, diag_config, di
     grads = jax.tree.map(lambda g: jnp.where(state.step == nan_step, jnp.nan, g), grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   metrics = {
       "train/loss": loss,
       "train/grad_norm": grad_norm,
-      "train/update_norm": optax.global_norm(updates),
-      "train/param_norm": optax.global_norm(params),
+      "train/update_norm": optax.tree.norm(updates),
+      "train/param_norm": optax.tree.norm(params),
       "train/learning_rate": schedule(state.step),
   }
   diag_state = state.diag_state
@@ -95,7 +95,9 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, diag_config, di
         state.params, grads, updates, state.opt_state, state.diag_state, state.step, diag_config,
         full=diag_mode,
     )
-    metrics.update(diag_metrics)
+    if diag_metrics:
+      # A diagnostics.Metrics: thousands of scalars packed in one vector (one output buffer).
+      metrics["diagnostics"] = diag_metrics
 
   # Divergence: keep the last finite state, remember the first bad step.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -271,34 +273,34 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   model = gpt.GPT(gpt.from_config(config.model, vocab))
   token_freq = np.zeros(vocab, np.float64)
   token_freq[: ds.vocab_size] = ds.token_frequencies
-  with mesh, nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    params_shape = jax.eval_shape(
-        lambda k: nn.meta.unbox(model.init(k, jnp.zeros((1, config.seq_len), jnp.int32))["params"]),
-        jax.random.PRNGKey(0),
-    )
-    tx, schedule = optimizers.build(config, params_shape)
-    state, state_sh = create_state(config, model, tx, mesh, token_freq, dummy_len=config.seq_len)
+  # Initialisation needs no mesh context: its shardings come from out_shardings (and flax's
+  # DenseGeneral initialises kernels flat, which per-axis constraints would reject).
+  params_shape = jax.eval_shape(
+      lambda k: nn.meta.unbox(model.init(k, jnp.zeros((1, config.seq_len), jnp.int32))["params"]),
+      jax.random.PRNGKey(0),
+  )
+  tx, schedule = optimizers.build(config, params_shape)
+  state, state_sh = create_state(config, model, tx, mesh, token_freq, dummy_len=config.seq_len)
   return Setup(mesh, ds, model, tx, schedule, state, state_sh, sharding.batch_sharding(mesh))
 
 
 def compile_train_step(config, s: Setup):
-  """``mode -> jitted train step``, each diagnostics mode compiled once, on first use."""
+  """``mode -> jitted train step``, each diagnostics mode compiled once, on first use.
+
+  Call the steps inside ``sharding.activate(s.mesh)`` so that the model's activation sharding
+  constraints are traced against the mesh.
+  """
   cache = {}
 
   def get(mode):
     if mode not in cache:
 
-      def step(state, batch):
-        # Activation sharding constraints in the model resolve against these rules and mesh.
-        with s.mesh, nn.logical_axis_rules(sharding.LOGICAL_RULES):
-          return train_step(
-              state, batch, model=s.model, tx=s.tx, schedule=s.schedule,
+      cache[mode] = jax.jit(
+          functools.partial(
+              train_step, model=s.model, tx=s.tx, schedule=s.schedule,
               diag_config=config.diagnostics, diag_mode=mode,
               nan_step=config.inject_nan_at_step,
-          )
-
-      cache[mode] = jax.jit(
-          step,
+          ),
           in_shardings=(s.state_sharding, s.batch_sharding),
           out_shardings=(s.state_sharding, None),
           donate_argnums=0,
@@ -318,7 +320,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
-  with mesh, nn.logical_axis_rules(sharding.LOGICAL_RULES):
+  with sharding.activate(mesh):
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info(
         "model: %.2fM parameters, vocab %d, mesh %s",
@@ -389,6 +391,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       host = jax.device_get(pending)
       pending.clear()
       for at, m in host:
+        m = {**m, **m.pop("diagnostics", {})}
         scalars = {k: v for k, v in m.items() if np.ndim(v) == 0}
         # Histogram samples: drop non-finite entries (e.g. log-staleness of a zero moment).
         hists = {k: v[np.isfinite(v)] for k, v in m.items() if np.ndim(v) == 1}

@@ -35,6 +35,7 @@ import numpy as np
 from configs import default
 from jaxopt_study import data as data_lib
 from jaxopt_study import diagnostics
+from jaxopt_study import sharding
 from jaxopt_study import train
 
 FLAGS = flags.FLAGS
@@ -84,6 +85,11 @@ def peak_bytes() -> float | None:
 def bench_one(config, steps: int, warmup: int) -> dict:
   """Times the real train step of ``config``; returns one row."""
   s = train.setup(config)
+  with sharding.activate(s.mesh):
+    return _bench(config, s, steps, warmup)
+
+
+def _bench(config, s, steps, warmup) -> dict:
   get_step = train.compile_train_step(config, s)
   dcfg = config.diagnostics
   mode_of = (lambda i: diagnostics.mode_for_step(i, dcfg)) if dcfg.enabled else (lambda i: None)
@@ -132,12 +138,15 @@ def bench_one(config, steps: int, warmup: int) -> dict:
   }
 
 
-def _median_ms(fn, *args, reps=10):
-  jax.block_until_ready(fn(*args))
+def _median_ms(fn, *args, reps=10, donates=False):
+  """Median device-synchronised time of fn(*args); a donating fn is fed its own output."""
+  out = jax.block_until_ready(fn(*args))
   times = []
   for _ in range(reps):
+    if donates:
+      args = (out,) + args[1:]
     t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
+    out = jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - t)
   return 1e3 * float(np.median(times))
 
@@ -153,14 +162,13 @@ def breakdown(config) -> dict:
 
   fwd = jax.jit(loss)
   fwd_bwd = jax.jit(jax.value_and_grad(loss))
-  step = jax.jit(lambda st, b: train.train_step(
-      st, b, model=s.model, tx=s.tx, schedule=s.schedule, diag_config=config.diagnostics,
-      diag_mode=None, nan_step=-1))
-  return {
-      "forward_ms": _median_ms(fwd, s.state.params, batch),
-      "forward_backward_ms": _median_ms(fwd_bwd, s.state.params, batch),
-      "train_step_ms": _median_ms(step, s.state, batch),
-  }
+  step = train.compile_train_step(config, s)(None)
+  with sharding.activate(s.mesh):
+    return {
+        "forward_ms": _median_ms(fwd, s.state.params, batch),
+        "forward_backward_ms": _median_ms(fwd_bwd, s.state.params, batch),
+        "train_step_ms": _median_ms(lambda st, b: step(st, b)[0], s.state, batch, donates=True),
+    }
 
 
 def main(argv):

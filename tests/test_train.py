@@ -70,7 +70,7 @@ def test_run_writes_everything(reference_run):
   assert "config.json" in files
   assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())[-1] == STEPS
   scalars = losses(workdir)
-  assert sorted(scalars) == list(range(4, STEPS + 1, 4))
+  assert set(range(4, STEPS + 1, 4)) <= set(scalars)  # every log step (and diagnostics steps)
   assert any(k.startswith("eval/loss") for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl"))) for k in r)
 
 
@@ -174,7 +174,8 @@ def test_params_are_really_sharded_over_fsdp():
         ({"batch_size": 0}, r"config\.batch_size=0"),
         ({"mesh.data": 2}, r"config\.mesh\.data=2"),
         ({"data.name": "c4"}, r"config\.data\.name"),
-        ({"data.name": "local", "data.path": "/nonexistent/wikitext"}, r"config\.data\.path"),
+        ({"data.name": "local", "data.path": "/nonexistent/wikitext", "data.vocab_size": 1024},
+         r"config\.data\.path"),
     ],
 )
 def test_bad_input_fails_before_compile(overrides, error, tmp_path, monkeypatch):

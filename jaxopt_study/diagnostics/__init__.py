@@ -26,6 +26,11 @@ Modes (``full=``, a static Python value):
 (only if drift or sign is on; otherwise 'counters'), else 'counters'. Hence 3 compiled variants
 with drift/sign on and every > 2; 2 variants without them (or with every == 2); 1 with every == 1.
 
+``metrics`` of a full step is a :class:`Metrics`: a read-only Mapping name -> 0-d array (scalars are
+packed in ONE float32 vector, so the jitted step has 1 + #histograms metric outputs instead of
+thousands; thousands of scalar outputs make XLA compile for minutes). Call
+``metrics.to_numpy()`` (one transfer) on the host before writing. Non-full modes return ``{}``.
+
 Metric names: ``family/metric`` (global aggregate over all tensors), ``.../kind=<kind>``,
 ``.../layer=<NN>``, ``.../param=<path>``, ``..._q<Q>`` quantile scalars, ``..._hist`` 1-d
 histogram samples (<= cfg.histogram_size), ``.../freq_bucket=<BB>`` token-frequency buckets
@@ -55,6 +60,7 @@ step: read g once, read+write last_active, update_count, update_ema, sq_ema (32 
 """
 
 from jaxopt_study.diagnostics import paths
+from jaxopt_study.diagnostics._agg import Metrics
 from jaxopt_study.diagnostics.config import FAMILIES
 from jaxopt_study.diagnostics.config import default_config
 from jaxopt_study.diagnostics.core import DiagState
@@ -73,7 +79,7 @@ from jaxopt_study.diagnostics.opt_state import available_families
 from jaxopt_study.diagnostics.opt_state import find_moments
 
 __all__ = [
-    "DiagState", "FAMILIES", "MODES", "available_families", "bucket_table", "compile_modes",
+    "DiagState", "FAMILIES", "Metrics", "MODES", "available_families", "bucket_table", "compile_modes",
     "default_config", "find_moments", "init", "loss_by_frequency", "loss_by_frequency_metrics",
     "mode_for_step", "needs_prev", "paths", "state_bytes_per_param", "state_nbytes", "update",
 ]

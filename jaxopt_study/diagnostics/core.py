@@ -210,7 +210,7 @@ def update(params, grads, updates, opt_state, diag_state: DiagState, step, cfg,
     sq = {k: d * old[k] + (1 - d) * jnp.square(g[k]) for k in keys}
     new["sq_ema"] = _rebuild(st.sq_ema, sq)
   if st.energy_short is not None:
-    e = jnp.stack([jnp.vdot(g[k], g[k]) for k in keys])
+    e = jnp.stack([jnp.sum(jnp.square(g[k])) for k in keys])  # fuses with the counters
     ds, dl = cfg.energy_short_decay, cfg.energy_long_decay
     new["energy_short"] = ds * st.energy_short + (1 - ds) * e
     new["energy_long"] = dl * st.energy_long + (1 - dl) * e

@@ -21,6 +21,7 @@ Blocks are unrolled (block_0, block_1, ...) so that per-layer diagnostics need n
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -61,18 +62,37 @@ class GPTConfig:
 _INIT = nn.initializers.normal
 
 
-def _dense(features, axes, name, cfg: GPTConfig, std=None):
-  """DenseGeneral with logically-partitioned kernel and bias."""
-  std = cfg.init_std if std is None else std
-  return nn.DenseGeneral(
-      features,
-      axis=-1,
-      dtype=cfg.dtype,
-      param_dtype=cfg.param_dtype,
-      kernel_init=nn.with_logical_partitioning(_INIT(std), axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
-      name=name,
-  )
+class Projection(nn.Module):
+  """y = einsum(x, kernel) + bias with logically-partitioned float32 params, ``dtype`` compute.
+
+  ``spec`` is an einsum such as 'btd,dhk->bthk'; the kernel's shape is ``shape`` and its logical
+  axis names ``axes``; the bias covers the output's trailing (non batch/length) axes.
+  """
+
+  spec: str
+  shape: tuple[int, ...]
+  axes: tuple[str, ...]
+  bias_ndim: int
+  cfg: GPTConfig
+  std: float
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    kernel = self.param(
+        "kernel", nn.with_logical_partitioning(_INIT(self.std), self.axes), self.shape,
+        cfg.param_dtype,
+    )
+    y = jnp.einsum(self.spec, x.astype(cfg.dtype), kernel.astype(cfg.dtype))
+    if self.use_bias:
+      bias_shape = self.shape[-self.bias_ndim:]
+      bias = self.param(
+          "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[-self.bias_ndim:]),
+          bias_shape, cfg.param_dtype,
+      )
+      y = y + bias.astype(cfg.dtype)
+    return y
 
 
 def _layer_norm(name, cfg: GPTConfig):
@@ -92,24 +112,19 @@ class CausalSelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x, *, deterministic: bool):
     cfg = self.cfg
-    h, g, k = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    d, h, g, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     # GPT-2's residual-projection init: std / sqrt(2 * num_layers).
     out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
-    q = _dense((h, k), ("embed", "heads", "kv"), "query", cfg)(x)  # [B, T, H, K]
-    kk = _dense((g, k), ("embed", "kv_heads", "kv"), "key", cfg)(x)  # [B, T, G, K]
-    v = _dense((g, k), ("embed", "kv_heads", "kv"), "value", cfg)(x)  # [B, T, G, K]
+    proj = functools.partial(Projection, cfg=cfg, std=cfg.init_std, bias_ndim=2)
+    q = proj("btd,dhk->bthk", (d, h, k), ("embed", "heads", "kv"), name="query")(x)  # [B,T,H,K]
+    kk = proj("btd,dgk->btgk", (d, g, k), ("embed", "kv_heads", "kv"), name="key")(x)  # [B,T,G,K]
+    v = proj("btd,dgk->btgk", (d, g, k), ("embed", "kv_heads", "kv"), name="value")(x)  # [B,T,G,K]
     # jax.nn.dot_product_attention handles grouped K/V heads (H % G == 0) itself.
     y = jax.nn.dot_product_attention(
         q, kk, v, is_causal=True, implementation=cfg.attention_impl
     )  # [B, T, H, K]
-    y = nn.DenseGeneral(
-        cfg.d_model,
-        axis=(-2, -1),
-        dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype,
-        kernel_init=nn.with_logical_partitioning(_INIT(out_std), ("heads", "kv", "embed")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-        name="out",
+    y = Projection(
+        "bthk,hkd->btd", (h, k, d), ("heads", "kv", "embed"), 1, cfg, out_std, name="out"
     )(y)  # [B, T, D]
     return nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
 
@@ -120,10 +135,11 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x, *, deterministic: bool):
     cfg = self.cfg
+    d, f = cfg.d_model, cfg.mlp_dim
     out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
-    x = _dense(cfg.mlp_dim, ("embed", "mlp"), "fc", cfg)(x)  # [B, T, F]
-    x = nn.gelu(x, approximate=True)
-    x = _dense(cfg.d_model, ("mlp", "embed"), "proj", cfg, std=out_std)(x)  # [B, T, D]
+    x = Projection("btd,df->btf", (d, f), ("embed", "mlp"), 1, cfg, cfg.init_std, name="fc")(x)
+    x = nn.gelu(x, approximate=True)  # [B, T, F]
+    x = Projection("btf,fd->btd", (f, d), ("mlp", "embed"), 1, cfg, out_std, name="proj")(x)
     return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
 
@@ -195,13 +211,9 @@ class GPT(nn.Module):
     if cfg.tie_embeddings:
       logits = wte.attend(x)  # [B, T, V]
     else:
-      logits = nn.DenseGeneral(
-          cfg.vocab_size,
-          use_bias=False,
-          dtype=cfg.dtype,
-          param_dtype=cfg.param_dtype,
-          kernel_init=nn.with_logical_partitioning(_INIT(cfg.init_std), ("embed", "vocab")),
-          name="lm_head",
+      logits = Projection(
+          "btd,dv->btv", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), 0, cfg,
+          cfg.init_std, use_bias=False, name="lm_head",
       )(x)  # [B, T, V]
     # The softmax cross-entropy is computed in float32 whatever the compute dtype.
     return logits.astype(jnp.float32)

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.colors  # pylint: disable=g-import-not-at-top,wrong-import-position
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pandas as pd  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -211,12 +212,18 @@ def grad_sparsity_heatmap(study, best, runs, cond, path):
   fig, axes = plt.subplots(len(panels), 1, figsize=(8, 1.2 + 1.0 * len(panels) *
                                                     max(1, len(panels[0][2]) / 4)),
                            squeeze=False, sharex=True)
-  vmax = max(float(np.nanmax(p[3].values)) for p in panels)
+  # Log colour scale: dense layers have small fractions (1e-4..1e-2), the embedding ~1.
+  vals = np.concatenate([p[3].values.ravel() for p in panels])
+  vals = vals[np.isfinite(vals) & (vals > 0)]
+  vmin = max(float(vals.min()), 1e-5) if vals.size else 1e-5
+  vmax = max(float(vals.max()), vmin * 10) if vals.size else 1.0
+  norm = matplotlib.colors.LogNorm(vmin=vmin, vmax=vmax)
   im = None
   for ax, (opt, run, labels, df) in zip(axes[:, 0], panels):
     steps = df.index.values
-    im = ax.imshow(df.values.T, aspect="auto", origin="lower", cmap="viridis", vmin=0,
-                   vmax=vmax or 1, interpolation="nearest",
+    data = np.where(df.values.T > 0, df.values.T, vmin)  # exact 0 shown at the floor
+    im = ax.imshow(data, aspect="auto", origin="lower", cmap="viridis", norm=norm,
+                   interpolation="nearest",
                    extent=(steps.min(), steps.max(), -0.5, len(labels) - 0.5))
     ax.set_yticks(range(len(labels)))
     ax.set_yticklabels(labels, fontsize=7)
@@ -225,7 +232,7 @@ def grad_sparsity_heatmap(study, best, runs, cond, path):
   axes[-1, 0].set_xlabel("step")
   axes[0, 0].set_title(f"Share of gradient entries with |g| <= 1e-3 rms(g of the tensor), "
                        f"layer x step ({cond})", fontsize=9)
-  fig.colorbar(im, ax=axes[:, 0].tolist(), shrink=0.8, label="small-gradient fraction")
+  fig.colorbar(im, ax=axes[:, 0].tolist(), shrink=0.8, label="small-gradient fraction (log)")
   fig.savefig(path, dpi=DPI, bbox_inches="tight")
   plt.close(fig)
   return None
@@ -239,7 +246,13 @@ def _bucket_cols(run: R.Run, base: str) -> list[tuple[int, str]]:
 def embedding_update_frequency(study, best, runs, cond, path):
   info = study.condition_info(cond)
   buckets = {int(b["bucket"]): b for b in info.get("freq_buckets") or []}
-  base = "sparsity/emb_row_update_freq"
+  # The per-bucket mean row update frequency (count / steps); older diagnostics named it
+  # without the '_mean'.
+  base = "sparsity/emb_row_update_freq_mean"
+  for cand in ("sparsity/emb_row_update_freq_mean", "sparsity/emb_row_update_freq"):
+    if any(_bucket_cols(r, cand) for r in study.runs if r.condition == cond):
+      base = cand
+      break
   stale = "aging/emb_row_log_staleness_mean"
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.3))
   got, got2, notes = 0, 0, []
@@ -337,36 +350,64 @@ def drift_around_shifts(study, best, runs, cond, path):
 
 
 def moment_staleness(study, best, runs, cond, path):
-  panels = [("aging/age", "entry age (steps since last gradient)"),
-            ("aging/log_staleness", "log(nu / short EMA of g^2)")]
   fig, axes = plt.subplots(1, 3, figsize=(14, 4))
   notes = []
-  for ax, (base, label) in zip(axes[:2], panels):
-    got = 0
-    for i, opt in enumerate(study.optimizers):
-      rs = _best_runs(study, best, cond, opt)
-      if not rs:
-        continue
-      run = rs[0]
-      s10, q10 = run.series(f"{base}_q10")
-      s50, q50 = run.series(f"{base}_q50")
-      s90, q90 = run.series(f"{base}_q90")
-      if not s50.size:
-        continue
-      c = _color(opt, i)
-      ax.plot(s50, q50, color=c, lw=1.3, label=f"{opt} median")
-      if s10.size == s50.size == s90.size:
-        ax.fill_between(s50, q10, q90, color=c, alpha=0.15, lw=0)
-      got += 1
-    _mark_shifts(ax, study.shift_steps(cond), label=False)
-    ax.set_xlabel("step")
-    ax.set_ylabel(label + " (q10-q90 band)", fontsize=8)
-    ax.grid(alpha=0.3)
-    if got:
-      ax.legend(fontsize=7)
-    else:
-      ax.text(0.5, 0.5, f"no {base}_q50", transform=ax.transAxes, ha="center")
-      notes.append(f"no {base}_q* metrics")
+  # (a) Ages depend on the data only (which entries get a gradient), not on the optimizer: one
+  # run's token-embedding row ages and all-entry ages, as q10-q90 bands.
+  ax = axes[0]
+  run0 = next((rs[0] for o in study.optimizers if (rs := _best_runs(study, best, cond, o))), None)
+  got = 0
+  for base, label, c in (("aging/emb_row_age", "token-embedding rows", "tab:purple"),
+                         ("aging/age", "all entries", "tab:brown")):
+    if run0 is None:
+      break
+    s10, q10 = run0.series(f"{base}_q10")
+    s50, q50 = run0.series(f"{base}_q50")
+    s90, q90 = run0.series(f"{base}_q90")
+    if not s50.size:
+      continue
+    ax.plot(s50, q50, color=c, lw=1.3, label=f"{label}: median")
+    if s10.size == s50.size == s90.size:
+      ax.fill_between(s50, q10, q90, color=c, alpha=0.2, lw=0, label=f"{label}: q10-q90")
+    got += 1
+  _mark_shifts(ax, study.shift_steps(cond), label=False)
+  ax.set_xlabel("step")
+  ax.set_ylabel("age: steps since the last non-zero gradient", fontsize=8)
+  ax.grid(alpha=0.3)
+  if got:
+    ax.legend(fontsize=7)
+    ax.set_title("Entry age (data-driven: the same for every optimizer)", fontsize=8)
+  else:
+    ax.text(0.5, 0.5, "no aging/age_q* metrics", transform=ax.transAxes, ha="center")
+    notes.append("no aging/age_q* metrics")
+  # (b) Staleness of the second moment, per optimizer that has one.
+  ax = axes[1]
+  got = 0
+  for i, opt in enumerate(study.optimizers):
+    rs = _best_runs(study, best, cond, opt)
+    if not rs:
+      continue
+    run = rs[0]
+    s10, q10 = run.series("aging/log_staleness_q10")
+    s50, q50 = run.series("aging/log_staleness_q50")
+    s90, q90 = run.series("aging/log_staleness_q90")
+    if not s50.size:
+      continue
+    c = _color(opt, i)
+    ax.plot(s50, q50, color=c, lw=1.3, label=f"{opt} median")
+    if s10.size == s50.size == s90.size:
+      ax.fill_between(s50, q10, q90, color=c, alpha=0.15, lw=0)
+    got += 1
+  _mark_shifts(ax, study.shift_steps(cond), label=False)
+  ax.set_xlabel("step")
+  ax.set_ylabel("log(nu / short EMA of g^2) (q10-q90 band)", fontsize=8)
+  ax.grid(alpha=0.3)
+  ax.set_title("Second-moment staleness (SGD, Lion, SignSGD have no nu)", fontsize=8)
+  if got:
+    ax.legend(fontsize=7)
+  else:
+    ax.text(0.5, 0.5, "no aging/log_staleness_q*", transform=ax.transAxes, ha="center")
+    notes.append("no aging/log_staleness_q* metrics (no optimizer with a second moment)")
   ax = axes[2]
   got = 0
   for i, opt in enumerate(study.optimizers):
@@ -387,8 +428,9 @@ def moment_staleness(study, best, runs, cond, path):
   else:
     ax.text(0.5, 0.5, "no aging/*_mass_older_than_H", transform=ax.transAxes, ha="center")
     notes.append("no aging/*_mass_older_than_H metrics")
-  axes[0].set_title(f"Second-moment age and staleness distributions ({cond}, best lr, first "
-                    "seed); SGD, Lion, SignSGD have no second moment", fontsize=8, loc="left")
+  ax.set_title("Moment mass on idle entries", fontsize=8)
+  fig.suptitle(f"Age and staleness of the optimizer moments ({cond}, best lr, first seed)",
+               fontsize=10)
   _save(fig, path)
   return "; ".join(notes) or None
 

@@ -629,7 +629,12 @@ def literature_checks(study: Study, findings: pd.DataFrame, runs: pd.DataFrame) 
 
   # 2. Lion needs a 3-10x smaller lr than AdamW (Chen et al. 2023).
   claim = "Lion's best learning rate is 3-10x smaller than AdamW's"
-  if lr.get("lion") and lr.get("adamw"):
+  nlrs = {r["optimizer"]: r.get("num_lrs") for _, r in best_rows(study, runs, primary).iterrows()}
+  if lr.get("lion") and lr.get("adamw") and min(nlrs.get("lion") or 1, nlrs.get("adamw") or 1) < 2:
+    checks.append({"claim": claim,
+                   "measured": "not measured: a single learning rate per optimizer (the ratio "
+                               "would only be the configured defaults')", "verdict": "n/a"})
+  elif lr.get("lion") and lr.get("adamw"):
     ratio = lr["adamw"] / lr["lion"]
     note = ""
     if edge.get("lion") or edge.get("adamw"):
@@ -675,6 +680,13 @@ def literature_checks(study: Study, findings: pd.DataFrame, runs: pd.DataFrame) 
   return checks
 
 
+def best_rows(study: Study, runs: pd.DataFrame, condition: Optional[str]) -> pd.DataFrame:
+  """select_best_lr's rows of one condition."""
+  if condition is None or runs.empty:
+    return pd.DataFrame(columns=["optimizer", "num_lrs"])
+  return select_best_lr(runs[runs["condition"] == condition])
+
+
 def _ln_pairs(study: Study) -> list[tuple[str, str]]:
   """(pre-LN condition, post-LN condition) pairs that differ only in ln_position."""
   ln = {}
@@ -710,6 +722,11 @@ def _fmt(v, digits=3) -> str:
       return f"{v:.{digits - 1}e}"
     return f"{v:.{digits}f}"
   return str(v)
+
+
+def _int(v) -> str:
+  v = pd.to_numeric(v, errors="coerce")
+  return "–" if v is None or not np.isfinite(v) else str(int(round(float(v))))
 
 
 def _md_table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -791,7 +808,7 @@ def render_markdown(study: Study, runs: pd.DataFrame, best: pd.DataFrame,
         ("preset", spec.get("preset")),
         ("optimizers", ", ".join(spec.get("optimizers", []))),
         ("seeds", ", ".join(map(str, spec.get("seeds", [])))),
-        ("lr multipliers", ", ".join(_fmt(x) for x in spec.get("lr_multipliers", []))),
+        ("lr multipliers", ", ".join(f"{x:.3g}" for x in spec.get("lr_multipliers", []))),
         ("token budget per run", spec.get("token_budget")),
         ("steps per run", spec.get("num_steps")),
         ("tokens per step", spec.get("tokens_per_step")),
@@ -822,13 +839,14 @@ def render_markdown(study: Study, runs: pd.DataFrame, best: pd.DataFrame,
     for _, r in odd.iterrows():
       detail = ""
       if r["status"] == "diverged":
-        detail = f"non-finite loss at step {_fmt(r['diverged_at_step'])}"
+        at = pd.to_numeric(r["diverged_at_step"], errors="coerce")
+        detail = f"non-finite loss at step {int(at) if np.isfinite(at) else '?'}"
       elif r["status"] == "failed":
         detail = str(r.get("error") or "")[:120].replace("|", "/").replace("\n", " ")
       elif r["status"] == "missing":
         detail = "no results.json"
       else:
-        detail = f"{_fmt(r['steps_done'])} / {_fmt(r['num_steps'])} steps"
+        detail = f"{_int(r['steps_done'])} / {_int(r['num_steps'])} steps"
       rows.append([r["condition"], r["optimizer"], lr_str(r["learning_rate"]), r["seed"],
                    f"**{r['status']}**", detail])
     out.append(_md_table(["condition", "optimizer", "lr", "seed", "status", "detail"], rows))
@@ -857,7 +875,7 @@ def render_markdown(study: Study, runs: pd.DataFrame, best: pd.DataFrame,
     for _, r in f.iterrows():
       lr = "–" if r["best_lr"] is None else lr_str(r["best_lr"])
       if r["best_lr_multiplier"] is not None and r["best_lr"] is not None:
-        lr += f" (x{_fmt(r['best_lr_multiplier'], 2)}{', edge' if r['lr_at_grid_edge'] else ''})"
+        lr += f" (x{r['best_lr_multiplier']:.3g}{', grid edge' if r['lr_at_grid_edge'] else ''})"
       stab = f"{r['diverged']}/{r['runs']} diverged"
       if r["diverged_lrs"]:
         stab += f" (lr {r['diverged_lrs']})"
@@ -891,6 +909,11 @@ def render_markdown(study: Study, runs: pd.DataFrame, best: pd.DataFrame,
                        [[c["claim"], c["measured"], f"**{c['verdict']}**"] for c in checks]))
   out.append("")
 
+  notes = os.path.join(study.study_dir, "NOTES.md")
+  if os.path.exists(notes):  # optional hand-written reading of the tables above (no numbers)
+    with open(notes) as f:
+      out += ["## Notes", "", f.read().strip(), ""]
+
   # Figures.
   out.append("## Figures")
   out.append("")
@@ -911,10 +934,11 @@ def render_markdown(study: Study, runs: pd.DataFrame, best: pd.DataFrame,
   out.append("")
   rows = []
   for _, r in runs.iterrows():
-    rows.append([r["condition"], r["optimizer"], lr_str(r["learning_rate"]),
-                 _fmt(r["lr_multiplier"], 2), r["seed"], r["status"], _fmt(r["steps_done"]),
-                 _fmt(r["final_train_loss"]), _fmt(r["final_eval_loss"]),
-                 _fmt(r["loss_spikes"]), _fmt(r["tokens_per_second"], 0)])
+    mult = "–" if pd.isna(r["lr_multiplier"]) else f"{r['lr_multiplier']:.3g}"
+    rows.append([r["condition"], r["optimizer"], lr_str(r["learning_rate"]), mult, r["seed"],
+                 r["status"], _int(r["steps_done"]), _fmt(r["final_train_loss"]),
+                 _fmt(r["final_eval_loss"]), _int(r["loss_spikes"]),
+                 _int(r["tokens_per_second"])])
   out.append(_md_table(["condition", "optimizer", "lr", "x", "seed", "status", "steps",
                         "final train loss", "final eval loss", "spikes", "tokens/s"], rows))
   out.append("")

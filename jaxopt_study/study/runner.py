@@ -264,6 +264,8 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *, command: Option
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   runs = expand(study)
+  if study.get("compilation_cache", False):
+    enable_compilation_cache()
   study_path = os.path.join(workdir, STUDY_FILE)
   previous = report_lib.read_json(study_path) or {}
 
@@ -349,6 +351,25 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *, command: Option
   spec["stopped_early"] = stopped
   _write_json(study_path, spec)
   return spec
+
+
+def enable_compilation_cache(path: Optional[str] = None) -> Optional[str]:
+  """Turns on JAX's persistent compilation cache unless the user already chose a directory."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if jax.config.jax_compilation_cache_dir:
+    return jax.config.jax_compilation_cache_dir
+  root = os.environ.get("JAXOPT_STUDY_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "jaxopt_study")
+  path = path or os.path.join(root, "jax_compilation_cache")
+  try:
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("no persistent compilation cache: %s", e)
+    return None
+  return path
 
 
 def _setup_summary(config: ml_collections.ConfigDict) -> dict:
