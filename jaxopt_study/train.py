@@ -391,7 +391,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       host = jax.device_get(pending)
       pending.clear()
       for at, m in host:
-        m = {**m, **m.pop("diagnostics", {})}
+        diag = m.pop("diagnostics", {})
+        m.update(diag)
         scalars = {k: v for k, v in m.items() if np.ndim(v) == 0}
         # Histogram samples: drop non-finite entries (e.g. log-staleness of a zero moment).
         hists = {k: v[np.isfinite(v)] for k, v in m.items() if np.ndim(v) == 1}
