@@ -100,6 +100,26 @@ def test_resume_after_sigkill_is_bitwise_identical(reference_run, tmp_path):
   assert losses(str(workdir)) == losses(ref_dir)  # bitwise: same floats
 
 
+def test_sigterm_checkpoints_and_records_preemption(tmp_path):
+  """SIGTERM (a preemption) saves a checkpoint of the current step and exits cleanly."""
+  workdir = tmp_path / "preempted"
+  cmd = [sys.executable, "-c", (
+      "import sys; sys.path.insert(0, %r); from tests.test_train import tiny_config;"
+      "from jaxopt_study import train; train.train_and_evaluate(tiny_config(**{\"num_steps\": 10_000, \"diagnostics.enabled\": False}), %r)"
+  ) % (str(ROOT), str(workdir))]
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 120
+  while not (workdir / "checkpoints" / "8").exists():
+    assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=120) == 0
+  results = json.load(open(workdir / "results.json"))
+  assert results["status"] == "preempted" and 8 <= results["steps_done"] < 10_000
+  ckpts = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
+  assert ckpts[-1] == results["steps_done"]
+
+
 def test_injected_nan_is_recorded_as_divergence(tmp_path):
   results = train.train_and_evaluate(tiny_config(inject_nan_at_step=10), str(tmp_path))
   assert results["status"] == "diverged" and results["diverged_at_step"] == 10
