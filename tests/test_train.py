@@ -134,23 +134,26 @@ def test_injected_nan_is_recorded_as_divergence(tmp_path):
 SHARDED = """
 import json, sys
 sys.path.insert(0, {root!r})
-import jax
+import jax, optax
 from tests.test_train import tiny_config, losses
 from jaxopt_study import train
 assert jax.device_count() == 8, jax.devices()
 config = tiny_config(**{{"mesh.data": 4, "mesh.fsdp": 2, "num_steps": 8}})
 results = train.train_and_evaluate(config, {workdir!r})
-from jaxopt_study import checkpointing
-import orbax.checkpoint as ocp
-mngr = checkpointing.manager({workdir!r} + "/checkpoints", keep=2, async_save=False)
-wte = mngr.restore(8, args=ocp.args.StandardRestore())["params"]["wte"]["embedding"]
+# Parameters, and the optimizer and diagnostic state that mirror them, are really sharded.
+state = train.setup(config).state
+shards = {{}}
+for name, leaf in [("param", state.params["wte"]["embedding"]),
+                   ("mu", optax.tree_utils.tree_get(state.opt_state, "mu")["wte"]["embedding"]),
+                   ("diag", state.diag_state.last_active["wte"]["embedding"])]:
+  shards[name] = [list(leaf.sharding.spec), list(leaf.addressable_shards[0].data.shape), list(leaf.shape)]
 errors = {{}}
 for name, kw in {{"batch": {{"batch_size": 12}}, "mesh": {{"mesh.data": 3}}}}.items():
   try:
     train.train_and_evaluate(tiny_config(**kw), {workdir!r} + "/bad_" + name)
   except ValueError as e:
     errors[name] = str(e)
-print("RESULT" + json.dumps({{"losses": losses({workdir!r}), "errors": errors}}))
+print("RESULT" + json.dumps({{"losses": losses({workdir!r}), "errors": errors, "shards": shards}}))
 """
 
 
@@ -167,6 +170,8 @@ def test_8_devices_4x2_mesh_matches_1_device(tmp_path):
   assert got["losses"].keys() == {str(k) for k in ref}
   for k, v in ref.items():
     assert np.isclose(got["losses"][str(k)], v, rtol=1e-5), (k, got["losses"][str(k)], v)
+  for name, (spec, shard, full) in got["shards"].items():
+    assert spec == [None, "fsdp"] and shard == [full[0], full[1] // 2], (name, spec, shard)
   assert "config.batch_size=12 is not divisible by the data-parallel size 8" in got["errors"]["batch"]
   assert "config.mesh.data=3" in got["errors"]["mesh"]
 
