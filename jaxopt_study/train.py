@@ -413,7 +413,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       return int(jax.device_get(state.diverged_at)) >= 0
 
     diverged = False
-    step = start_step
     for step in range(start_step, config.num_steps):
       if preempt.flag:
         status = "preempted"
@@ -456,8 +455,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if status == "completed" and not last_eval:
         last_eval = evaluate(state)
     ckpt.wait_until_finished()
+    ckpt.close()
     preempt.restore()
-    writer.flush()
+    writer.close()
 
   results.update(
       status=status,

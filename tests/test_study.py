@@ -461,7 +461,7 @@ def test_quickstart_notebook_runs_a_tiny_study_end_to_end(tmp_path, monkeypatch)
   assert findings["shifts_seen"].min() >= 1
   for name in ("loss_vs_tokens", "grad_sparsity_heatmap", "drift_around_shifts",
                "embedding_update_frequency", "grad_heterogeneity", "layer_norms"):
-    section = text.split(f"### ")
+    section = text.split("### ")
     sec = [s for s in section if f"plots/{name}__base.png" in s][0]
     assert "Data absent" not in sec, (name, sec[:500])
   print(f"quickstart notebook: {elapsed:.0f} s")

@@ -9,7 +9,6 @@ never stops on a plot. :func:`make_all` runs them all and returns :class:`Figure
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 from typing import Callable, Optional
@@ -336,7 +335,8 @@ def drift_around_shifts(study, best, runs, cond, path):
       notes.append(f"no {name}")
   if name == "drift/energy_ratio":
     axes[-1].axhline(1.0, color="k", lw=0.5)
-  axes[0].legend(fontsize=7, ncol=3)
+  if axes[0].get_legend_handles_labels()[0]:
+    axes[0].legend(fontsize=7, ncol=3)
   axes[-1].set_xlabel("step")
   title = f"Drift around distribution shifts ({cond}, best lr, mean over seeds)"
   if not shifts:

@@ -832,6 +832,11 @@ def render_markdown(study: Study, runs: pd.DataFrame, best: pd.DataFrame,
   counts = runs["status"].value_counts().to_dict() if len(runs) else {}
   out.append(f"{len(runs)} runs: " + (", ".join(f"{v} {k}" for k, v in counts.items()) or
                                       "none found") + ".")
+  walls = [r.get("wall_s") for r in spec.get("runs", []) if r.get("wall_s") is not None]
+  if walls:
+    out.append(f"Training wall time: {sum(walls) / 60:.1f} min over {len(walls)} runs "
+               f"(study.json, {spec.get('created', '?')} to {spec.get('updated', '?')}); "
+               f"tokens/s per run: see the last table.")
   odd = runs[runs["status"] != "completed"] if len(runs) else runs
   if len(odd):
     out += ["", "Runs that did not complete (kept in every table and marked):", ""]

@@ -277,7 +277,8 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *, command: Option
       "preset": study.get("preset"),
       "command": command or previous.get("command"),
       "created": previous.get("created") or datetime.datetime.now().isoformat(timespec="seconds"),
-      "updated": datetime.datetime.now().isoformat(timespec="seconds"),
+      # When a run last trained (a re-run that reuses every run leaves it as it was).
+      "updated": previous.get("updated") or datetime.datetime.now().isoformat(timespec="seconds"),
       "optimizers": list(study.optimizers),
       "seeds": list(study.seeds),
       "lr_multipliers": list(study.lr_multipliers),
