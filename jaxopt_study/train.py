@@ -322,6 +322,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   with sharding.activate(mesh):
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    # Runs compared in a study must start from the same parameters: record a fingerprint of
+    # the initial ones (global L2 norm and sum) that any two runs can be checked against.
+    fingerprint = jax.jit(
+        lambda p: jnp.stack([optax.tree.norm(p), sum(jnp.sum(x) for x in jax.tree.leaves(p))])
+    )(state.params)
     logging.info(
         "model: %.2fM parameters, vocab %d, mesh %s",
         num_params / 1e6, model.cfg.vocab_size, dict(mesh.shape),
@@ -374,6 +379,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "num_steps": config.num_steps,
         "tokens_per_step": config.batch_size * config.seq_len,
         "diverged_at_step": None,
+        "init_params_fingerprint": [float(x) for x in jax.device_get(fingerprint)],
     }
     if os.path.exists(results_path):
       with open(results_path) as f:

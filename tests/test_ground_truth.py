@@ -53,8 +53,8 @@ def _rank_corr(values):
 @pytest.fixture(scope="module")
 def shifted_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("shift"))
-  train.train_and_evaluate(_config("adamw", SHIFT + 16, every=2), workdir)
-  return _series(workdir)
+  results = train.train_and_evaluate(_config("adamw", SHIFT + 16, every=2), workdir)
+  return _series(workdir), results
 
 
 def test_rare_tokens_update_less_and_age_more(tmp_path):
@@ -75,6 +75,7 @@ def test_rare_tokens_update_less_and_age_more(tmp_path):
 
 
 def test_shift_drops_cos_grad_momentum_and_raises_energy_ratio(shifted_run):
+  shifted_run, _ = shifted_run
   def window(name, lo, hi):
     return np.array([shifted_run[s][name] for s in sorted(shifted_run)
                      if lo <= s < hi and name in shifted_run[s]])
@@ -92,8 +93,10 @@ FAMILIES = ("sparsity/", "drift/", "aging/", "norms/", "heterogeneity/", "sign/"
 
 
 @pytest.mark.parametrize("optimizer", ["sgd_momentum", "adamw", "adafactor", "lion", "signsgd"])
-def test_every_optimizer_writes_every_family(optimizer, tmp_path):
-  train.train_and_evaluate(_config(optimizer, 4, every=2), str(tmp_path))
+def test_every_optimizer_writes_every_family(optimizer, tmp_path, shifted_run):
+  results = train.train_and_evaluate(_config(optimizer, 4, every=2), str(tmp_path))
+  # Identical conditions: every optimizer starts from the same initial parameters.
+  assert results["init_params_fingerprint"] == shifted_run[1]["init_params_fingerprint"]
   names = {k for r in _series(str(tmp_path)).values() for k in r}
   for family in FAMILIES:
     assert any(n.startswith(family) for n in names), (optimizer, family)
