@@ -19,6 +19,7 @@ setuptools.setup(
         "orbax-checkpoint>=0.11",
         "ml_collections>=0.1.1",
         "clu>=0.0.12",
+        "tensorboard>=2.16",  # to view the runs, and to read event files in tests
         "tensorboardX>=2.6",  # event files where TensorFlow (needed by CLU's writer) is absent
         "datasets>=2.19",
         "sentencepiece>=0.2",
