@@ -144,7 +144,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   gpt.from_config(config.model, vocab_size=1)  # model-field checks
 
 
-def _padded_vocab(vocab_size: int, multiple: int) -> int:
+def padded_vocab(vocab_size: int, multiple: int) -> int:
   return int(math.ceil(vocab_size / multiple) * multiple)
 
 
@@ -192,11 +192,15 @@ def create_state(config, model, tx, mesh, token_frequencies, *, dummy_len):
   return state, state_sh
 
 
-def _write_json(path: str, obj) -> None:
-  """Atomic: a reader never sees half a file."""
+def write_json(path: str, obj) -> None:
+  """Atomic: a reader never sees half a file. NumPy scalars become floats, anything else str."""
+
+  def default(x):
+    return float(x) if isinstance(x, (np.floating, np.integer, np.ndarray)) else str(x)
+
   tmp = f"{path}.tmp"
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=float)
+    json.dump(obj, f, indent=2, sort_keys=True, default=default)
   os.replace(tmp, path)
 
 
@@ -269,7 +273,7 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
       process_count=jax.process_count(),
       num_train_steps=config.num_steps,
   )
-  vocab = _padded_vocab(ds.vocab_size, config.model.vocab_multiple)
+  vocab = padded_vocab(ds.vocab_size, config.model.vocab_multiple)
   model = gpt.GPT(gpt.from_config(config.model, vocab))
   token_freq = np.zeros(vocab, np.float64)
   token_freq[: ds.vocab_size] = ds.token_frequencies
@@ -480,6 +484,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       platform=jax.devices()[0].platform,
   )
   if is_main:
-    _write_json(results_path, results)
+    write_json(results_path, results)
   logging.info("results: %s", {k: v for k, v in results.items() if not isinstance(v, dict)})
   return results

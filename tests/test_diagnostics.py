@@ -15,7 +15,6 @@ import optax
 import pytest
 
 from jaxopt_study import diagnostics as D
-from jaxopt_study.diagnostics import opt_state as opt_state_lib
 
 SHAPES = {
     "wte/embedding": (300, 8),

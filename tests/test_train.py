@@ -80,19 +80,26 @@ def test_rerun_of_a_finished_run_changes_nothing(reference_run):
   assert again["steps_done"] == STEPS and again["final_train_loss"] == results["final_train_loss"]
 
 
+def _run_until_checkpoint(workdir, config_expr, step=8):
+  """Starts `train_and_evaluate(<config_expr>, workdir)` in a subprocess; returns once the
+  checkpoint of `step` is complete (orbax renames it into place when it is)."""
+  code = ("import sys; sys.path.insert(0, %r); from tests.test_train import tiny_config;"
+          "from jaxopt_study import train; train.train_and_evaluate(%s, %r)"
+          ) % (str(ROOT), config_expr, str(workdir))
+  proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not (workdir / "checkpoints" / str(step)).exists():
+    assert proc.poll() is None and time.time() < deadline, "run ended before its checkpoint"
+    time.sleep(0.05)
+  return proc
+
+
 def test_resume_after_sigkill_is_bitwise_identical(reference_run, tmp_path):
   """Kill -9 a run after its step-8 checkpoint; the resumed run reproduces every loss exactly."""
   ref_dir, _ = reference_run
   workdir = tmp_path / "killed"
-  cmd = [sys.executable, "-c", (
-      "import sys; sys.path.insert(0, %r); from tests.test_train import tiny_config;"
-      "from jaxopt_study import train; train.train_and_evaluate(tiny_config(), %r)"
-  ) % (str(ROOT), str(workdir))]
-  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 120
-  while not (workdir / "checkpoints" / "8").exists():
-    assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
-    time.sleep(0.05)
+  proc = _run_until_checkpoint(workdir, "tiny_config()")
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   results = train.train_and_evaluate(tiny_config(), str(workdir))
@@ -103,15 +110,8 @@ def test_resume_after_sigkill_is_bitwise_identical(reference_run, tmp_path):
 def test_sigterm_checkpoints_and_records_preemption(tmp_path):
   """SIGTERM (a preemption) saves a checkpoint of the current step and exits cleanly."""
   workdir = tmp_path / "preempted"
-  cmd = [sys.executable, "-c", (
-      "import sys; sys.path.insert(0, %r); from tests.test_train import tiny_config;"
-      "from jaxopt_study import train; train.train_and_evaluate(tiny_config(**{\"num_steps\": 10_000, \"diagnostics.enabled\": False}), %r)"
-  ) % (str(ROOT), str(workdir))]
-  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 120
-  while not (workdir / "checkpoints" / "8").exists():
-    assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
-    time.sleep(0.05)
+  proc = _run_until_checkpoint(
+      workdir, 'tiny_config(**{"num_steps": 10_000, "diagnostics.enabled": False})')
   proc.send_signal(signal.SIGTERM)
   assert proc.wait(timeout=120) == 0
   results = json.load(open(workdir / "results.json"))

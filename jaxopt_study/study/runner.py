@@ -26,7 +26,6 @@ import dataclasses
 import datetime
 import json
 import logging
-import math
 import os
 import time
 import traceback
@@ -35,6 +34,7 @@ from typing import Any, Optional
 import ml_collections
 import numpy as np
 
+from jaxopt_study import train
 from jaxopt_study.study import report as report_lib
 
 STUDY_FILE = report_lib.STUDY_FILE
@@ -157,10 +157,6 @@ def expand(study: ml_collections.ConfigDict) -> list[RunSpec]:
 # ----------------------------------------------------------------------------- study.json
 
 
-def _padded_vocab(vocab_size: int, multiple: int) -> int:
-  return int(math.ceil(vocab_size / multiple) * multiple)
-
-
 def frequency_buckets(config: ml_collections.ConfigDict) -> Optional[list[dict]]:
   """Per token-frequency bucket: mean token frequency, token share, expected update frequency.
 
@@ -176,7 +172,7 @@ def frequency_buckets(config: ml_collections.ConfigDict) -> Optional[list[dict]]
     ds = data_lib.build_dataset(config.data, seq_len=config.seq_len,
                                 global_batch_size=config.batch_size, seed=config.seed,
                                 num_train_steps=config.num_steps)
-    vocab = _padded_vocab(ds.vocab_size, config.model.vocab_multiple)
+    vocab = train.padded_vocab(ds.vocab_size, config.model.vocab_multiple)
     freq = np.zeros(vocab, np.float64)
     freq[: ds.vocab_size] = ds.token_frequencies
     dcfg = config.diagnostics
@@ -223,13 +219,6 @@ def condition_info(study: ml_collections.ConfigDict, cond: str,
   return info
 
 
-def _write_json(path: str, obj) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, default=str)
-  os.replace(tmp, path)
-
-
 def _read_results(path: str) -> Optional[dict]:
   return report_lib.read_json(path)
 
@@ -257,7 +246,6 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *, command: Option
     command: the command line that started the study (recorded in study.json and REPORT.md).
     progress: show a tqdm progress bar.
   """
-  from jaxopt_study import train  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
@@ -303,7 +291,7 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *, command: Option
         "status": (res or {}).get("status", "pending"),
         "wall_s": prev_runs.get(r.relpath, {}).get("wall_s"),
     })
-  _write_json(study_path, spec)
+  train.write_json(study_path, spec)
 
   bar = tqdm(total=len(runs), desc=f"study {study.name}", unit="run", disable=not progress)
   stopped = False
@@ -322,7 +310,7 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *, command: Option
     if res and res.get("status") == "failed":  # clear the old failure before retrying
       res = {k: v for k, v in res.items() if k not in ("error", "traceback")}
       res["status"] = "running"
-      _write_json(os.path.join(rd, "results.json"), res)
+      train.write_json(os.path.join(rd, "results.json"), res)
     t0 = time.perf_counter()
     try:
       out = train.train_and_evaluate(r.config, rd)
@@ -337,11 +325,11 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *, command: Option
           "num_steps": int(r.config.num_steps), "status": "failed",
           "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
       })
-      _write_json(os.path.join(rd, "results.json"), failed)
+      train.write_json(os.path.join(rd, "results.json"), failed)
       entry["status"] = "failed"
     entry["wall_s"] = round(time.perf_counter() - t0, 1)
     spec["updated"] = datetime.datetime.now().isoformat(timespec="seconds")
-    _write_json(study_path, spec)
+    train.write_json(study_path, spec)
     jax.clear_caches()  # each run compiles its own steps; free them
     bar.update(1)
     if entry["status"] == "preempted":  # SIGTERM: the run checkpointed; stop the study too
@@ -350,7 +338,7 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *, command: Option
       break
   bar.close()
   spec["stopped_early"] = stopped
-  _write_json(study_path, spec)
+  train.write_json(study_path, spec)
   return spec
 
 
