@@ -1,11 +1,11 @@
 """The study's optimizers as optax chains, built from ``config.optimizer`` by name.
 
 Every optimizer is ``chain(clip_by_global_norm, <core>, add_decayed_weights(mask),
-scale_by_learning_rate(schedule))`` built from optax primitives, so the state field names are
+scale_by_learning_rate(schedule), scale(peak_lr))`` built from optax primitives, so the state field names are
 optax's own (``trace``, ``mu``, ``nu``, ``v_row``/``v_col``/``v``) and the diagnostics can find
 them. Weight decay is decoupled (Loshchilov & Hutter 2019, arXiv 1711.05101): the update is
-``-lr_t * (core(g) + wd * theta)`` on masked leaves, for every optimizer but Adafactor, which keeps
-optax's own chain (decay applied after its relative step size, not multiplied by ``lr_t``).
+``-lr_t * (core(g) + wd * theta)`` on masked leaves, for every optimizer; Adafactor keeps optax's own chain, whose decay is applied after its
+relative step size and so is multiplied by the peak rate but not by the schedule.
 
 | name         | core update u_t (before -lr_t)                          | optax reference         |
 |--------------|---------------------------------------------------------|-------------------------|
@@ -32,31 +32,36 @@ Schedule = Callable[[jax.Array], jax.Array]
 # ----------------------------------------------------------------------------- schedules
 
 
-def make_schedule(config: ml_collections.ConfigDict) -> Schedule:
-  """Learning-rate schedule from ``config.schedule`` and ``config.optimizer.learning_rate``.
+def unit_schedule(config: ml_collections.ConfigDict) -> Schedule:
+  """The shape of the learning-rate schedule, peaking at 1 (``config.schedule``).
 
-  'cosine': linear warmup 0 -> lr over ``warmup_steps``, then cosine decay to
-  ``min_lr_ratio * lr`` at ``num_steps`` (GPT-2/Chinchilla practice).
-  'constant': linear warmup then constant.
+  'cosine': linear warmup 0 -> 1 over ``warmup_steps``, then cosine decay to ``min_lr_ratio`` at
+  ``num_steps`` (GPT-2/Chinchilla practice). 'constant': linear warmup then constant.
+  The peak rate multiplies it inside the optimizer state (see ``build``).
   """
-  lr = config.optimizer.learning_rate
   s = config.schedule
   warmup = min(s.warmup_steps, config.num_steps)
   if s.name == "cosine":
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
-        peak_value=lr,
+        peak_value=1.0,
         warmup_steps=warmup,
         decay_steps=max(config.num_steps, warmup + 1),
-        end_value=lr * s.min_lr_ratio,
+        end_value=s.min_lr_ratio,
     )
   if s.name == "constant":
     if warmup == 0:
-      return optax.constant_schedule(lr)
+      return optax.constant_schedule(1.0)
     return optax.join_schedules(
-        [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup]
+        [optax.linear_schedule(0.0, 1.0, warmup), optax.constant_schedule(1.0)], [warmup]
     )
   raise ValueError(f"config.schedule.name={s.name!r}; valid: ['constant', 'cosine']")
+
+
+def make_schedule(config: ml_collections.ConfigDict) -> Schedule:
+  """The learning rate at each step: ``config.optimizer.learning_rate * unit_schedule``."""
+  unit, peak = unit_schedule(config), config.optimizer.learning_rate
+  return lambda step: peak * unit(step)
 
 
 # ----------------------------------------------------------------------------- masks
@@ -143,13 +148,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
 
 
-def build(config: ml_collections.ConfigDict, params) -> tuple[optax.GradientTransformation, Schedule]:
-  """Returns ``(tx, schedule)`` for ``config.optimizer`` applied to ``params``' structure."""
+def build(config: ml_collections.ConfigDict, params) -> tuple[optax.GradientTransformation, Callable]:
+  """Returns ``(tx, learning_rate)`` for ``config.optimizer`` applied to ``params``' structure.
+
+  The peak learning rate is not a constant of the compiled step: the chain ends in
+  ``inject_hyperparams(scale)(step_size=peak)``, so it lives in the optimizer state and every
+  rate of a sweep shares one compiled step (and one persistent-cache entry). The result equals
+  optax's alias with ``learning_rate = peak * unit_schedule`` (tests/test_optimizers.py).
+  ``learning_rate(opt_state, step)`` reads the current rate from the state, for logging.
+  """
   validate(config)
   o = config.optimizer
-  schedule = make_schedule(config)
+  unit = unit_schedule(config)
   mask = weight_decay_mask(params, o.decay_embeddings)
-  tx = OPTIMIZERS[o.name](o, schedule, mask)
-  if o.clip_norm:
-    tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), tx)
-  return tx, schedule
+  tx = optax.chain(
+      optax.clip_by_global_norm(o.clip_norm) if o.clip_norm else optax.identity(),
+      OPTIMIZERS[o.name](o, unit, mask),
+      optax.inject_hyperparams(optax.scale)(step_size=o.learning_rate),
+  )
+
+  def learning_rate(opt_state, step):
+    return opt_state[-1].hyperparams["step_size"] * unit(step)
+
+  return tx, learning_rate

@@ -55,7 +55,8 @@ def cross_entropy(logits, targets):
   return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
 
 
-def train_step(state: TrainState, batch, *, model, tx, schedule, diag_config, diag_mode, nan_step):
+def train_step(state: TrainState, batch, *, model, tx, learning_rate, diag_config, diag_mode,
+               nan_step):
   """One optimizer step; returns the new state and a dict of device scalars.
 
   Args:
@@ -85,7 +86,7 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, diag_config, di
       "train/grad_norm": grad_norm,
       "train/update_norm": optax.tree.norm(updates),
       "train/param_norm": optax.tree.norm(params),
-      "train/learning_rate": schedule(state.step),
+      "train/learning_rate": learning_rate(state.opt_state, state.step),
   }
   diag_state = state.diag_state
   if diag_mode is not None:
@@ -247,7 +248,7 @@ class Setup(NamedTuple):
   dataset: Any
   model: gpt.GPT
   tx: optax.GradientTransformation
-  schedule: Any
+  learning_rate: Any  # (opt_state, step) -> the rate of that step
   state: TrainState
   state_sharding: TrainState
   batch_sharding: Any
@@ -283,9 +284,9 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
       lambda k: nn.meta.unbox(model.init(k, jnp.zeros((1, config.seq_len), jnp.int32))["params"]),
       jax.random.PRNGKey(0),
   )
-  tx, schedule = optimizers.build(config, params_shape)
+  tx, learning_rate = optimizers.build(config, params_shape)
   state, state_sh = create_state(config, model, tx, mesh, token_freq, dummy_len=config.seq_len)
-  return Setup(mesh, ds, model, tx, schedule, state, state_sh, sharding.batch_sharding(mesh))
+  return Setup(mesh, ds, model, tx, learning_rate, state, state_sh, sharding.batch_sharding(mesh))
 
 
 def compile_train_step(config, s: Setup):
@@ -301,7 +302,7 @@ def compile_train_step(config, s: Setup):
 
       cache[mode] = jax.jit(
           functools.partial(
-              train_step, model=s.model, tx=s.tx, schedule=s.schedule,
+              train_step, model=s.model, tx=s.tx, learning_rate=s.learning_rate,
               diag_config=config.diagnostics, diag_mode=mode,
               nan_step=config.inject_nan_at_step,
           ),

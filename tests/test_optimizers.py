@@ -139,3 +139,22 @@ def test_unknown_optimizer_lists_valid_names():
   config.optimizer.name = "adam_typo"
   with pytest.raises(ValueError, match=r"config\.optimizer\.name.*adafactor.*adamw.*lion.*sgd_momentum.*signsgd"):
     optimizers.build(config, _params())
+
+
+@pytest.mark.parametrize("name", sorted(optimizers.OPTIMIZERS))
+def test_learning_rates_of_a_sweep_share_one_compiled_step(name):
+  """The peak rate lives in the optimizer state, not in the program: one compile per sweep."""
+  params = _params()
+  grads = jax.grad(_loss)(params)
+
+  def lowered(lr):
+    config = _config(name)
+    config.optimizer.learning_rate = lr
+    tx, learning_rate = optimizers.build(config, params)
+    state = tx.init(params)
+    step = jax.jit(lambda p, s, g: (tx.update(g, s, p), learning_rate(s, 3)))
+    (_, _), rate = step(params, state, grads)
+    assert np.isclose(rate, lr)
+    return step.lower(params, state, grads).as_text()
+
+  assert lowered(LR) == lowered(3 * LR)
