@@ -8,7 +8,7 @@
 * :mod:`jaxopt_study.study.plots`: the matplotlib figures (Agg backend, PNG).
 
 The report needs neither JAX nor the data pipeline, so it is importable on its own; the runner
-imports ``train`` lazily.
+is imported lazily (it imports ``train`` and JAX).
 """
 
 from jaxopt_study.study.report import make_report  # noqa: F401
