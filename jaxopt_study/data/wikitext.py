@@ -108,11 +108,6 @@ def read_lines(path: str | os.PathLike) -> Iterator[str]:
 # --- Sources -----------------------------------------------------------------------------
 
 
-def _check_split(split: str, field: str) -> None:
-  if split not in SPLITS:
-    raise ValueError(f'{field}={split!r} is not a WikiText split; valid: {SPLITS}.')
-
-
 def local_files(path: str, splits: Iterable[str], suffix: str = 'auto') -> dict[str, pathlib.Path]:
   """The local files ``wiki.{split}.{tokens,raw}`` of ``splits`` in folder ``path``.
 

@@ -349,6 +349,19 @@ def drift_around_shifts(study, best, runs, cond, path):
   return "; ".join(notes) or None
 
 
+def _quantile_band(ax, run, base, color, label, band_label, alpha) -> int:
+  """Plots ``{base}_q50`` with a ``_q10``-``_q90`` band; returns 1 if there was data, else 0."""
+  s10, q10 = run.series(f"{base}_q10")
+  s50, q50 = run.series(f"{base}_q50")
+  s90, q90 = run.series(f"{base}_q90")
+  if not s50.size:
+    return 0
+  ax.plot(s50, q50, color=color, lw=1.3, label=label)
+  if s10.size == s50.size == s90.size:
+    ax.fill_between(s50, q10, q90, color=color, alpha=alpha, lw=0, label=band_label)
+  return 1
+
+
 def moment_staleness(study, best, runs, cond, path):
   fig, axes = plt.subplots(1, 3, figsize=(14, 4))
   notes = []
@@ -361,15 +374,7 @@ def moment_staleness(study, best, runs, cond, path):
                          ("aging/age", "all entries", "tab:brown")):
     if run0 is None:
       break
-    s10, q10 = run0.series(f"{base}_q10")
-    s50, q50 = run0.series(f"{base}_q50")
-    s90, q90 = run0.series(f"{base}_q90")
-    if not s50.size:
-      continue
-    ax.plot(s50, q50, color=c, lw=1.3, label=f"{label}: median")
-    if s10.size == s50.size == s90.size:
-      ax.fill_between(s50, q10, q90, color=c, alpha=0.2, lw=0, label=f"{label}: q10-q90")
-    got += 1
+    got += _quantile_band(ax, run0, base, c, f"{label}: median", f"{label}: q10-q90", 0.2)
   _mark_shifts(ax, study.shift_steps(cond), label=False)
   ax.set_xlabel("step")
   ax.set_ylabel("age: steps since the last non-zero gradient", fontsize=8)
@@ -387,17 +392,8 @@ def moment_staleness(study, best, runs, cond, path):
     rs = _best_runs(study, best, cond, opt)
     if not rs:
       continue
-    run = rs[0]
-    s10, q10 = run.series("aging/log_staleness_q10")
-    s50, q50 = run.series("aging/log_staleness_q50")
-    s90, q90 = run.series("aging/log_staleness_q90")
-    if not s50.size:
-      continue
-    c = _color(opt, i)
-    ax.plot(s50, q50, color=c, lw=1.3, label=f"{opt} median")
-    if s10.size == s50.size == s90.size:
-      ax.fill_between(s50, q10, q90, color=c, alpha=0.15, lw=0)
-    got += 1
+    got += _quantile_band(ax, rs[0], "aging/log_staleness", _color(opt, i), f"{opt} median",
+                          None, 0.15)
   _mark_shifts(ax, study.shift_steps(cond), label=False)
   ax.set_xlabel("step")
   ax.set_ylabel("log(nu / short EMA of g^2) (q10-q90 band)", fontsize=8)
