@@ -49,10 +49,10 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from jaxopt_study import rundir
+from jaxopt_study.rundir import lr_str, read_json, run_relpath  # noqa: F401
+
 STUDY_FILE = "study.json"
-RESULTS_FILE = "results.json"
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.json"
 
 # Statuses a run can have in the report. 'missing' = expected by study.json, no results.json.
 FINISHED = ("completed",)
@@ -70,31 +70,6 @@ DEFAULT_SETTINGS = {
     "tail_fraction": 0.25,  # staleness / final diagnostics: mean over the last 25% of the run
     "keep_param_metrics": False,  # keep '/param=' series (large) in scalars_long.csv
 }
-
-_RUN_RE = re.compile(
-    r"runs/(?P<condition>[^/]+)/(?P<optimizer>[^/]+)/lr=(?P<lr>[^/]+)/seed=(?P<seed>-?\d+)$"
-)
-
-
-def lr_str(lr: float) -> str:
-  """Directory spelling of a learning rate: 3 significant digits ('0.0006', '1.8e-05')."""
-  return f"{float(lr):.3g}"
-
-
-def run_relpath(condition: str, optimizer: str, lr: float, seed: int) -> str:
-  return f"runs/{condition}/{optimizer}/lr={lr_str(lr)}/seed={int(seed)}"
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-def read_json(path: str) -> Optional[dict]:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
-
 
 def read_metrics(path: str, keep_param_metrics: bool = False) -> Optional[pd.DataFrame]:
   """Wide DataFrame (index: step, one column per scalar) of a metrics.jsonl; None if absent.
@@ -272,24 +247,19 @@ def load_study(study_dir: str, settings: Optional[dict] = None) -> Study:
     )
   for d in sorted(glob.glob(os.path.join(study_dir, "runs", "*", "*", "lr=*", "seed=*"))):
     rel = os.path.relpath(d, study_dir).replace(os.sep, "/")
-    m = _RUN_RE.match(rel)
-    if not m or rel in runs or not os.path.isdir(d):
+    ident = rundir.parse_run_relpath(rel)
+    if not ident or rel in runs or not os.path.isdir(d):
       continue
-    try:
-      lr = float(m["lr"])
-    except ValueError:
-      continue
-    runs[rel] = Run(condition=m["condition"], optimizer=m["optimizer"], learning_rate=lr,
-                    seed=int(m["seed"]), relpath=rel, path=d)
+    runs[rel] = Run(relpath=rel, path=d, **ident)
 
   for run in runs.values():
-    res = read_json(os.path.join(run.path, RESULTS_FILE))
+    res = read_json(os.path.join(run.path, rundir.RESULTS))
     if res is not None:
       run.results = res
       run.status = str(res.get("status", "unknown"))
-    run.metrics = read_metrics(os.path.join(run.path, METRICS_FILE),
+    run.metrics = read_metrics(os.path.join(run.path, rundir.METRICS),
                                keep_param_metrics=merged["keep_param_metrics"])
-    run.config = read_json(os.path.join(run.path, CONFIG_FILE))
+    run.config = read_json(os.path.join(run.path, rundir.CONFIG))
     if res is None and run.metrics is not None and len(run.metrics):
       run.status = "running"  # started, no results yet (killed before its first results.json)
   return Study(study_dir, spec, list(runs.values()), merged)

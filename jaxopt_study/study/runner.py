@@ -34,6 +34,7 @@ from typing import Any, Optional
 import ml_collections
 import numpy as np
 
+from jaxopt_study import rundir
 from jaxopt_study import train
 from jaxopt_study.study import report as report_lib
 
@@ -86,7 +87,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
 
 def round_lr(lr: float) -> float:
   """Learning rates are rounded to 3 significant digits (the run directory's spelling)."""
-  return float(report_lib.lr_str(lr))
+  return float(rundir.lr_str(lr))
 
 
 def num_steps_of(config: ml_collections.ConfigDict, token_budget: int) -> int:
@@ -146,7 +147,7 @@ def expand(study: ml_collections.ConfigDict) -> list[RunSpec]:
         for seed in seeds:
           cfg = run_config(study, cond, opt, lr, seed)
           runs.append(RunSpec(cond, opt, lr, float(mult), int(seed),
-                              report_lib.run_relpath(cond, opt, lr, seed), cfg))
+                              rundir.run_relpath(cond, opt, lr, seed), cfg))
   keys = [r.relpath for r in runs]
   if len(set(keys)) != len(keys):
     raise ValueError("two runs of the study share a workdir (lr multipliers that round to the "
@@ -219,10 +220,6 @@ def condition_info(study: ml_collections.ConfigDict, cond: str,
   return info
 
 
-def _read_results(path: str) -> Optional[dict]:
-  return report_lib.read_json(path)
-
-
 def is_done(results: Optional[dict], num_steps: int) -> bool:
   """A run to reuse: completed with every step, or diverged (a finding, not retried)."""
   if not results:
@@ -255,7 +252,7 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *, command: Option
   if study.get("compilation_cache", False):
     enable_compilation_cache()
   study_path = os.path.join(workdir, STUDY_FILE)
-  previous = report_lib.read_json(study_path) or {}
+  previous = rundir.read_json(study_path) or {}
 
   first = {}
   for r in runs:
@@ -283,7 +280,7 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *, command: Option
   prev_runs = {r.get("workdir"): r for r in previous.get("runs", [])}
   for r in runs:
     rd = os.path.join(workdir, r.relpath)
-    res = _read_results(os.path.join(rd, "results.json"))
+    res = rundir.read_json(os.path.join(rd, rundir.RESULTS))
     spec["runs"].append({
         "condition": r.condition, "optimizer": r.optimizer, "learning_rate": r.learning_rate,
         "lr_multiplier": r.lr_multiplier, "seed": r.seed, "workdir": r.relpath,
@@ -291,26 +288,26 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *, command: Option
         "status": (res or {}).get("status", "pending"),
         "wall_s": prev_runs.get(r.relpath, {}).get("wall_s"),
     })
-  train.write_json(study_path, spec)
+  rundir.write_json(study_path, spec)
 
   bar = tqdm(total=len(runs), desc=f"study {study.name}", unit="run", disable=not progress)
   stopped = False
   for i, r in enumerate(runs):
     rd = os.path.join(workdir, r.relpath)
     entry = spec["runs"][i]
-    res = _read_results(os.path.join(rd, "results.json"))
+    res = rundir.read_json(os.path.join(rd, rundir.RESULTS))
     if is_done(res, r.config.num_steps) or (
         res and res.get("status") == "failed" and not study.retry_failed):
       entry["status"] = res["status"]
       bar.update(1)
       continue
-    bar.set_postfix_str(f"{r.condition}/{r.optimizer} lr={report_lib.lr_str(r.learning_rate)} "
+    bar.set_postfix_str(f"{r.condition}/{r.optimizer} lr={rundir.lr_str(r.learning_rate)} "
                         f"seed={r.seed}")
     os.makedirs(rd, exist_ok=True)
     if res and res.get("status") == "failed":  # clear the old failure before retrying
       res = {k: v for k, v in res.items() if k not in ("error", "traceback")}
       res["status"] = "running"
-      train.write_json(os.path.join(rd, "results.json"), res)
+      rundir.write_json(os.path.join(rd, rundir.RESULTS), res)
     t0 = time.perf_counter()
     try:
       out = train.train_and_evaluate(r.config, rd)
@@ -319,17 +316,17 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *, command: Option
       raise
     except Exception as e:  # pylint: disable=broad-except
       logging.exception("run %s failed", r.relpath)
-      failed = dict(_read_results(os.path.join(rd, "results.json")) or {})
+      failed = dict(rundir.read_json(os.path.join(rd, rundir.RESULTS)) or {})
       failed.update({
           "optimizer": r.optimizer, "learning_rate": r.learning_rate, "seed": r.seed,
           "num_steps": int(r.config.num_steps), "status": "failed",
           "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
       })
-      train.write_json(os.path.join(rd, "results.json"), failed)
+      rundir.write_json(os.path.join(rd, rundir.RESULTS), failed)
       entry["status"] = "failed"
     entry["wall_s"] = round(time.perf_counter() - t0, 1)
     spec["updated"] = datetime.datetime.now().isoformat(timespec="seconds")
-    train.write_json(study_path, spec)
+    rundir.write_json(study_path, spec)
     jax.clear_caches()  # each run compiles its own steps; free them
     bar.update(1)
     if entry["status"] == "preempted":  # SIGTERM: the run checkpointed; stop the study too
@@ -338,7 +335,7 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *, command: Option
       break
   bar.close()
   spec["stopped_early"] = stopped
-  train.write_json(study_path, spec)
+  rundir.write_json(study_path, spec)
   return spec
 
 

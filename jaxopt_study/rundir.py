@@ -1,0 +1,264 @@
+"""The run directory: its file names, its JSON files, and the run's results (one owner).
+
+A run's workdir (``train.train_and_evaluate(config, workdir)``; a study puts each run at
+``<study>/`` + :func:`run_relpath`) holds::
+
+  config.json      CONFIG       the resolved run config
+  results.json     RESULTS      final numbers and status (:class:`RunResults`)
+  metrics.jsonl    METRICS      per-step scalars, one JSON object per line (writers.py)
+  checkpoints/     CHECKPOINTS  orbax checkpoints (checkpointing.py)
+  run.lock         LOCK         held by the process training in the workdir
+
+Train, the study runner and the report read and write these through this module only. It
+imports neither JAX nor the data pipeline.
+
+**Config fingerprint.** :func:`config_fingerprint` hashes the fields that determine the
+trajectory (every field but :data:`NON_TRAJECTORY`: logging, evaluation and checkpoint cadence,
+prefetch depth, device mesh, diagnostics, cache location). Two configs with the same fingerprint
+train the same parameters step for step; a workdir whose recorded fingerprint differs from the
+config about to resume it would mix two runs.
+
+**Resume merge.** A run can be trained in several segments (preemption, resume). Each segment
+produces a :class:`RunResults`; :meth:`RunResults.merge` combines what the previous segment
+wrote with the later one: the later segment's value wins for every field it produced (not
+None, not empty); a field it did not produce (e.g. no eval in a segment that only ran a few
+steps, no throughput in a segment that ran none) keeps the earlier value; per-split eval losses
+and baselines merge key by key, the later winning. ``diverged_at_step`` belongs to the later
+segment's outcome: it is reset when the later segment is not ``diverged`` (a run that diverged,
+then completed from its last good checkpoint, records no divergence), as are ``error`` and
+``traceback`` when it is not ``failed``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+CONFIG = "config.json"
+RESULTS = "results.json"
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+LOCK = "run.lock"
+
+# Dotted config paths that do not change the parameters a run trains (excluded from the
+# fingerprint): cadence of logging / eval / checkpoints, input prefetch, device mesh,
+# diagnostics (read-only over the train state) and where the token cache lives.
+NON_TRAJECTORY = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "prefetch",
+                  "mesh", "diagnostics", "data.cache_dir")
+
+
+# ----------------------------------------------------------------------------- JSON files
+
+
+def _json_default(x):
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  if isinstance(x, np.bool_):
+    return bool(x)
+  if isinstance(x, np.integer):
+    return int(x)
+  if isinstance(x, np.floating):
+    return float(x)
+  return str(x)
+
+
+def write_json(path: str, obj) -> None:
+  """Writes ``obj`` as JSON atomically: a reader sees the old file or the new one, never half.
+
+  The text goes to a temporary file in the same directory, is flushed to disk, then renamed
+  over ``path`` (``os.replace`` is atomic on POSIX). NumPy scalars become Python numbers,
+  arrays lists, anything else unknown its ``str``. Non-finite floats are written as JSON's
+  ``NaN`` / ``Infinity`` extension, which :func:`read_json` reads back.
+  """
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def read_json(path: str) -> Optional[Any]:
+  """The parsed JSON file, or None when it is absent or not valid JSON."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def lr_str(lr: float) -> str:
+  """Directory spelling of a learning rate: 3 significant digits ('0.0006', '1.8e-05')."""
+  return f"{float(lr):.3g}"
+
+
+def run_relpath(condition: str, optimizer: str, lr: float, seed: int) -> str:
+  """A study's run directory, relative to the study: runs/<cond>/<opt>/lr=<lr>/seed=<seed>."""
+  return f"runs/{condition}/{optimizer}/lr={lr_str(lr)}/seed={int(seed)}"
+
+
+_RUN_RE = re.compile(
+    r"runs/(?P<condition>[^/]+)/(?P<optimizer>[^/]+)/lr=(?P<lr>[^/]+)/seed=(?P<seed>-?\d+)$")
+
+
+def parse_run_relpath(relpath: str) -> Optional[dict]:
+  """Inverse of :func:`run_relpath`: {condition, optimizer, learning_rate, seed}, or None."""
+  m = _RUN_RE.match(relpath.replace(os.sep, "/"))
+  if not m:
+    return None
+  try:
+    lr = float(m["lr"])
+  except ValueError:
+    return None
+  return {"condition": m["condition"], "optimizer": m["optimizer"], "learning_rate": lr,
+          "seed": int(m["seed"])}
+
+
+# ----------------------------------------------------------------------------- fingerprint
+
+
+def _as_dict(config) -> dict:
+  if isinstance(config, Mapping) and not hasattr(config, "to_json_best_effort"):
+    return json.loads(json.dumps(dict(config), default=_json_default))
+  return json.loads(config.to_json_best_effort())  # ConfigDict / FrozenConfigDict
+
+
+def _canonical(x):
+  """Numbers as floats (1 == 1.0 on the command line), tuples as lists, dict keys sorted."""
+  if isinstance(x, dict):
+    return {str(k): _canonical(v) for k, v in sorted(x.items())}
+  if isinstance(x, (list, tuple)):
+    return [_canonical(v) for v in x]
+  if isinstance(x, bool) or x is None or isinstance(x, str):
+    return x
+  if isinstance(x, (int, float)):
+    x = float(x)
+    return x if math.isfinite(x) else repr(x)
+  return str(x)
+
+
+def trajectory_config(config) -> dict:
+  """The config as a plain dict without the :data:`NON_TRAJECTORY` fields."""
+  tree = _as_dict(config)
+  for dotted in NON_TRAJECTORY:
+    node, parts = tree, dotted.split(".")
+    for p in parts[:-1]:
+      node = node.get(p) if isinstance(node, dict) else None
+      if node is None:
+        break
+    if isinstance(node, dict):
+      node.pop(parts[-1], None)
+  return tree
+
+
+def config_fingerprint(config) -> str:
+  """sha256 (hex) of the canonical JSON of :func:`trajectory_config` (ConfigDict or dict)."""
+  text = json.dumps(_canonical(trajectory_config(config)), sort_keys=True,
+                    separators=(",", ":"))
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- results.json
+
+
+def _empty(v) -> bool:
+  return v is None or (isinstance(v, (dict, list, tuple)) and not v)
+
+
+@dataclasses.dataclass
+class RunResults:
+  """Everything results.json holds. Losses are nats/token; ``None`` = not produced (yet).
+
+  ``status``: "running", "completed", "preempted", "diverged" or "failed" (the study runner
+  records an exception as "failed" with ``error`` and ``traceback``).
+  ``eval_loss_by_frequency[b]``: final validation loss on targets in frequency bucket b
+  (0 = most frequent), None for an empty bucket. ``final_eval_losses``: {split: loss} of the
+  last eval, every split of the dataset ("validation" is ``final_eval_loss``). ``baselines``:
+  the dataset's reference losses ({"uniform", "unigram", "entropy_floor"}).
+  """
+
+  optimizer: Optional[str] = None
+  learning_rate: Optional[float] = None
+  seed: Optional[int] = None
+  num_params: Optional[int] = None
+  num_steps: Optional[int] = None
+  tokens_per_step: Optional[int] = None
+  status: Optional[str] = None
+  steps_done: Optional[int] = None
+  tokens_seen: Optional[int] = None
+  final_train_loss: Optional[float] = None
+  final_eval_loss: Optional[float] = None
+  final_eval_perplexity: Optional[float] = None
+  final_eval_losses: dict[str, float] = dataclasses.field(default_factory=dict)
+  eval_loss_by_frequency: list[Optional[float]] = dataclasses.field(default_factory=list)
+  baselines: dict[str, float] = dataclasses.field(default_factory=dict)
+  tokens_per_second: Optional[float] = None
+  devices: Optional[int] = None
+  platform: Optional[str] = None
+  diverged_at_step: Optional[int] = None
+  init_params_fingerprint: Optional[list[float]] = None
+  config_fingerprint: Optional[str] = None
+  error: Optional[str] = None
+  traceback: Optional[str] = None
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "RunResults":
+    """From a results.json dict; unknown keys are dropped.
+
+    An ``eval_loss_by_frequency`` written as {"00": loss, ...} (older runs) becomes the list.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: v for k, v in d.items() if k in names}
+    by_freq = kw.get("eval_loss_by_frequency")
+    if isinstance(by_freq, Mapping):
+      idx = {int(str(k).rsplit("=", 1)[-1]): v for k, v in by_freq.items()}
+      kw["eval_loss_by_frequency"] = [idx.get(b) for b in range(max(idx, default=-1) + 1)]
+    for k in ("final_eval_losses", "baselines", "eval_loss_by_frequency"):
+      if kw.get(k) is None:
+        kw.pop(k, None)
+    return cls(**kw)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def load(cls, workdir: str) -> Optional["RunResults"]:
+    """The workdir's results.json, or None when there is none (or it is not valid JSON)."""
+    d = read_json(os.path.join(workdir, RESULTS))
+    return cls.from_dict(d) if isinstance(d, Mapping) else None
+
+  def save(self, workdir: str) -> None:
+    """Writes workdir/results.json atomically (:func:`write_json`)."""
+    write_json(os.path.join(workdir, RESULTS), self.to_dict())
+
+  def merge(self, later: "RunResults") -> "RunResults":
+    """``self`` (an earlier segment's results) updated by a later segment (module docstring)."""
+    out = {}
+    for f in dataclasses.fields(self):
+      old, new = getattr(self, f.name), getattr(later, f.name)
+      if isinstance(old, dict) and isinstance(new, dict):
+        out[f.name] = {**old, **new}
+      else:
+        out[f.name] = old if _empty(new) else new
+    if later.status != "diverged":
+      out["diverged_at_step"] = later.diverged_at_step
+    if later.status != "failed":
+      out["error"], out["traceback"] = later.error, later.traceback
+    return RunResults(**out)
