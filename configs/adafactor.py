@@ -1,13 +1,13 @@
-"""adafactor on the shared setup of configs/default.py (only `config.optimizer` differs).
+"""adafactor on the shared run config of jaxopt_study/presets.py (only `config.optimizer` differs).
 
   python -m jaxopt_study.main --config=configs/adafactor.py:tiny --workdir=runs/adafactor
   python -m jaxopt_study.main --config=configs/adafactor.py:gpt2_small --workdir=runs/adafactor_gpt2
 
-Fields and their sources: configs/default.py, `adafactor_block`.
+Fields and their sources: jaxopt_study/presets.py; the optimizer block: optimizers.default_config.
 """
 
-from configs import default
+from jaxopt_study import presets
 
 
 def get_config(preset=None):
-  return default.with_optimizer("adafactor", preset)
+  return presets.get_config(preset, optimizer="adafactor")

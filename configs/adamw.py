@@ -1,13 +1,13 @@
-"""adamw on the shared setup of configs/default.py (only `config.optimizer` differs).
+"""adamw on the shared run config of jaxopt_study/presets.py (only `config.optimizer` differs).
 
   python -m jaxopt_study.main --config=configs/adamw.py:tiny --workdir=runs/adamw
   python -m jaxopt_study.main --config=configs/adamw.py:gpt2_small --workdir=runs/adamw_gpt2
 
-Fields and their sources: configs/default.py, `adamw_block`.
+Fields and their sources: jaxopt_study/presets.py; the optimizer block: optimizers.default_config.
 """
 
-from configs import default
+from jaxopt_study import presets
 
 
 def get_config(preset=None):
-  return default.with_optimizer("adamw", preset)
+  return presets.get_config(preset, optimizer="adamw")

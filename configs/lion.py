@@ -1,13 +1,13 @@
-"""lion on the shared setup of configs/default.py (only `config.optimizer` differs).
+"""lion on the shared run config of jaxopt_study/presets.py (only `config.optimizer` differs).
 
   python -m jaxopt_study.main --config=configs/lion.py:tiny --workdir=runs/lion
   python -m jaxopt_study.main --config=configs/lion.py:gpt2_small --workdir=runs/lion_gpt2
 
-Fields and their sources: configs/default.py, `lion_block`.
+Fields and their sources: jaxopt_study/presets.py; the optimizer block: optimizers.default_config.
 """
 
-from configs import default
+from jaxopt_study import presets
 
 
 def get_config(preset=None):
-  return default.with_optimizer("lion", preset)
+  return presets.get_config(preset, optimizer="lion")

@@ -5,12 +5,25 @@ The data position needs no entry of its own: batch ``s`` is a pure function of `
 directory and renames it when complete, so a run killed mid-save keeps its previous checkpoint.
 Only finite states are ever saved (``train.py`` checks before saving), so the latest checkpoint
 of a diverged run is its last good one.
+
+A checkpoint that cannot be restored (truncated, flipped bytes, missing metadata) is moved aside
+to ``<step>.corrupt`` (never deleted) and the next older one is tried, with a warning.
+
+Preemption: ``Preemption.reached(step)`` is orbax's ``CheckpointManager.reached_preemption``,
+which in a multi-process run (``jax.distributed``) returns True on the same step on every host,
+or a local SIGTERM flag where no preemption service runs (a single process).
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
+
 import jax
 import orbax.checkpoint as ocp
+
+CORRUPT_SUFFIX = ".corrupt"
 
 
 def manager(directory: str, *, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
@@ -27,14 +40,60 @@ def save(mngr: ocp.CheckpointManager, step: int, state, *, force: bool = False) 
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
-  """The latest checkpoint restored into ``abstract_state``'s shapes, dtypes and shardings.
+  """The newest checkpoint that restores into ``abstract_state``'s shapes, dtypes, shardings.
 
-  Returns None when the directory holds no checkpoint.
+  Returns None when the directory holds no restorable checkpoint. A checkpoint that fails to
+  restore is renamed ``<step>.corrupt`` (on process 0), a warning names it, and the next older
+  one is tried: a bad latest checkpoint costs the steps since the previous one, never the run.
   """
-  step = mngr.latest_step()
-  if step is None:
-    return None
   target = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state
   )
-  return mngr.restore(step, args=ocp.args.StandardRestore(target))
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      return mngr.restore(step, args=ocp.args.StandardRestore(target))
+    except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many kinds
+      path = os.path.join(str(mngr.directory), str(step))
+      logging.warning(
+          "checkpoint %s cannot be restored (%s: %s); moved aside to %s%s, trying an older one",
+          path, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "", path,
+          CORRUPT_SUFFIX,
+      )
+      if jax.process_index() == 0 and os.path.exists(path):
+        os.replace(path, _free_name(path + CORRUPT_SUFFIX))
+      mngr.reload()
+  return None
+
+
+def _free_name(path: str) -> str:
+  n, candidate = 0, path
+  while os.path.exists(candidate):
+    n += 1
+    candidate = f"{path}.{n}"
+  return candidate
+
+
+class Preemption:
+  """Whether to stop for a preemption at ``step``: orbax's sync point, or a local SIGTERM."""
+
+  def __init__(self, mngr: ocp.CheckpointManager):
+    self._mngr = mngr
+    self.sigterm = False
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # Not the main thread (e.g. some notebook runners).
+      self._old = None
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM: checkpointing and stopping.")
+    self.sigterm = True
+
+  def reached(self, step: int) -> bool:
+    # With jax.distributed's preemption service every host gets True at the same step; without
+    # it (one process) orbax returns False and the local flag decides.
+    return self._mngr.reached_preemption(step) or (jax.process_count() == 1 and self.sigterm)
+
+  def close(self):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)

@@ -2,10 +2,15 @@
 
 Any config field can be overridden, e.g. `--config.optimizer.learning_rate=3e-4`; presets are
 picked with `--config=configs/lion.py:gpt2_small`. Running the same command again resumes from
-the latest checkpoint in the workdir.
+the latest checkpoint in the workdir; a changed config is refused unless `--restart` is given.
+
+Exit codes (for schedulers): 0 completed, 3 diverged (a result, recorded in results.json),
+75 preempted (checkpointed; run the same command again to resume), 1 any error.
 """
 
+import errno
 import logging as std_logging
+import sys
 
 from absl import app
 from absl import flags
@@ -13,10 +18,17 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from jaxopt_study import rundir
 from jaxopt_study import train
+
+EXIT_CODES = {"completed": 0, "diverged": 3, "preempted": 75}  # else 1
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events, results.json.")
+flags.DEFINE_bool(
+    "restart", False,
+    "Move an existing run in --workdir aside (to WORKDIR/replaced-<time>/) and start fresh.",
+)
 config_flags.DEFINE_config_file(
     "config", "configs/adamw.py", "Training config file (optionally `file.py:PRESET`).",
     lock_config=True,
@@ -36,7 +48,24 @@ def main(argv):
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietOrbax())
   logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if FLAGS.restart and jax.process_index() == 0:
+    moved = rundir.move_aside(FLAGS.workdir)
+    if moved:
+      logging.warning("--restart: the previous run is now in %s", moved)
+  try:
+    results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (rundir.ConfigChanged, rundir.Locked) as e:
+    logging.error("%s", e)
+    sys.exit(1)
+  except OSError as e:
+    if e.errno != errno.ENOSPC:
+      raise
+    logging.error(
+        "No space left on device (%s). Free space or point --workdir at another disk, then run "
+        "the same command again: it resumes from the last complete checkpoint.", e.filename or e
+    )
+    sys.exit(1)
+  sys.exit(EXIT_CODES.get(results.status, 1))
 
 
 if __name__ == "__main__":

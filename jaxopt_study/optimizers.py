@@ -20,6 +20,7 @@ relative step size and so is multiplied by the peak rate but not by the schedule
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -28,8 +29,33 @@ import optax
 
 Schedule = Callable[[jax.Array], jax.Array]
 
+# A peak rate above this is a typo (1e39 overflows float32 updates), not an experiment.
+MAX_LEARNING_RATE = 100.0
+
 
 # ----------------------------------------------------------------------------- schedules
+
+
+def _cosine(s, warmup: int, num_steps: int) -> Schedule:
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0,
+      peak_value=1.0,
+      warmup_steps=warmup,
+      decay_steps=max(num_steps, warmup + 1),
+      end_value=s.min_lr_ratio,
+  )
+
+
+def _constant(s, warmup: int, num_steps: int) -> Schedule:
+  del s, num_steps
+  if warmup == 0:
+    return optax.constant_schedule(1.0)
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, 1.0, warmup), optax.constant_schedule(1.0)], [warmup]
+  )
+
+
+SCHEDULES = {"cosine": _cosine, "constant": _constant}  # config.schedule.name -> unit shape
 
 
 def unit_schedule(config: ml_collections.ConfigDict) -> Schedule:
@@ -40,28 +66,9 @@ def unit_schedule(config: ml_collections.ConfigDict) -> Schedule:
   The peak rate multiplies it inside the optimizer state (see ``build``).
   """
   s = config.schedule
-  warmup = min(s.warmup_steps, config.num_steps)
-  if s.name == "cosine":
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=1.0,
-        warmup_steps=warmup,
-        decay_steps=max(config.num_steps, warmup + 1),
-        end_value=s.min_lr_ratio,
-    )
-  if s.name == "constant":
-    if warmup == 0:
-      return optax.constant_schedule(1.0)
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, 1.0, warmup), optax.constant_schedule(1.0)], [warmup]
-    )
-  raise ValueError(f"config.schedule.name={s.name!r}; valid: ['constant', 'cosine']")
-
-
-def make_schedule(config: ml_collections.ConfigDict) -> Schedule:
-  """The learning rate at each step: ``config.optimizer.learning_rate * unit_schedule``."""
-  unit, peak = unit_schedule(config), config.optimizer.learning_rate
-  return lambda step: peak * unit(step)
+  if s.name not in SCHEDULES:
+    raise ValueError(f"config.schedule.name={s.name!r}; valid: {sorted(SCHEDULES)}")
+  return SCHEDULES[s.name](s, min(s.warmup_steps, config.num_steps), config.num_steps)
 
 
 # ----------------------------------------------------------------------------- masks
@@ -132,20 +139,127 @@ OPTIMIZERS = {
     "lion": _lion,
     "signsgd": _signsgd,
 }
+NAMES = tuple(OPTIMIZERS)  # The study's optimizers, in report order; the only list of names.
+
+
+# ----------------------------------------------------------------------------- defaults
+
+
+def _common(name, learning_rate, weight_decay, clip_norm=1.0):
+  o = ml_collections.ConfigDict()
+  o.name = name  # Key into OPTIMIZERS.
+  o.learning_rate = learning_rate  # Peak rate of the schedule (> 0, finite).
+  o.weight_decay = weight_decay  # Decoupled: theta -= lr * wd * theta on masked leaves (>= 0).
+  o.decay_embeddings = False  # Embeddings undecayed (rare rows would only ever shrink).
+  o.clip_norm = clip_norm  # Global-norm clipping before the optimizer (> 0); 0 disables.
+  return o
+
+
+def _adamw_defaults():
+  # GPT-2/OLMo/MaxText practice: b1 0.9, b2 0.95, wd 0.1, clip 1.0; lr 6e-4 at 124M (GPT-3 paper).
+  o = _common("adamw", 6e-4, 0.1)
+  o.b1 = 0.9  # First-moment decay.
+  o.b2 = 0.95  # Second-moment decay; 0.95 rather than 0.999 for stability at scale.
+  o.eps = 1e-8  # Added to sqrt(nu_hat).
+  return o
+
+
+def _lion_defaults():
+  # Chen et al. 2023 (arXiv 2302.06675): b1 0.95, b2 0.98 for LMs; lr 3-10x smaller and weight
+  # decay 3-10x larger than AdamW, keeping lr * wd about the same. Here 6x both.
+  o = _common("lion", 1e-4, 0.6)
+  o.b1 = 0.95  # Interpolation between momentum and gradient inside the sign.
+  o.b2 = 0.98  # Momentum decay.
+  return o
+
+
+def _sgd_momentum_defaults():
+  # SGD needs far larger rates than Adam on transformers; 0.1 with Nesterov momentum 0.9 is a
+  # common starting point (Kunstner et al. 2023); the study sweeps it.
+  o = _common("sgd_momentum", 0.1, 0.0)
+  o.momentum = 0.9  # Heavy-ball coefficient.
+  o.nesterov = True  # Nesterov look-ahead.
+  return o
+
+
+def _adafactor_defaults():
+  # optax.adafactor defaults (Shazeer & Stern 2018, arXiv 1804.04235): relative step sizes with
+  # parameter scaling, decay rate 0.8, update clipping 1.0, no momentum.
+  o = _common("adafactor", 1e-2, 0.0)
+  o.decay_rate = 0.8  # beta2_t = 1 - t^(-decay_rate).
+  o.min_dim_size_to_factor = 128  # Tensors whose 2nd-largest dim is smaller keep a full v.
+  o.multiply_by_parameter_scale = True  # Step relative to the parameter's RMS.
+  o.clipping_threshold = 1.0  # Block-RMS update clipping d.
+  o.momentum = 0.0  # 0: no first moment (the memory-saving original); else its decay.
+  return o
+
+
+def _signsgd_defaults():
+  # Bernstein et al. 2018 (arXiv 1802.04434): sign of the gradient (momentum 0) or of its
+  # momentum (signum). Steps have Lion's magnitude, so Lion's rate is the starting point.
+  o = _common("signsgd", 1e-4, 0.0)
+  o.momentum = 0.0  # 0: signSGD; e.g. 0.9: signum.
+  return o
+
+
+_DEFAULTS = {
+    "sgd_momentum": _sgd_momentum_defaults,
+    "adamw": _adamw_defaults,
+    "adafactor": _adafactor_defaults,
+    "lion": _lion_defaults,
+    "signsgd": _signsgd_defaults,
+}
+
+
+def _unknown(name) -> ValueError:
+  return ValueError(
+      f"config.optimizer.name={name!r} is not a known optimizer; valid: {list(NAMES)}."
+  )
+
+
+def default_config(name: str) -> ml_collections.ConfigDict:
+  """The ``config.optimizer`` block of optimizer ``name`` with the study's default settings."""
+  if name not in _DEFAULTS:
+    raise _unknown(name)
+  return _DEFAULTS[name]()
+
+
+def _finite_number(value) -> bool:
+  return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises before any compile if the optimizer block names an unknown optimizer."""
-  name = config.optimizer.name
-  if name not in OPTIMIZERS:
+  """Raises before any compile on an optimizer or schedule block that cannot train as meant.
+
+  Errors name the field and the fix. A rate of ``nan``, ``inf`` or above ``MAX_LEARNING_RATE``,
+  a negative clip norm (gradient *ascent* through ``clip_by_global_norm``) or a negative warmup
+  (a schedule that starts part-way up) would otherwise run and produce numbers that look real.
+  """
+  o, s = config.optimizer, config.schedule
+  if o.name not in OPTIMIZERS:
+    raise _unknown(o.name)
+  lr = o.learning_rate
+  if not _finite_number(lr) or not 0 < lr <= MAX_LEARNING_RATE:
     raise ValueError(
-        f"config.optimizer.name={name!r} is not a known optimizer; valid: {sorted(OPTIMIZERS)}. "
-        "Use one of configs/{sgd_momentum,adamw,adafactor,lion,signsgd}.py."
+        f"config.optimizer.learning_rate={lr!r} must be a finite number in (0, "
+        f"{MAX_LEARNING_RATE:g}]; e.g. --config.optimizer.learning_rate="
+        f"{default_config(o.name).learning_rate:g}."
     )
-  if config.optimizer.learning_rate <= 0:
+  checks = (
+      ("optimizer.weight_decay", o.weight_decay, "0 disables it"),
+      ("optimizer.clip_norm", o.clip_norm, "0 disables clipping; a negative norm ascends"),
+      ("schedule.warmup_steps", s.warmup_steps, "0 disables warmup"),
+  )
+  for field, value, fix in checks:
+    if not _finite_number(value) or value < 0:
+      raise ValueError(f"config.{field}={value!r} must be a finite number >= 0 ({fix}).")
+  if not _finite_number(s.min_lr_ratio) or not 0 <= s.min_lr_ratio <= 1:
     raise ValueError(
-        f"config.optimizer.learning_rate={config.optimizer.learning_rate} must be > 0."
+        f"config.schedule.min_lr_ratio={s.min_lr_ratio!r} must be in [0, 1] (the cosine's end "
+        "as a fraction of the peak rate)."
     )
+  if s.name not in SCHEDULES:
+    raise ValueError(f"config.schedule.name={s.name!r}; valid: {sorted(SCHEDULES)}")
 
 
 def build(config: ml_collections.ConfigDict, params) -> tuple[optax.GradientTransformation, Callable]:
@@ -156,8 +270,8 @@ def build(config: ml_collections.ConfigDict, params) -> tuple[optax.GradientTran
   rate of a sweep shares one compiled step (and one persistent-cache entry). The result equals
   optax's alias with ``learning_rate = peak * unit_schedule`` (tests/test_optimizers.py).
   ``learning_rate(opt_state, step)`` reads the current rate from the state, for logging.
+  Call ``validate(config)`` first (``train.setup`` does).
   """
-  validate(config)
   o = config.optimizer
   unit = unit_schedule(config)
   mask = weight_decay_mask(params, o.decay_embeddings)

@@ -2,22 +2,23 @@
 
 mesh -> dataset -> model, optimizer and diagnostic state (sharded) -> jitted steps -> loop.
 
-The loop syncs with the host only on logging, evaluation and checkpoint steps. A non-finite loss
-or gradient is caught inside the jitted step: that step's update is dropped, ``diverged_at``
-records the step, and the host stops at its next sync and records ``status: diverged`` in
-``results.json``; the last checkpoint (saved only from finite states) stays the last good one.
+Per-step metrics stay on the device (``writers.MetricBuffer``) until a host sync: every
+``config.sync_every`` steps, and at evaluation, checkpoint and the end. A non-finite loss,
+gradient, update or new parameter is caught inside the jitted step: that step's update is
+dropped, ``diverged_at`` records the step, and the host stops at its next sync and records
+``status: diverged``; checkpoints are saved only after a sync has found the state finite, so the
+last checkpoint of a diverged run is its last good state.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
-import json
 import logging
 import math
 import os
-import signal
-import time
-from typing import Any, NamedTuple
+from typing import Any, Iterable, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -31,6 +32,7 @@ from jaxopt_study import checkpointing
 from jaxopt_study import data as data_lib
 from jaxopt_study import diagnostics
 from jaxopt_study import optimizers
+from jaxopt_study import rundir
 from jaxopt_study import sharding
 from jaxopt_study import writers
 from jaxopt_study.models import gpt
@@ -131,17 +133,27 @@ def eval_step(params, batch, diag_state, *, model, diag_config):
 # ------------------------------------------------------------------------------ set-up
 
 
+_POSITIVE = ("num_steps", "batch_size", "seq_len", "log_every", "sync_every", "eval_every",
+             "checkpoint_every", "keep_checkpoints", "prefetch")
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Every check that needs no data or compile; errors name the field and the fix."""
-  optimizers.validate(config)
+  for field in _POSITIVE:
+    value = config[field]
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"config.{field}={value!r} must be an integer >= 1.")
   if config.seq_len > config.model.max_len:
     raise ValueError(
         f"config.seq_len={config.seq_len} > config.model.max_len={config.model.max_len}; "
         "raise config.model.max_len or shorten config.seq_len."
     )
-  for field in ("num_steps", "batch_size", "seq_len", "log_every", "eval_every", "checkpoint_every"):
-    if config[field] < 1:
-      raise ValueError(f"config.{field}={config[field]} must be >= 1.")
+  if config.diagnostics.enabled and config.diagnostics.every < 1:
+    raise ValueError(
+        f"config.diagnostics.every={config.diagnostics.every} must be >= 1 (steps between full "
+        "diagnostics); turn them off with --config.diagnostics.enabled=False."
+    )
+  optimizers.validate(config)
   gpt.from_config(config.model, vocab_size=1)  # model-field checks
 
 
@@ -149,18 +161,13 @@ def padded_vocab(vocab_size: int, multiple: int) -> int:
   return int(math.ceil(vocab_size / multiple) * multiple)
 
 
-def create_state(config, model, tx, mesh, token_frequencies, *, dummy_len):
+def create_state(config, model, tx, mesh, token_frequencies, params_shape):
   """Sharded initial TrainState (and its shardings) from ``config.seed`` alone."""
-  rng = jax.random.PRNGKey(config.seed)
-  init_rng, dropout_rng = jax.random.split(rng)
-  tokens = jnp.zeros((1, dummy_len), jnp.int32)
-
-  def init_params(key):
-    return model.init(key, tokens, deterministic=True)["params"]
-
-  abstract_boxed = jax.eval_shape(init_params, init_rng)
-  params_sh = sharding.param_shardings(abstract_boxed, mesh)
-  params = jax.jit(lambda k: nn.meta.unbox(init_params(k)), out_shardings=params_sh)(init_rng)
+  init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  tokens = jnp.zeros((1, config.seq_len), jnp.int32)
+  init_params = lambda key: nn.meta.unbox(model.init(key, tokens, deterministic=True)["params"])
+  params_sh = sharding.param_shardings(params_shape, mesh)
+  params = jax.jit(init_params, out_shardings=params_sh)(init_rng)
 
   def init_rest(params):
     opt_state = tx.init(params)
@@ -178,67 +185,12 @@ def create_state(config, model, tx, mesh, token_frequencies, *, dummy_len):
   )
   opt_state, diag_state = jax.jit(init_rest, out_shardings=rest_sh)(params)
   rep = sharding.replicated(mesh)
-  state = TrainState(
-      step=jax.device_put(jnp.zeros((), jnp.int32), rep),
-      params=params,
-      opt_state=opt_state,
-      diag_state=diag_state,
-      rng=jax.device_put(dropout_rng, rep),
-      diverged_at=jax.device_put(jnp.full((), -1, jnp.int32), rep),
-  )
-  state_sh = TrainState(
-      step=rep, params=params_sh, opt_state=rest_sh[0], diag_state=rest_sh[1], rng=rep,
-      diverged_at=rep,
-  )
+  scalar = lambda x: jax.device_put(jnp.asarray(x, jnp.int32), rep)
+  state = TrainState(step=scalar(0), params=params, opt_state=opt_state, diag_state=diag_state,
+                     rng=jax.device_put(dropout_rng, rep), diverged_at=scalar(-1))
+  state_sh = TrainState(step=rep, params=params_sh, opt_state=rest_sh[0],
+                        diag_state=rest_sh[1], rng=rep, diverged_at=rep)
   return state, state_sh
-
-
-def write_json(path: str, obj) -> None:
-  """Atomic: a reader never sees half a file. NumPy scalars become floats, anything else str."""
-
-  def default(x):
-    return float(x) if isinstance(x, (np.floating, np.integer, np.ndarray)) else str(x)
-
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=default)
-  os.replace(tmp, path)
-
-
-class _Preempted:
-  """Turns SIGTERM into a flag the loop checks between steps (checkpoint, then exit)."""
-
-  def __init__(self):
-    self.flag = False
-    try:
-      self._old = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # Not the main thread (e.g. some notebook runners).
-      self._old = None
-
-  def _handle(self, signum, frame):
-    logging.warning("SIGTERM: checkpointing and stopping.")
-    self.flag = True
-
-  def restore(self):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
-
-
-def _float(x):
-  return None if x is None else float(x)
-
-
-def _flatten(tree: dict, prefix=""):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-  return out
-
-
-# ------------------------------------------------------------------------------ the run
 
 
 class Setup(NamedTuple):
@@ -266,26 +218,22 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
         f"{jax.process_count()} processes."
     )
   ds = data_lib.build_dataset(
-      config.data,
-      seq_len=config.seq_len,
-      global_batch_size=config.batch_size,
-      seed=config.seed,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
+      config.data, seq_len=config.seq_len, global_batch_size=config.batch_size,
+      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
       num_train_steps=config.num_steps,
   )
   vocab = padded_vocab(ds.vocab_size, config.model.vocab_multiple)
   model = gpt.GPT(gpt.from_config(config.model, vocab))
   token_freq = np.zeros(vocab, np.float64)
   token_freq[: ds.vocab_size] = ds.token_frequencies
-  # Initialisation needs no mesh context: its shardings come from out_shardings (and flax's
-  # DenseGeneral initialises kernels flat, which per-axis constraints would reject).
+  # Abstract parameters (boxed with their logical axes): the optimizer's masks and the
+  # shardings come from them; the real ones are initialised once, already sharded.
   params_shape = jax.eval_shape(
-      lambda k: nn.meta.unbox(model.init(k, jnp.zeros((1, config.seq_len), jnp.int32))["params"]),
+      lambda k: model.init(k, jnp.zeros((1, config.seq_len), jnp.int32))["params"],
       jax.random.PRNGKey(0),
   )
-  tx, learning_rate = optimizers.build(config, params_shape)
-  state, state_sh = create_state(config, model, tx, mesh, token_freq, dummy_len=config.seq_len)
+  tx, learning_rate = optimizers.build(config, nn.meta.unbox(params_shape))
+  state, state_sh = create_state(config, model, tx, mesh, token_freq, params_shape)
   return Setup(mesh, ds, model, tx, learning_rate, state, state_sh, sharding.batch_sharding(mesh))
 
 
@@ -295,196 +243,192 @@ def compile_train_step(config, s: Setup):
   Call the steps inside ``sharding.activate(s.mesh)`` so that the model's activation sharding
   constraints are traced against the mesh.
   """
-  cache = {}
 
+  @functools.cache
   def get(mode):
-    if mode not in cache:
-
-      cache[mode] = jax.jit(
-          functools.partial(
-              train_step, model=s.model, tx=s.tx, learning_rate=s.learning_rate,
-              diag_config=config.diagnostics, diag_mode=mode,
-              nan_step=config.inject_nan_at_step,
-          ),
-          in_shardings=(s.state_sharding, s.batch_sharding),
-          out_shardings=(s.state_sharding, None),
-          donate_argnums=0,
-      )
-    return cache[mode]
+    step = functools.partial(
+        train_step, model=s.model, tx=s.tx, learning_rate=s.learning_rate,
+        diag_config=config.diagnostics, diag_mode=mode, nan_step=config.inject_nan_at_step,
+    )
+    return jax.jit(step, in_shardings=(s.state_sharding, s.batch_sharding),
+                   out_shardings=(s.state_sharding, None), donate_argnums=0)
 
   return get
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (or resumes) the run described by ``config`` in ``workdir``; returns results.json."""
+def compile_eval_step(config, s: Setup):
+  return jax.jit(
+      functools.partial(eval_step, model=s.model, diag_config=config.diagnostics),
+      in_shardings=(s.state_sharding.params, s.batch_sharding, s.state_sharding.diag_state),
+  )
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+def evaluate(eval_fn, state: TrainState, batches: Iterable[np.ndarray], batch_sharding) -> dict:
+  """Mean loss, perplexity and loss by target-token frequency over a finite set of batches.
+
+  Returns ``{"loss": float, "perplexity": float, "loss_by_frequency": [float | None, ...]}``
+  (the last only with the diagnostics' frequency buckets; None for a bucket with no tokens).
+  """
+  totals = None
+  for local in batches:
+    batch = jax.make_array_from_process_local_data(batch_sharding, local)
+    out = eval_fn(state.params, batch, state.diag_state)
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  totals = jax.device_get(totals)
+  loss = float(totals["loss_sum"] / totals["tokens"])
+  ev = {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0)))}
+  if "freq_loss_sum" in totals:
+    sums, counts = totals["freq_loss_sum"], totals["freq_tokens"]
+    ev["loss_by_frequency"] = [float(l / n) if n > 0 else None for l, n in zip(sums, counts)]
+  return ev
+
+
+def eval_scalars(split: str, ev: dict) -> dict[str, float]:
+  """TensorBoard names: ``eval/...`` for the validation split, ``eval_<split>/...`` otherwise."""
+  prefix = "eval" if split == "validation" else f"eval_{split}"
+  out = {f"{prefix}/loss": ev["loss"], f"{prefix}/perplexity": ev["perplexity"]}
+  for b, loss in enumerate(ev.get("loss_by_frequency", ())):
+    if loss is not None:
+      out[f"{prefix}/loss_by_frequency/freq_bucket={b:02d}"] = loss
+  return out
+
+
+def params_fingerprint(params) -> list[float]:
+  """[global L2 norm, sum] of the parameters: runs of a study must start from the same ones."""
+  fp = jax.jit(lambda p: jnp.stack([optax.tree.norm(p), sum(jnp.sum(x) for x in jax.tree.leaves(p))]))
+  return [float(x) for x in jax.device_get(fp(params))]
+
+
+def itstime(step: int, every: int, total: int) -> bool:
+  """The one periodic-action rule (big_vision's ``itstime``): every ``every`` steps and at the end."""
+  return step % every == 0 or step == total
+
+
+def _flat_hparams(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat_hparams(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+  return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> rundir.RunResults:
+  """Trains (or resumes) the run described by ``config`` in ``workdir``; returns its results.
+
+  Raises ``rundir.ConfigChanged`` if ``workdir`` holds a run with another trajectory config and
+  ``rundir.Locked`` while another process runs there, both before any compile.
+  """
   s = setup(config)
-  mesh, ds, model, state, state_sh = s.mesh, s.dataset, s.model, s.state, s.state_sharding
-  os.makedirs(workdir, exist_ok=True)
+  ds, state, total, dcfg = s.dataset, s.state, config.num_steps, config.diagnostics
   is_main = jax.process_index() == 0
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-
-  with sharding.activate(mesh):
-    num_params = sum(x.size for x in jax.tree.leaves(state.params))
-    # Runs compared in a study must start from the same parameters: record a fingerprint of
-    # the initial ones (global L2 norm and sum) that any two runs can be checked against.
-    fingerprint = jax.jit(
-        lambda p: jnp.stack([optax.tree.norm(p), sum(jnp.sum(x) for x in jax.tree.leaves(p))])
-    )(state.params)
-    logging.info(
-        "model: %.2fM parameters, vocab %d, mesh %s",
-        num_params / 1e6, model.cfg.vocab_size, dict(mesh.shape),
+  os.makedirs(workdir, exist_ok=True)
+  with contextlib.ExitStack() as stack:
+    lock = stack.enter_context(rundir.Lock(workdir, enabled=is_main))
+    rundir.check_same_trajectory(workdir, config)
+    stack.enter_context(sharding.activate(s.mesh))
+    ckpt = stack.enter_context(contextlib.closing(checkpointing.manager(
+        rundir.path(workdir, rundir.CHECKPOINTS), keep=config.keep_checkpoints)))
+    results = rundir.RunResults(
+        optimizer=config.optimizer.name, learning_rate=config.optimizer.learning_rate,
+        seed=config.seed, num_params=sum(x.size for x in jax.tree.leaves(state.params)),
+        num_steps=total, tokens_per_step=config.batch_size * config.seq_len,
+        init_params_fingerprint=params_fingerprint(state.params), baselines=_TMP_baselines(ds),
+        config_fingerprint=rundir.config_fingerprint(config),
     )
-
-    ckpt = checkpointing.manager(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
-    restored = checkpointing.restore_latest(ckpt, state)
-    if restored is not None:
-      state = restored
-      logging.info("resumed from step %d", int(state.step))
-
-    batch_sh = s.batch_sharding
-    dcfg = config.diagnostics
-    step_fn = compile_train_step(config, s)
-
-    p_eval = jax.jit(
-        functools.partial(eval_step, model=model, diag_config=dcfg),
-        in_shardings=(state_sh.params, batch_sh, state_sh.diag_state),
-    )
-
-    def evaluate(state):
-      totals = None
-      for local in ds.eval_batches():
-        batch = jax.make_array_from_process_local_data(batch_sh, local)
-        out = p_eval(state.params, batch, state.diag_state)
-        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-      totals = jax.device_get(totals)
-      loss = float(totals["loss_sum"] / totals["tokens"])
-      ev = {"eval/loss": loss, "eval/perplexity": float(np.exp(min(loss, 50.0)))}
-      if "freq_loss_sum" in totals:
-        per_bucket = totals["freq_loss_sum"] / np.maximum(totals["freq_tokens"], 1)
-        for b, (l, n) in enumerate(zip(per_bucket, totals["freq_tokens"])):
-          if n > 0:
-            ev[f"eval/loss_by_frequency/bucket={b:02d}"] = float(l)
-      return ev
+    state = checkpointing.restore_latest(ckpt, state) or state
+    start_step = int(state.step)
+    if is_main:
+      rundir.write_config(workdir, config)
+    logging.info("model: %.2fM parameters, vocab %d, mesh %s; starting at step %d",
+                 results.num_params / 1e6, s.model.cfg.vocab_size, dict(s.mesh.shape), start_step)
 
     writer = writers.create_writer(workdir, just_logging=not is_main)
-    start_step = int(state.step)
+    stack.callback(writer.close)
     if start_step == 0:
-      writer.write_hparams(_flatten(config.to_dict()))
-    progress = writers.report_progress(config.num_steps, writer)
-    preempt = _Preempted()
+      writer.write_hparams(_flat_hparams(config.to_dict()))
+    buffer, speed = writers.MetricBuffer(writer), writers.Throughput(results.tokens_per_step)
+    progress = writers.report_progress(total, writer)
+    preemption = checkpointing.Preemption(ckpt)
+    stack.callback(preemption.close)
+    batches = data_lib.prefetch_to_device(ds.train_batch, start_step, s.batch_sharding,
+                                          config.prefetch)
+    stack.callback(batches.close)
+    train_fn, eval_fn = compile_train_step(config, s), compile_eval_step(config, s)
 
-    results_path = os.path.join(workdir, "results.json")
-    results = {
-        "optimizer": config.optimizer.name,
-        "learning_rate": config.optimizer.learning_rate,
-        "seed": config.seed,
-        "num_params": int(num_params),
-        "num_steps": config.num_steps,
-        "tokens_per_step": config.batch_size * config.seq_len,
-        "diverged_at_step": None,
-        "init_params_fingerprint": [float(x) for x in jax.device_get(fingerprint)],
-    }
-    if os.path.exists(results_path):
-      with open(results_path) as f:
-        results = {**json.load(f), **{k: v for k, v in results.items() if k != "diverged_at_step"}}
+    def sync(step) -> bool:
+      """Host sync: writes the buffered metrics; True once the run has diverged."""
+      buffer.flush()
+      lock.heartbeat()
+      if (tps := speed.update(step)) is not None:
+        writer.write_scalars(step, {"train/tokens_per_sec": tps})
+      return int(state.diverged_at) >= 0
 
-    batches = data_lib.prefetch_to_device(ds.train_batch, start_step, batch_sh, config.prefetch)
-    pending = []  # (step, device metrics) waiting for the next host sync
-    last_train, last_eval = {}, {}
-    timer = {"t0": None, "step0": start_step, "tokens_per_sec": results.get("tokens_per_second")}
-    status = "running"
-
-    def flush(step):
-      """Host sync: writes pending metrics; returns True if the run has diverged."""
-      nonlocal last_train
-      host = jax.device_get(pending)
-      pending.clear()
-      for at, m in host:
-        diag = m.pop("diagnostics", {})
-        m.update(diag)
-        scalars = {k: v for k, v in m.items() if np.ndim(v) == 0}
-        # Histogram samples: drop non-finite entries (e.g. log-staleness of a zero moment).
-        hists = {k: v[np.isfinite(v)] for k, v in m.items() if np.ndim(v) == 1}
-        hists = {k: v for k, v in hists.items() if v.size}
-        writer.write_scalars(at, scalars)
-        if hists:
-          writer.write_histograms(at, hists)
-        if all(np.isfinite(float(v)) for k, v in scalars.items() if k.startswith("train/")):
-          last_train = scalars
-      now = time.perf_counter()
-      if timer["t0"] is None:  # first sync: the compile is behind us now
-        timer["t0"], timer["step0"] = now, step
-      elif step > timer["step0"]:
-        timer["tokens_per_sec"] = (
-            (step - timer["step0"]) * results["tokens_per_step"] / (now - timer["t0"])
-        )
-        writer.write_scalars(step, {"train/tokens_per_sec": timer["tokens_per_sec"]})
-      return int(jax.device_get(state.diverged_at)) >= 0
-
-    diverged = False
-    for step in range(start_step, config.num_steps):
-      if preempt.flag:
+    status, diverged, last_eval = "completed", False, {}
+    for step in range(start_step + 1, total + 1):  # `step`: steps done once this one is
+      if preemption.reached(step - 1):
         status = "preempted"
         break
-      mode = diagnostics.mode_for_step(step, dcfg) if dcfg.enabled else None
-      _, batch = next(batches)
-      state, metrics = step_fn(mode)(state, batch)
-      done = step + 1
-      keep_metrics = done % config.log_every == 0 or mode == "full"
-      if keep_metrics:
-        pending.append((done, metrics))
-      progress(done)
-      if done % config.log_every == 0 or done == config.num_steps:
-        diverged = flush(done)
-        if diverged:
+      mode = diagnostics.mode_for_step(step - 1, dcfg) if dcfg.enabled else None
+      with jax.profiler.StepTraceAnnotation("train", step_num=step - 1):
+        state, metrics = train_fn(mode)(state, next(batches)[1])
+      if itstime(step, config.log_every, total) or "diagnostics" in metrics:
+        buffer.add(step, metrics)
+      progress(step)
+      if itstime(step, config.sync_every, total) and (diverged := sync(step)):
+        break
+      if itstime(step, config.eval_every, total):
+        last_eval = {split: evaluate(eval_fn, state, _TMP_eval_batches(ds, split), s.batch_sharding)
+                     for split in _TMP_splits(ds)}
+        for split, ev in last_eval.items():
+          writer.write_scalars(step, eval_scalars(split, ev))
+      if step % config.checkpoint_every == 0 and step != total:
+        if diverged := sync(step):  # only finite states are saved
           break
-      if done % config.eval_every == 0 or done == config.num_steps:
-        last_eval = evaluate(state)
-        writer.write_scalars(done, last_eval)
-      if done % config.checkpoint_every == 0 and done != config.num_steps:
-        diverged = flush(done)  # only finite states are saved
-        if diverged:
-          break
-        checkpointing.save(ckpt, done, state)
-    else:
-      status = "completed"
-    if pending:
-      diverged = flush(int(state.step)) or diverged
-    batches.close()
-
-    steps_done = int(state.step)
-    if diverged:
+        checkpointing.save(ckpt, step, state)
+    if sync(int(state.step)) or diverged:
       status = "diverged"
-      results["diverged_at_step"] = int(state.diverged_at)
       writer.write_scalars(int(state.diverged_at), {"train/diverged": 1.0})
-      logging.warning("diverged at step %d: non-finite loss or gradient", int(state.diverged_at))
-    else:
-      if steps_done > 0 and ckpt.latest_step() != steps_done:
-        checkpointing.save(ckpt, steps_done, state, force=True)
-      if status == "completed" and not last_eval:
-        last_eval = evaluate(state)
+      logging.warning("diverged at step %d: non-finite loss, gradient, update or parameters",
+                      int(state.diverged_at))
+    elif int(state.step) > 0 and ckpt.latest_step() != int(state.step):
+      checkpointing.save(ckpt, int(state.step), state, force=True)
     ckpt.wait_until_finished()
-    ckpt.close()
-    preempt.restore()
-    writer.close()
 
-  results.update(
-      status=status,
-      steps_done=steps_done,
-      tokens_seen=steps_done * results["tokens_per_step"],
-      final_train_loss=_float(last_train.get("train/loss", results.get("final_train_loss"))),
-      final_eval_loss=last_eval.get("eval/loss", results.get("final_eval_loss")),
-      final_eval_perplexity=last_eval.get("eval/perplexity", results.get("final_eval_perplexity")),
-      eval_loss_by_frequency={
-          k.rsplit("=", 1)[1]: v for k, v in last_eval.items() if "loss_by_frequency" in k
-      } or results.get("eval_loss_by_frequency", {}),
-      tokens_per_second=timer["tokens_per_sec"],
-      devices=jax.device_count(),
+  results = _final_results(results, status, state, buffer, last_eval, speed)
+  previous = rundir.RunResults.load(workdir)
+  results = previous.merge(results) if previous else results
+  if is_main:
+    results.save(workdir)
+  logging.info("results: %s after %d steps; train loss %s, eval loss %s", results.status,
+               results.steps_done, results.final_train_loss, results.final_eval_loss)
+  return results
+
+
+def _final_results(results, status, state, buffer, last_eval, speed) -> rundir.RunResults:
+  """This segment's results (``RunResults.merge`` combines it with earlier segments')."""
+  val = last_eval.get("validation", {})
+  return dataclasses.replace(
+      results, status=status, steps_done=int(state.step),
+      tokens_seen=int(state.step) * results.tokens_per_step,
+      diverged_at_step=int(state.diverged_at) if status == "diverged" else None,
+      final_train_loss=buffer.last_train.get("train/loss"), final_eval_loss=val.get("loss"),
+      final_eval_perplexity=val.get("perplexity"),
+      final_eval_losses={split: ev["loss"] for split, ev in last_eval.items()},
+      eval_loss_by_frequency=val.get("loss_by_frequency", []),
+      tokens_per_second=speed.tokens_per_second, devices=jax.device_count(),
       platform=jax.devices()[0].platform,
   )
-  if is_main:
-    write_json(results_path, results)
-  logging.info("results: %s", {k: v for k, v in results.items() if not isinstance(v, dict)})
-  return results
+
+
+# TMP until the data branch lands (CONTRACTS item 2).
+def _TMP_baselines(ds):
+  return ds.baselines() if hasattr(ds, "baselines") else {}
+def _TMP_splits(ds):
+  return getattr(ds, "eval_splits", ("validation",))
+def _TMP_eval_batches(ds, split):
+  return ds.eval_batches(split) if hasattr(ds, "eval_splits") else ds.eval_batches()

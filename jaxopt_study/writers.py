@@ -15,7 +15,10 @@ import os
 import time
 from typing import Any, Mapping
 
+import jax
 import numpy as np
+
+METRICS_FILE = "metrics.jsonl"  # Plain-JSON copy of every scalar (see JsonlWriter).
 
 
 def _clu():
@@ -131,9 +134,6 @@ class _Fanout:
     return call
 
 
-METRICS_FILE = "metrics.jsonl"
-
-
 def create_writer(workdir: str, *, just_logging: bool = False, backend: str = "auto"):
   """TensorBoard (CLU's asynchronous SummaryWriter, or tensorboardX), console, metrics.jsonl.
 
@@ -191,3 +191,54 @@ def report_progress(num_train_steps: int, writer, every_secs: float = 60.0):
   return _FallbackReportProgress(
       num_train_steps=num_train_steps, writer=writer, every_secs=every_secs
   )
+
+
+class MetricBuffer:
+  """Per-step metrics kept on the device until the next host sync, then fetched in one go.
+
+  ``add`` costs no device-to-host transfer, so a run can record every step's loss (the study's
+  spike rule needs them) without syncing every step; ``flush`` fetches everything pending,
+  writes scalars and histogram samples, and remembers the last finite ``train/*`` scalars.
+  """
+
+  def __init__(self, writer):
+    self._writer = writer
+    self._pending = []  # [(step, device metrics)]
+    self.last_train: dict[str, float] = {}
+
+  def add(self, step: int, metrics: Mapping[str, Any]) -> None:
+    self._pending.append((step, metrics))
+
+  def flush(self) -> None:
+    host, self._pending = jax.device_get(self._pending), []
+    for step, m in host:
+      m = dict(m)
+      m.update(m.pop("diagnostics", {}))  # A diagnostics.Metrics: packed scalars and histograms
+      scalars = {k: v for k, v in m.items() if np.ndim(v) == 0}
+      # Histogram samples: drop non-finite entries (a diverged step's NaNs).
+      hists = {k: v[np.isfinite(v)] for k, v in m.items() if np.ndim(v) == 1}
+      hists = {k: v for k, v in hists.items() if v.size}
+      self._writer.write_scalars(step, scalars)
+      if hists:
+        self._writer.write_histograms(step, hists)
+      train = {k: float(v) for k, v in scalars.items() if k.startswith("train/")}
+      if train and all(np.isfinite(v) for v in train.values()):
+        self.last_train = train
+
+
+class Throughput:
+  """Tokens per second between host syncs, counted from the first sync (compile excluded)."""
+
+  def __init__(self, tokens_per_step: int):
+    self._tokens_per_step = tokens_per_step
+    self._t0 = self._step0 = None
+    self.tokens_per_second: float | None = None
+
+  def update(self, step: int) -> float | None:
+    now = time.perf_counter()
+    if self._t0 is None:
+      self._t0, self._step0 = now, step
+    elif step > self._step0:
+      self.tokens_per_second = (step - self._step0) * self._tokens_per_step / (now - self._t0)
+      return self.tokens_per_second
+    return None

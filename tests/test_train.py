@@ -1,9 +1,11 @@
-"""End to end: a tiny run, resume after SIGKILL, 8-device sharding, divergence, bad input."""
+"""End to end: a tiny run, resume, preemption, 8-device sharding, divergence, and every failure path."""
 
 import json
 import os
 import pathlib
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,7 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from configs import default
+from jaxopt_study import presets
+from jaxopt_study import rundir
 from jaxopt_study import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -21,13 +24,13 @@ STEPS = 24
 
 def tiny_config(optimizer="adamw", **overrides):
   """2 layers, d=32, 24 steps of 8 x 16 tokens; diagnostics every 4 steps."""
-  config = default.with_optimizer(optimizer, "tiny")
+  config = presets.get_config("tiny", optimizer)
   config.model.num_layers, config.model.d_model, config.model.num_heads = 2, 32, 4
   config.model.max_len = config.seq_len = 16
   config.batch_size, config.num_steps = 8, STEPS
   config.data.vocab_size = 256
   config.schedule.warmup_steps = 4
-  config.log_every, config.eval_every, config.checkpoint_every = 4, 12, 8
+  config.log_every, config.sync_every, config.eval_every, config.checkpoint_every = 4, 4, 12, 8
   config.diagnostics.every = 4
   for k, v in overrides.items():
     target = config
@@ -57,40 +60,55 @@ def reference_run(tmp_path_factory):
 
 def test_run_writes_everything(reference_run):
   workdir, results = reference_run
-  assert results["status"] == "completed" and results["steps_done"] == STEPS
-  for key in ("optimizer", "final_train_loss", "final_eval_loss", "final_eval_perplexity",
-              "tokens_per_second", "diverged_at_step"):
-    assert key in results
-  assert np.isclose(results["final_eval_perplexity"], np.exp(results["final_eval_loss"]))
-  assert results["final_train_loss"] < np.log(256)  # learned something beyond uniform
-  on_disk = json.load(open(os.path.join(workdir, "results.json")))
-  assert on_disk["status"] == "completed"
+  assert results.status == "completed" and results.steps_done == STEPS
+  assert results.diverged_at_step is None and results.tokens_per_second > 0
+  assert np.isclose(results.final_eval_perplexity, np.exp(results.final_eval_loss))
+  assert results.final_train_loss < np.log(256)  # learned something beyond uniform
+  assert set(results.final_eval_losses) >= {"validation", "test"}
+  assert results.final_eval_losses["validation"] == results.final_eval_loss
+  assert results.config_fingerprint == rundir.config_fingerprint(tiny_config())
+  assert rundir.RunResults.load(workdir) == results
   files = os.listdir(workdir)
   assert any(f.startswith("events.out.tfevents") for f in files), files
-  assert "config.json" in files
-  assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())[-1] == STEPS
+  assert {"config.json", "results.json", "metrics.jsonl"} <= set(files)
+  assert "run.lock" not in files  # released
+  assert _ckpts(workdir)[-1] == STEPS
   scalars = losses(workdir)
   assert set(range(4, STEPS + 1, 4)) <= set(scalars)  # every log step (and diagnostics steps)
-  assert any(k.startswith("eval/loss") for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl"))) for k in r)
+  evals = losses(workdir, "eval/loss")
+  assert set(evals) == {12, 24} and evals[24] == results.final_eval_loss
+  assert set(losses(workdir, "eval_test/loss")) == {12, 24}
+
+
+def _ckpts(workdir):
+  return sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
 
 
 def test_rerun_of_a_finished_run_changes_nothing(reference_run):
+  """Running a finished workdir again trains nothing, evaluates nothing and keeps its results."""
   workdir, results = reference_run
+  metrics_before = open(os.path.join(workdir, "metrics.jsonl")).read()
   again = train.train_and_evaluate(tiny_config(), workdir)
-  assert again["steps_done"] == STEPS and again["final_train_loss"] == results["final_train_loss"]
+  assert again == results  # the in-memory results of the first run, field by field
+  assert open(os.path.join(workdir, "metrics.jsonl")).read() == metrics_before
+  assert _ckpts(workdir)[-1] == STEPS
 
 
-def _run_until_checkpoint(workdir, config_expr, step=8):
-  """Starts `train_and_evaluate(<config_expr>, workdir)` in a subprocess; returns once the
-  checkpoint of `step` is complete (orbax renames it into place when it is)."""
-  code = ("import sys; sys.path.insert(0, %r); from tests.test_train import tiny_config;"
-          "from jaxopt_study import train; train.train_and_evaluate(%s, %r)"
-          ) % (str(ROOT), config_expr, str(workdir))
-  proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+def _run_until_checkpoint(workdir, config_expr, step=8, main_flags=None):
+  """Starts a run in a subprocess; returns once the checkpoint of `step` is complete (orbax
+  renames it into place when it is). With `main_flags`, the run is `python -m jaxopt_study.main`
+  with those flags; otherwise `train_and_evaluate(<config_expr>, workdir)`."""
+  if main_flags is not None:
+    cmd = [sys.executable, "-m", "jaxopt_study.main", f"--workdir={workdir}", *main_flags]
+  else:
+    code = ("import sys; sys.path.insert(0, %r); from tests.test_train import tiny_config;"
+            "from jaxopt_study import train; train.train_and_evaluate(%s, %r)"
+            ) % (str(ROOT), config_expr, str(workdir))
+    cmd = [sys.executable, "-c", code]
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   deadline = time.time() + 300
   while not (workdir / "checkpoints" / str(step)).exists():
-    assert proc.poll() is None and time.time() < deadline, "run ended before its checkpoint"
+    assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
     time.sleep(0.05)
   return proc
 
@@ -103,32 +121,40 @@ def test_resume_after_sigkill_is_bitwise_identical(reference_run, tmp_path):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   results = train.train_and_evaluate(tiny_config(), str(workdir))
-  assert results["status"] == "completed"
+  assert results.status == "completed"
   assert losses(str(workdir)) == losses(ref_dir)  # bitwise: same floats
 
 
-def test_sigterm_checkpoints_and_records_preemption(tmp_path):
-  """SIGTERM (a preemption) saves a checkpoint of the current step and exits cleanly."""
+TINY_FLAGS = ["--config=configs/adamw.py:tiny", "--config.model.num_layers=1",
+              "--config.model.d_model=32", "--config.model.max_len=16", "--config.seq_len=16",
+              "--config.batch_size=8", "--config.data.vocab_size=256",
+              "--config.checkpoint_every=8", "--config.diagnostics.enabled=False"]
+
+
+def test_sigterm_checkpoints_and_exits_with_the_preempted_code(tmp_path):
+  """SIGTERM (a preemption) saves a checkpoint of the current step; main exits with 75."""
   workdir = tmp_path / "preempted"
-  proc = _run_until_checkpoint(
-      workdir, 'tiny_config(**{"num_steps": 10_000, "diagnostics.enabled": False})')
+  proc = _run_until_checkpoint(workdir, None, main_flags=[*TINY_FLAGS, "--config.num_steps=10000"])
   proc.send_signal(signal.SIGTERM)
-  assert proc.wait(timeout=120) == 0
-  results = json.load(open(workdir / "results.json"))
-  assert results["status"] == "preempted" and 8 <= results["steps_done"] < 10_000
-  ckpts = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
-  assert ckpts[-1] == results["steps_done"]
+  assert proc.wait(timeout=120) == 75, proc.stderr.read()[-3000:]
+  results = rundir.RunResults.load(str(workdir))
+  assert results.status == "preempted" and 8 <= results.steps_done < 10_000
+  assert _ckpts(workdir)[-1] == results.steps_done
 
 
-def test_injected_nan_is_recorded_as_divergence(tmp_path):
+def test_injected_nan_is_recorded_as_divergence_and_a_clean_rerun_clears_it(tmp_path):
   results = train.train_and_evaluate(tiny_config(inject_nan_at_step=10), str(tmp_path))
-  assert results["status"] == "diverged" and results["diverged_at_step"] == 10
-  assert results["steps_done"] <= 12  # stops at the next host sync
-  ckpts = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
-  assert ckpts == [8]  # the last good checkpoint, nothing after the NaN
-  assert np.isfinite(results["final_train_loss"])
-  assert json.load(open(tmp_path / "results.json"))["status"] == "diverged"
+  assert results.status == "diverged" and results.diverged_at_step == 10
+  assert results.steps_done <= 12  # stops at the next host sync
+  assert _ckpts(tmp_path) == [8]  # the last good checkpoint, nothing after the NaN
+  assert np.isfinite(results.final_train_loss)
+  assert rundir.RunResults.load(str(tmp_path)).status == "diverged"
   assert losses(str(tmp_path), "train/diverged") == {10: 1.0}
+  # The fault was transient (fault injection is not part of the trajectory): a rerun resumes
+  # from the last good checkpoint, completes, and no divergence stays on record.
+  again = train.train_and_evaluate(tiny_config(), str(tmp_path))
+  assert again.status == "completed" and again.diverged_at_step is None
+  assert rundir.RunResults.load(str(tmp_path)).diverged_at_step is None
 
 
 SHARDED = """
@@ -201,6 +227,17 @@ def test_params_are_really_sharded_over_fsdp():
         ({"data.name": "c4"}, r"config\.data\.name"),
         ({"data.name": "local", "data.path": "/nonexistent/wikitext", "data.vocab_size": 1024},
          r"config\.data\.path"),
+        ({"optimizer.learning_rate": float("nan")}, r"config\.optimizer\.learning_rate=nan"),
+        ({"optimizer.learning_rate": float("inf")}, r"config\.optimizer\.learning_rate=inf"),
+        ({"optimizer.learning_rate": 1e39}, r"config\.optimizer\.learning_rate=1e\+39"),
+        ({"optimizer.clip_norm": -1.0}, r"config\.optimizer\.clip_norm=-1.0 .*ascends"),
+        ({"optimizer.weight_decay": -0.1}, r"config\.optimizer\.weight_decay=-0.1"),
+        ({"schedule.warmup_steps": -5}, r"config\.schedule\.warmup_steps=-5"),
+        ({"schedule.min_lr_ratio": 2.0}, r"config\.schedule\.min_lr_ratio=2.0"),
+        ({"keep_checkpoints": 0}, r"config\.keep_checkpoints=0 must be an integer >= 1"),
+        ({"prefetch": 0}, r"config\.prefetch=0 must be an integer >= 1"),
+        ({"sync_every": 0}, r"config\.sync_every=0"),
+        ({"diagnostics.every": 0}, r"config\.diagnostics\.every=0 must be >= 1"),
     ],
 )
 def test_bad_input_fails_before_compile(overrides, error, tmp_path, monkeypatch):
@@ -209,3 +246,82 @@ def test_bad_input_fails_before_compile(overrides, error, tmp_path, monkeypatch)
   with pytest.raises((ValueError, FileNotFoundError), match=error):
     train.train_and_evaluate(tiny_config(**overrides), str(tmp_path))
   assert not compiled
+
+
+def test_resume_with_another_config_is_refused_and_restart_moves_the_run_aside(reference_run,
+                                                                                tmp_path):
+  workdir = tmp_path / "changed"
+  shutil.copytree(reference_run[0], workdir)
+  with pytest.raises(rundir.ConfigChanged, match=r"optimizer\.learning_rate.*--restart"):
+    train.train_and_evaluate(tiny_config(**{"optimizer.learning_rate": 1e-3}), str(workdir))
+  # Cadence fields do not change the trajectory: not refused.
+  assert rundir.config_fingerprint(tiny_config(log_every=2)) == rundir.config_fingerprint(
+      tiny_config())
+  moved = rundir.move_aside(str(workdir))
+  assert os.path.exists(os.path.join(moved, "results.json")) and not os.path.exists(
+      workdir / "results.json")
+
+
+def test_a_second_process_is_locked_out_and_a_stale_lock_is_taken_over(tmp_path):
+  workdir = tmp_path / "locked"
+  workdir.mkdir()
+  (workdir / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+  with pytest.raises(rundir.Locked, match="another process is training in this workdir"):
+    train.train_and_evaluate(tiny_config(num_steps=4), str(workdir))
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  (workdir / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid}))
+  assert train.train_and_evaluate(tiny_config(num_steps=4), str(workdir)).status == "completed"
+  assert not (workdir / "run.lock").exists()
+
+
+def _truncate(step_dir):
+  for f in step_dir.rglob("*"):
+    if f.is_file() and f.stat().st_size > 16:
+      f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _metadata_gone(step_dir):
+  for f in step_dir.rglob("*metadata*"):
+    if f.is_file():
+      f.unlink()
+
+
+def _emptied(step_dir):
+  shutil.rmtree(step_dir)
+  step_dir.mkdir()
+
+
+@pytest.mark.parametrize("corrupt", [_truncate, _metadata_gone, _emptied])
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(reference_run, tmp_path,
+                                                                    corrupt):
+  """Damage checkpoint 24 of a finished run: the rerun restores 16, warns, keeps the bad one
+  as 24.corrupt, retrains 16 -> 24 and lands on the same losses bit for bit."""
+  ref_dir, ref = reference_run
+  workdir = tmp_path / "corrupt"
+  shutil.copytree(ref_dir, workdir)
+  corrupt(workdir / "checkpoints" / str(STEPS))
+  results = train.train_and_evaluate(tiny_config(), str(workdir))
+  assert results.status == "completed" and results.steps_done == STEPS
+  assert results.final_train_loss == ref.final_train_loss
+  assert (workdir / "checkpoints" / f"{STEPS}.corrupt").is_dir()
+  assert _ckpts(workdir)[-1] == STEPS
+
+
+def test_a_full_disk_is_one_clear_error(tmp_path):
+  """ENOSPC while saving: main prints one line naming the problem and the fix, exit code 1."""
+  code = (
+      "import errno, sys\n"
+      "from absl import app\n"
+      "from jaxopt_study import checkpointing, main\n"
+      "def full(*a, **k):\n"
+      "  raise OSError(errno.ENOSPC, 'No space left on device', 'checkpoints/8')\n"
+      "checkpointing.save = full\n"
+      f"sys.argv = ['main', '--workdir={tmp_path}', *{TINY_FLAGS!r}, '--config.num_steps=12']\n"
+      "app.run(main.main)\n"
+  )
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 1, out.stderr[-3000:]
+  assert "No space left on device" in out.stderr and "--workdir" in out.stderr
+  assert "Traceback" not in out.stderr and "ImportError" not in out.stderr
