@@ -17,7 +17,7 @@ from jaxopt_study.data import wikitext
 
 def _synthetic_config(**overrides):
   c = data.default_config()
-  c.vocab_size = overrides.pop('vocab_size', 1024)
+  c.vocab_size = overrides.pop("vocab_size", 1024)
   for k, v in overrides.items():
     c.synthetic[k] = v
   return c
@@ -27,8 +27,8 @@ def _shared_wikitext103() -> pathlib.Path | None:
   """../shared/data/wikitext-103 relative to the repository root, when present."""
   here = pathlib.Path(__file__).resolve()
   for root in (here.parents[2], here.parents[1].parent):
-    folder = root / 'shared' / 'data' / 'wikitext-103'
-    if (folder / 'wiki.valid.tokens').is_file():
+    folder = root / "shared" / "data" / "wikitext-103"
+    if (folder / "wiki.valid.tokens").is_file():
       return folder
   return None
 
@@ -36,9 +36,9 @@ def _shared_wikitext103() -> pathlib.Path | None:
 # --- Synthetic corpus: ground truth ---------------------------------------------------------
 
 
-@pytest.mark.parametrize('exponent', [0.9, 1.4])
+@pytest.mark.parametrize("exponent", [0.9, 1.4])
 def test_synthetic_zipf_exponent(exponent):
-  ds = data.build_dataset(_synthetic_config(vocab_size=4096, zipf_exponent=exponent, shift='none'),
+  ds = data.build_dataset(_synthetic_config(vocab_size=4096, zipf_exponent=exponent, shift="none"),
                           seq_len=256, global_batch_size=32, seed=0)
   counts = np.zeros(ds.vocab_size)
   for step in range(100):  # 822k tokens
@@ -50,7 +50,7 @@ def test_synthetic_zipf_exponent(exponent):
 
 
 def test_synthetic_switch_schedule():
-  ds = data.build_dataset(_synthetic_config(num_topics=3, shift='switch', shift_every=5),
+  ds = data.build_dataset(_synthetic_config(num_topics=3, shift="switch", shift_every=5),
                           seq_len=128, global_batch_size=32, seed=1)
   tops = []
   for k in range(4):  # the 4th period wraps around to topic 0
@@ -68,7 +68,7 @@ def test_synthetic_switch_schedule():
 
 
 def test_synthetic_drift_mixes():
-  c = _synthetic_config(num_topics=2, shift='drift', shift_every=100, num_eval_sequences=4096)
+  c = _synthetic_config(num_topics=2, shift="drift", shift_every=100, num_eval_sequences=4096)
   c.eval_batches = 128
   ds = data.build_dataset(c, seq_len=64, global_batch_size=32, seed=2)
   np.testing.assert_allclose(ds.mixture_at(0), [1.0, 0.0])
@@ -85,7 +85,7 @@ def test_synthetic_drift_mixes():
 
 
 def test_synthetic_copy_spans_keep_marginals():
-  c = _synthetic_config(vocab_size=64, zipf_exponent=1.1, shift='none', copy_prob=0.9,
+  c = _synthetic_config(vocab_size=64, zipf_exponent=1.1, shift="none", copy_prob=0.9,
                         span_min=2, span_max=8)
   ds = data.build_dataset(c, seq_len=63, global_batch_size=64, seed=3)
   batches = np.stack([ds.train_batch(s) for s in range(200)])  # [200, 64, 64]
@@ -112,7 +112,7 @@ def test_synthetic_copy_spans_keep_marginals():
 
 
 def test_synthetic_token_frequencies_horizon():
-  c = _synthetic_config(num_topics=3, shift='switch', shift_every=10)
+  c = _synthetic_config(num_topics=3, shift="switch", shift_every=10)
   ds = data.build_dataset(c, seq_len=8, global_batch_size=4, seed=0, num_train_steps=25)
   np.testing.assert_allclose(ds.horizon_weights(), [0.4, 0.4, 0.2])
   np.testing.assert_allclose(ds.token_frequencies,
@@ -122,7 +122,7 @@ def test_synthetic_token_frequencies_horizon():
   # Unknown horizon: one full topic cycle.
   ds = data.build_dataset(c, seq_len=8, global_batch_size=4, seed=0)
   np.testing.assert_allclose(ds.horizon_weights(), [1 / 3] * 3)
-  c.synthetic.shift = 'drift'
+  c.synthetic.shift = "drift"
   ds = data.build_dataset(c, seq_len=8, global_batch_size=4, seed=0, num_train_steps=1000)
   np.testing.assert_allclose(ds.token_frequencies,
                              np.mean([ds.token_probs_at(s) for s in range(1000)], axis=0))
@@ -160,12 +160,12 @@ def test_synthetic_speed():
   assert (time.perf_counter() - t0) / 10 < 0.05  # ~4 ms on 2 CPU cores; generous for CI
 
 
-@pytest.mark.parametrize('name', ['synthetic', 'local'])
+@pytest.mark.parametrize("name", ["synthetic", "local"])
 def test_process_slices_concatenate_to_global_batch(name, tmp_path):
-  if name == 'synthetic':
+  if name == "synthetic":
     c = _synthetic_config()
   else:
-    c = _local_config(_write_wikitext(tmp_path / 'wiki'), tmp_path / 'cache')
+    c = _local_config(_write_wikitext(tmp_path / "wiki"), tmp_path / "cache")
   kw = dict(seq_len=16, global_batch_size=8, seed=0)
   whole = data.build_dataset(c, **kw)
   parts = [data.build_dataset(c, process_index=i, process_count=4, **kw) for i in range(4)]
@@ -179,52 +179,52 @@ def test_process_slices_concatenate_to_global_batch(name, tmp_path):
 
 # --- WikiText --------------------------------------------------------------------------------
 
-_WORDS = ('the of and in to a was is for on as by with he at from that his it an were are which '
-          'river castle storm lobster highway album season army church species born game ship '
+_WORDS = ("the of and in to a was is for on as by with he at from that his it an were are which "
+          "river castle storm lobster highway album season army church species born game ship "
           'first two 1994 , . ( ) " @-@ <unk>').split()
 
 
-def _write_wikitext(folder: pathlib.Path, articles=(('train', 6), ('valid', 3))) -> pathlib.Path:
+def _write_wikitext(folder: pathlib.Path, articles=(("train", 6), ("valid", 3))) -> pathlib.Path:
   """WikiText-format files; returns the folder. Each article: header, 2 sections, paragraphs."""
   folder.mkdir(parents=True, exist_ok=True)
   rng = np.random.default_rng(0)
   for split, n in articles:
-    lines = [' ']
+    lines = [" "]
     for a in range(n):
-      lines += [f' = Article {split} {a} = ', ' ']
+      lines += [f" = Article {split} {a} = ", " "]
       for sec in range(2):
-        lines += [' ' + ' '.join(rng.choice(_WORDS, size=60)) + ' ' for _ in range(3)]
-        lines += [' ', f' = = Section {sec} = = ', ' ']
-        lines += [f' = = = Sub {sec} = = = ', ' ']
-      lines += [' ' + ' '.join(rng.choice(_WORDS, size=40)) + ' ', ' ']
-    (folder / f'wiki.{split}.tokens').write_text('\n'.join(lines) + '\n', encoding='utf-8')
+        lines += [" " + " ".join(rng.choice(_WORDS, size=60)) + " " for _ in range(3)]
+        lines += [" ", f" = = Section {sec} = = ", " "]
+        lines += [f" = = = Sub {sec} = = = ", " "]
+      lines += [" " + " ".join(rng.choice(_WORDS, size=40)) + " ", " "]
+    (folder / f"wiki.{split}.tokens").write_text("\n".join(lines) + "\n", encoding="utf-8")
   return folder
 
 
 def _local_config(folder, cache_dir, vocab_size=400):
   c = data.default_config()
-  c.name, c.path, c.cache_dir, c.vocab_size = 'local', str(folder), str(cache_dir), vocab_size
+  c.name, c.path, c.cache_dir, c.vocab_size = "local", str(folder), str(cache_dir), vocab_size
   return c
 
 
 def test_wikitext_headers():
-  assert wikitext.is_article_header(' = Homarus gammarus = ')
-  assert wikitext.is_article_header(' = M @-@ 82 ( Michigan highway ) = \n')
-  assert not wikitext.is_article_header(' = = Description = = ')
-  assert not wikitext.is_article_header(' = = = Sub = = = ')
-  assert not wikitext.is_article_header(' = Qualified for the next round ')  # a table legend
-  assert not wikitext.is_article_header(' The sum = 3 = 1 + 2 . ')
-  assert wikitext.is_section_header(' = = Description = = ')
-  assert wikitext.is_section_header(' = = = Sub = = = ')
-  assert not wikitext.is_section_header(' = Homarus gammarus = ')
-  lines = [' ', ' = A = ', ' x ', ' = = S = = ', ' = B = ', ' y ']
+  assert wikitext.is_article_header(" = Homarus gammarus = ")
+  assert wikitext.is_article_header(" = M @-@ 82 ( Michigan highway ) = \n")
+  assert not wikitext.is_article_header(" = = Description = = ")
+  assert not wikitext.is_article_header(" = = = Sub = = = ")
+  assert not wikitext.is_article_header(" = Qualified for the next round ")  # a table legend
+  assert not wikitext.is_article_header(" The sum = 3 = 1 + 2 . ")
+  assert wikitext.is_section_header(" = = Description = = ")
+  assert wikitext.is_section_header(" = = = Sub = = = ")
+  assert not wikitext.is_section_header(" = Homarus gammarus = ")
+  lines = [" ", " = A = ", " x ", " = = S = = ", " = B = ", " y "]
   assert wikitext.count_articles(lines) == 2
   assert [len(a) for a in wikitext.split_articles(lines)] == [1, 3, 2]
 
 
 def test_local_wikitext_loads_packs_and_counts(tmp_path):
-  folder = _write_wikitext(tmp_path / 'wiki')
-  lines = list(wikitext.read_lines(folder / 'wiki.train.tokens'))
+  folder = _write_wikitext(tmp_path / "wiki")
+  lines = list(wikitext.read_lines(folder / "wiki.train.tokens"))
   stats = wikitext.corpus_stats(lines)
   nonblank = [l for l in lines if l.strip()]
   assert stats.articles == 6 and stats.sections == 6 * 4
@@ -232,7 +232,7 @@ def test_local_wikitext_loads_packs_and_counts(tmp_path):
   # Headers count as words ('=', 'Article', 'train', '0', '='), as in WikiText's own counts.
   assert stats.words == sum(len(l.split()) for l in lines) == 6 * (5 + 2 * (3 * 60 + 6 + 8) + 40)
 
-  ds = data.build_dataset(_local_config(folder, tmp_path / 'cache'), seq_len=32,
+  ds = data.build_dataset(_local_config(folder, tmp_path / "cache"), seq_len=32,
                           global_batch_size=4, seed=0)
   assert isinstance(ds, data.Dataset) and ds.vocab_size == 400 and ds.eos_id == 2
   tokens = np.asarray(ds.train_tokens)
@@ -272,40 +272,40 @@ def test_local_wikitext_loads_packs_and_counts(tmp_path):
 
 
 def test_cache_is_reused(tmp_path, monkeypatch):
-  folder = _write_wikitext(tmp_path / 'wiki')
-  c = _local_config(folder, tmp_path / 'cache')
+  folder = _write_wikitext(tmp_path / "wiki")
+  c = _local_config(folder, tmp_path / "cache")
   first = data.build_dataset(c, seq_len=32, global_batch_size=4, seed=0)
-  files = {p: p.stat().st_mtime_ns for p in (tmp_path / 'cache').rglob('*') if p.is_file()}
+  files = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*") if p.is_file()}
   assert len(files) == 4  # tokenizer model, train ids, valid ids, train frequencies
 
   def boom(*args, **kwargs):
-    raise AssertionError('the cache should have been used')
-  monkeypatch.setattr(tokenizer_lib, 'train_tokenizer', boom)
-  monkeypatch.setattr(tokenizer_lib, 'encode_lines', boom)
+    raise AssertionError("the cache should have been used")
+  monkeypatch.setattr(tokenizer_lib, "train_tokenizer", boom)
+  monkeypatch.setattr(tokenizer_lib, "encode_lines", boom)
   second = data.build_dataset(c, seq_len=32, global_batch_size=4, seed=0)
-  assert {p: p.stat().st_mtime_ns for p in (tmp_path / 'cache').rglob('*') if p.is_file()} == files
+  assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*") if p.is_file()} == files
   assert isinstance(second.train_tokens, np.memmap)
   np.testing.assert_array_equal(first.train_batch(5), second.train_batch(5))
   # Another vocabulary is another tokenizer: it trains (and here, fails on purpose).
   c.vocab_size = 500
-  with pytest.raises(AssertionError, match='cache'):
+  with pytest.raises(AssertionError, match="cache"):
     data.build_dataset(c, seq_len=32, global_batch_size=4, seed=0)
 
 
 def test_real_wikitext103_validation_split(tmp_path):
   folder = _shared_wikitext103()
   if folder is None:
-    pytest.skip('../shared/data/wikitext-103/wiki.valid.tokens is absent (only the dev machines '
-                'have it; it is never copied into the repository)')
-  stats = wikitext.corpus_stats(wikitext.read_lines(folder / 'wiki.valid.tokens'))
+    pytest.skip("../shared/data/wikitext-103/wiki.valid.tokens is absent (only the dev machines "
+                "have it; it is never copied into the repository)")
+  stats = wikitext.corpus_stats(wikitext.read_lines(folder / "wiki.valid.tokens"))
   assert stats.lines == 3_760
   assert stats.articles == 60
   # 213,886 whitespace tokens; plus one <eos> per line gives the paper's 217,646.
   assert stats.words == 213_886
   assert stats.words_with_eos == 217_646
   # The whole text pipeline on real text: tokenizer fitted on valid, evaluated on test.
-  c = _local_config(folder, tmp_path / 'cache', vocab_size=2048)
-  c.train_split, c.eval_split = 'valid', 'test'
+  c = _local_config(folder, tmp_path / "cache", vocab_size=2048)
+  c.train_split, c.eval_split = "valid", "test"
   ds = data.build_dataset(c, seq_len=128, global_batch_size=8, seed=0)
   assert (np.asarray(ds.train_tokens) == ds.eos_id).sum() == 3_760 - 1_299  # non-blank lines
   assert (np.asarray(ds.train_tokens) == tokenizer_lib.UNK_ID).sum() == 0
@@ -315,30 +315,30 @@ def test_real_wikitext103_validation_split(tmp_path):
 def test_hub_source_through_datasets(tmp_path, monkeypatch):
   """The hub path end to end, with load_dataset replaced by the same text in memory."""
   import datasets  # pylint: disable=g-import-not-at-top
-  folder = _write_wikitext(tmp_path / 'wiki')
+  folder = _write_wikitext(tmp_path / "wiki")
   calls = []
 
   def fake_load_dataset(path, name, split, cache_dir):
     calls.append((path, name, split))
     file = folder / f"wiki.{'valid' if split == 'validation' else split}.tokens"
     # The hub's rows are the file's lines with their newline, as in Salesforce/wikitext.
-    return datasets.Dataset.from_dict({'text': file.read_text().splitlines(keepends=True)})
+    return datasets.Dataset.from_dict({"text": file.read_text().splitlines(keepends=True)})
 
-  for var in ('HF_DATASETS_OFFLINE', 'HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE'):
+  for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
     monkeypatch.delenv(var, raising=False)
-  monkeypatch.setattr(wikitext, 'hub_reachable', lambda timeout_s: (True, 'mock'))
-  monkeypatch.setattr(datasets, 'load_dataset', fake_load_dataset)
+  monkeypatch.setattr(wikitext, "hub_reachable", lambda timeout_s: (True, "mock"))
+  monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
   c = data.default_config()
-  c.name, c.cache_dir, c.vocab_size = 'wikitext-2', str(tmp_path / 'cache'), 400
+  c.name, c.cache_dir, c.vocab_size = "wikitext-2", str(tmp_path / "cache"), 400
   hub = data.build_dataset(c, seq_len=32, global_batch_size=4, seed=0)
-  assert {call[2] for call in calls} == {'train', 'validation'}
-  assert all(call[:2] == ('Salesforce/wikitext', 'wikitext-2-raw-v1') for call in calls)
-  local = data.build_dataset(_local_config(folder, tmp_path / 'cache'), seq_len=32,
+  assert {call[2] for call in calls} == {"train", "validation"}
+  assert all(call[:2] == ("Salesforce/wikitext", "wikitext-2-raw-v1") for call in calls)
+  local = data.build_dataset(_local_config(folder, tmp_path / "cache"), seq_len=32,
                              global_batch_size=4, seed=0)
   np.testing.assert_array_equal(np.asarray(hub.train_tokens), np.asarray(local.train_tokens))
   # Cached now: a second build needs neither the hub nor the network.
   calls.clear()
-  monkeypatch.setattr(wikitext, 'hub_reachable', lambda timeout_s: (False, 'no network'))
+  monkeypatch.setattr(wikitext, "hub_reachable", lambda timeout_s: (False, "no network"))
   again = data.build_dataset(c, seq_len=32, global_batch_size=4, seed=0)
   assert not calls
   np.testing.assert_array_equal(again.train_batch(3), hub.train_batch(3))
@@ -348,8 +348,8 @@ def test_hub_source_through_datasets(tmp_path, monkeypatch):
 
 
 def test_prefetch_to_device():
-  mesh = Mesh(np.array(jax.devices()[:1]), ('data',))
-  sharding = NamedSharding(mesh, P('data'))
+  mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+  sharding = NamedSharding(mesh, P("data"))
   ds = data.build_dataset(_synthetic_config(), seq_len=16, global_batch_size=4, seed=0)
   with data.prefetch_to_device(ds.train_batch, 5, sharding, buffer_size=2) as it:
     for want in range(5, 9):
@@ -365,11 +365,11 @@ def test_prefetch_to_device():
 def test_prefetch_reraises_errors():
   def batch_fn(step):
     if step == 2:
-      raise KeyError('bad step')
+      raise KeyError("bad step")
     return np.zeros((1, 2), np.int32)
   it = data.prefetch_to_device(batch_fn, 0, None)
   assert [next(it)[0], next(it)[0]] == [0, 1]
-  with pytest.raises(KeyError, match='bad step'):
+  with pytest.raises(KeyError, match="bad step"):
     next(it)
   with pytest.raises(StopIteration):
     next(it)
@@ -380,30 +380,30 @@ def test_prefetch_reraises_errors():
 
 def test_unknown_name():
   c = data.default_config()
-  c.name = 'wikitext-104'
+  c.name = "wikitext-104"
   with pytest.raises(ValueError, match=r"config\.data\.name='wikitext-104'.*'local'.*'synthetic'"):
     data.build_dataset(c, seq_len=8, global_batch_size=4, seed=0)
 
 
 def test_missing_local_files(tmp_path):
-  c = _local_config(tmp_path / 'nowhere', tmp_path / 'cache')
-  with pytest.raises(FileNotFoundError, match=r'config\.data\.path.*wiki\.train\..*wiki\.valid'):
+  c = _local_config(tmp_path / "nowhere", tmp_path / "cache")
+  with pytest.raises(FileNotFoundError, match=r"config\.data\.path.*wiki\.train\..*wiki\.valid"):
     data.build_dataset(c, seq_len=8, global_batch_size=4, seed=0)
-  c.path = ''
-  with pytest.raises(FileNotFoundError, match=r'config\.data\.path'):
+  c.path = ""
+  with pytest.raises(FileNotFoundError, match=r"config\.data\.path"):
     data.build_dataset(c, seq_len=8, global_batch_size=4, seed=0)
-  folder = _write_wikitext(tmp_path / 'half', articles=(('train', 1),))  # no valid split
-  with pytest.raises(FileNotFoundError, match=r'wiki\.valid.*holds \[.wiki\.train\.tokens.\]'):
-    data.build_dataset(_local_config(folder, tmp_path / 'cache'), seq_len=8,
+  folder = _write_wikitext(tmp_path / "half", articles=(("train", 1),))  # no valid split
+  with pytest.raises(FileNotFoundError, match=r"wiki\.valid.*holds \[.wiki\.train\.tokens.\]"):
+    data.build_dataset(_local_config(folder, tmp_path / "cache"), seq_len=8,
                        global_batch_size=4, seed=0)
-  assert not (tmp_path / 'cache').exists()  # failed before any work
+  assert not (tmp_path / "cache").exists()  # failed before any work
 
 
 def test_offline_without_cache_fails_fast(tmp_path, monkeypatch):
-  monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
-  monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   c = data.default_config()
-  c.name, c.cache_dir = 'wikitext-2', str(tmp_path / 'empty_cache')
+  c.name, c.cache_dir = "wikitext-2", str(tmp_path / "empty_cache")
   t0 = time.perf_counter()
   with pytest.raises(data.SourceUnavailableError,
                      match=r"(?s)config\.data\.name='wikitext-2'.*offline.*"
@@ -413,22 +413,22 @@ def test_offline_without_cache_fails_fast(tmp_path, monkeypatch):
 
 
 def test_unreachable_hub_fails_fast(tmp_path, monkeypatch):
-  for var in ('HF_DATASETS_OFFLINE', 'HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE'):
+  for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
     monkeypatch.delenv(var, raising=False)
-  monkeypatch.setenv('HF_ENDPOINT', 'http://127.0.0.1:9')  # discard port: refused at once
+  monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: refused at once
   c = data.default_config()
-  c.name, c.cache_dir, c.hub_timeout_s = 'wikitext-103', str(tmp_path / 'empty_cache'), 2.0
+  c.name, c.cache_dir, c.hub_timeout_s = "wikitext-103", str(tmp_path / "empty_cache"), 2.0
   t0 = time.perf_counter()
-  with pytest.raises(data.SourceUnavailableError, match=r'(?s)unreachable.*config\.data\.path'):
+  with pytest.raises(data.SourceUnavailableError, match=r"(?s)unreachable.*config\.data\.path"):
     data.build_dataset(c, seq_len=8, global_batch_size=4, seed=0)
   assert time.perf_counter() - t0 < 10
 
 
-@pytest.mark.parametrize('kwargs, match', [
-    (dict(global_batch_size=10, process_count=4), r'global_batch_size=10.*process_count=4'),
-    (dict(process_index=4, process_count=4), r'process_index=4'),
-    (dict(seq_len=0), r'seq_len=0'),
-    (dict(global_batch_size=0), r'global_batch_size=0'),
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(global_batch_size=10, process_count=4), r"global_batch_size=10.*process_count=4"),
+    (dict(process_index=4, process_count=4), r"process_index=4"),
+    (dict(seq_len=0), r"seq_len=0"),
+    (dict(global_batch_size=0), r"global_batch_size=0"),
 ])
 def test_impossible_batch_or_process_split(kwargs, match):
   args = dict(seq_len=8, global_batch_size=8, seed=0) | kwargs
@@ -436,32 +436,32 @@ def test_impossible_batch_or_process_split(kwargs, match):
     data.build_dataset(data.default_config(), **args)
 
 
-@pytest.mark.parametrize('field, value, match', [
-    ('vocab_size', 1, r'config\.data\.vocab_size=1'),
-    ('synthetic.shift', 'sudden', r'config\.data\.synthetic\.shift=.sudden.'),
-    ('synthetic.zipf_exponent', 0.0, r'config\.data\.synthetic\.zipf_exponent'),
-    ('synthetic.copy_prob', 1.5, r'config\.data\.synthetic\.copy_prob'),
-    ('synthetic.span_max', 2, r'config\.data\.synthetic\.span_max=2'),
-    ('eval_batches', 0, r'config\.data\.eval_batches=0'),
-    ('synthetic.num_eval_sequences', 3, r'config\.data\.synthetic\.num_eval_sequences=3'),
+@pytest.mark.parametrize("field, value, match", [
+    ("vocab_size", 1, r"config\.data\.vocab_size=1"),
+    ("synthetic.shift", "sudden", r"config\.data\.synthetic\.shift=.sudden."),
+    ("synthetic.zipf_exponent", 0.0, r"config\.data\.synthetic\.zipf_exponent"),
+    ("synthetic.copy_prob", 1.5, r"config\.data\.synthetic\.copy_prob"),
+    ("synthetic.span_max", 2, r"config\.data\.synthetic\.span_max=2"),
+    ("eval_batches", 0, r"config\.data\.eval_batches=0"),
+    ("synthetic.num_eval_sequences", 3, r"config\.data\.synthetic\.num_eval_sequences=3"),
 ])
 def test_bad_synthetic_fields(field, value, match):
   c = data.default_config()
-  block, _, key = field.rpartition('.')
+  block, _, key = field.rpartition(".")
   (c[block] if block else c)[key] = value
   with pytest.raises(ValueError, match=match):
     data.build_dataset(c, seq_len=8, global_batch_size=4, seed=0)
 
 
 def test_bad_text_fields(tmp_path):
-  c = _local_config(tmp_path, tmp_path / 'cache', vocab_size=100)
-  with pytest.raises(ValueError, match=r'config\.data\.vocab_size=100'):
+  c = _local_config(tmp_path, tmp_path / "cache", vocab_size=100)
+  with pytest.raises(ValueError, match=r"config\.data\.vocab_size=100"):
     data.build_dataset(c, seq_len=8, global_batch_size=4, seed=0)
-  c.vocab_size, c.eval_split = 512, 'validation'
+  c.vocab_size, c.eval_split = 512, "validation"
   with pytest.raises(ValueError, match=r"config\.data\.eval_split='validation'"):
     data.build_dataset(c, seq_len=8, global_batch_size=4, seed=0)
   # An eval split shorter than one global batch of windows.
-  folder = _write_wikitext(tmp_path / 'wiki', articles=(('train', 2), ('valid', 1)))
-  with pytest.raises(ValueError, match=r'eval_split.*fewer than one global batch'):
-    data.build_dataset(_local_config(folder, tmp_path / 'cache'), seq_len=256,
+  folder = _write_wikitext(tmp_path / "wiki", articles=(("train", 2), ("valid", 1)))
+  with pytest.raises(ValueError, match=r"eval_split.*fewer than one global batch"):
+    data.build_dataset(_local_config(folder, tmp_path / "cache"), seq_len=256,
                        global_batch_size=64, seed=0)

@@ -20,16 +20,16 @@ from jaxopt_study.data.wikitext import corpus_stats
 from jaxopt_study.data.wikitext import count_articles
 
 __all__ = [
-    'DATASETS',
-    'Dataset',
-    'Prefetcher',
-    'SourceUnavailableError',
-    'SyntheticDataset',
-    'TextDataset',
-    'build_dataset',
-    'corpus_stats',
-    'count_articles',
-    'default_config',
-    'prefetch_to_device',
-    'resolve_cache_dir',
+    "DATASETS",
+    "Dataset",
+    "Prefetcher",
+    "SourceUnavailableError",
+    "SyntheticDataset",
+    "TextDataset",
+    "build_dataset",
+    "corpus_stats",
+    "count_articles",
+    "default_config",
+    "prefetch_to_device",
+    "resolve_cache_dir",
 ]

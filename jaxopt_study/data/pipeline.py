@@ -45,15 +45,15 @@ _PERM_STREAM = 0x7065726D  # 'perm': seed-sequence tag of the epoch permutations
 def default_config() -> ml_collections.ConfigDict:
   """Defaults of ``config.data``."""
   c = ml_collections.ConfigDict()
-  c.name = 'synthetic'  # Source: 'synthetic' | 'wikitext-103' | 'wikitext-2' | 'local'.
-  c.path = ''  # For 'local': folder with wiki.{train,valid,test}.{tokens,raw} (WikiText layout).
-  c.local_suffix = 'auto'  # For 'local': 'tokens' | 'raw' | 'auto' (.tokens if present, else .raw).
-  c.train_split = 'train'  # Split trained on (and the tokenizer fitted on): 'train'|'valid'|'test'.
-  c.eval_split = 'valid'  # Split evaluated on: 'train' | 'valid' | 'test'.
+  c.name = "synthetic"  # Source: 'synthetic' | 'wikitext-103' | 'wikitext-2' | 'local'.
+  c.path = ""  # For 'local': folder with wiki.{train,valid,test}.{tokens,raw} (WikiText layout).
+  c.local_suffix = "auto"  # For 'local': 'tokens' | 'raw' | 'auto' (.tokens if present, else .raw).
+  c.train_split = "train"  # Split trained on (and the tokenizer fitted on): 'train'|'valid'|'test'.
+  c.eval_split = "valid"  # Split evaluated on: 'train' | 'valid' | 'test'.
   # Tokenizer models, tokenized splits and the datasets download cache live here.
   # '' = $JAXOPT_STUDY_CACHE if set, else ~/.cache/jaxopt_study (resolved when the data is built,
   # so a saved config stays portable).
-  c.cache_dir = ''
+  c.cache_dir = ""
   # Text: SentencePiece vocabulary (ids < vocab_size even if the corpus supports fewer pieces).
   # Synthetic: the corpus vocabulary. Either way it is the model's vocabulary (before padding).
   c.vocab_size = 8192
@@ -61,7 +61,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.hub_timeout_s = 5.0  # Seconds to wait for the Hugging Face hub before failing with a fix.
 
   t = c.tokenizer = ml_collections.ConfigDict()  # Text sources only.
-  t.model_type = 'unigram'  # SentencePiece algorithm: 'unigram' | 'bpe'.
+  t.model_type = "unigram"  # SentencePiece algorithm: 'unigram' | 'bpe'.
   t.input_sentence_size = 100_000  # Fit on a random sample of this many lines (~13M words of
   # WikiText-103, plenty for 50k pieces); the whole split is then tokenized with the model.
   t.character_coverage = 0.9995  # Rarer characters are spelled as UTF-8 bytes (byte_fallback).
@@ -71,7 +71,7 @@ def default_config() -> ml_collections.ConfigDict:
   # makes the rest rarer: sparser embedding gradients.
   s.zipf_exponent = 1.1
   s.num_topics = 4  # Topics = seeded permutations rank -> token id (which tokens are frequent).
-  s.shift = 'switch'  # 'none' (topic 0) | 'switch' (k = step // shift_every mod K) | 'drift'.
+  s.shift = "switch"  # 'none' (topic 0) | 'switch' (k = step // shift_every mod K) | 'drift'.
   s.shift_every = 100  # Steps between switches; for 'drift', steps to move from topic k to k+1.
   s.copy_prob = 0.5  # Chance a span copies an earlier span of its window (learnable structure).
   s.span_min = 4  # Span lengths are uniform in [span_min, span_max] tokens.
@@ -100,68 +100,68 @@ class Dataset(Protocol):
 
 def _positive_int(value: Any, what: str, fix: str) -> None:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f'{what}={value!r} must be a positive integer; {fix}.')
+    raise ValueError(f"{what}={value!r} must be a positive integer; {fix}.")
 
 
 def _check_common(data_config, seq_len, global_batch_size, process_index, process_count) -> None:
-  _positive_int(seq_len, 'seq_len', 'pass the window length (config.seq_len)')
-  _positive_int(global_batch_size, 'global_batch_size',
-                'pass the global batch in sequences (config.batch_size)')
-  _positive_int(process_count, 'process_count', 'pass jax.process_count()')
+  _positive_int(seq_len, "seq_len", "pass the window length (config.seq_len)")
+  _positive_int(global_batch_size, "global_batch_size",
+                "pass the global batch in sequences (config.batch_size)")
+  _positive_int(process_count, "process_count", "pass jax.process_count()")
   if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index={process_index} is not in [0, process_count={process_count}); '
-                     'pass jax.process_index().')
+    raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count}); "
+                     "pass jax.process_index().")
   if global_batch_size % process_count:
     raise ValueError(
-        f'global_batch_size={global_batch_size} (config.batch_size) is not divisible by '
-        f'process_count={process_count}: each process loads an equal share of the batch; use a '
-        f'multiple of {process_count}.')
-  _positive_int(data_config.eval_batches, 'config.data.eval_batches', 'e.g. 16')
-  _positive_int(data_config.vocab_size, 'config.data.vocab_size', 'e.g. 8192')
+        f"global_batch_size={global_batch_size} (config.batch_size) is not divisible by "
+        f"process_count={process_count}: each process loads an equal share of the batch; use a "
+        f"multiple of {process_count}.")
+  _positive_int(data_config.eval_batches, "config.data.eval_batches", "e.g. 16")
+  _positive_int(data_config.vocab_size, "config.data.vocab_size", "e.g. 8192")
 
 
 def _check_synthetic(c) -> None:
   s = c.synthetic
   if c.vocab_size < 2:
-    raise ValueError(f'config.data.vocab_size={c.vocab_size} must be >= 2 for the synthetic '
-                     'corpus (a Zipf law over one token is constant).')
+    raise ValueError(f"config.data.vocab_size={c.vocab_size} must be >= 2 for the synthetic "
+                     "corpus (a Zipf law over one token is constant).")
   if c.vocab_size > np.iinfo(np.int32).max:
-    raise ValueError(f'config.data.vocab_size={c.vocab_size} does not fit int32 token ids.')
+    raise ValueError(f"config.data.vocab_size={c.vocab_size} does not fit int32 token ids.")
   if not s.zipf_exponent > 0:
-    raise ValueError(f'config.data.synthetic.zipf_exponent={s.zipf_exponent} must be > 0 '
-                     '(typical text: about 1.0-1.2).')
-  _positive_int(s.num_topics, 'config.data.synthetic.num_topics', 'e.g. 4')
+    raise ValueError(f"config.data.synthetic.zipf_exponent={s.zipf_exponent} must be > 0 "
+                     "(typical text: about 1.0-1.2).")
+  _positive_int(s.num_topics, "config.data.synthetic.num_topics", "e.g. 4")
   if s.shift not in synthetic.SHIFTS:
-    raise ValueError(f'config.data.synthetic.shift={s.shift!r} is not one of {synthetic.SHIFTS}.')
-  _positive_int(s.shift_every, 'config.data.synthetic.shift_every', 'steps per topic, e.g. 100')
+    raise ValueError(f"config.data.synthetic.shift={s.shift!r} is not one of {synthetic.SHIFTS}.")
+  _positive_int(s.shift_every, "config.data.synthetic.shift_every", "steps per topic, e.g. 100")
   if not 0.0 <= s.copy_prob <= 1.0:
-    raise ValueError(f'config.data.synthetic.copy_prob={s.copy_prob} must be in [0, 1].')
-  _positive_int(s.span_min, 'config.data.synthetic.span_min', 'e.g. 4')
+    raise ValueError(f"config.data.synthetic.copy_prob={s.copy_prob} must be in [0, 1].")
+  _positive_int(s.span_min, "config.data.synthetic.span_min", "e.g. 4")
   if s.span_max < s.span_min:
-    raise ValueError(f'config.data.synthetic.span_max={s.span_max} must be >= '
-                     f'config.data.synthetic.span_min={s.span_min}.')
-  _positive_int(s.num_eval_sequences, 'config.data.synthetic.num_eval_sequences', 'e.g. 512')
+    raise ValueError(f"config.data.synthetic.span_max={s.span_max} must be >= "
+                     f"config.data.synthetic.span_min={s.span_min}.")
+  _positive_int(s.num_eval_sequences, "config.data.synthetic.num_eval_sequences", "e.g. 512")
 
 
 def _check_text(c) -> None:
   if c.vocab_size < tokenizer_lib.MIN_VOCAB_SIZE:
-    raise ValueError(f'config.data.vocab_size={c.vocab_size} is too small for a byte-fallback '
-                     f'SentencePiece model: use >= {tokenizer_lib.MIN_VOCAB_SIZE} (typically '
-                     '8192-50304).')
+    raise ValueError(f"config.data.vocab_size={c.vocab_size} is too small for a byte-fallback "
+                     f"SentencePiece model: use >= {tokenizer_lib.MIN_VOCAB_SIZE} (typically "
+                     "8192-50304).")
   if c.tokenizer.model_type not in tokenizer_lib.MODEL_TYPES:
-    raise ValueError(f'config.data.tokenizer.model_type={c.tokenizer.model_type!r} is not one of '
-                     f'{tokenizer_lib.MODEL_TYPES}.')
-  for field in ('train_split', 'eval_split'):
+    raise ValueError(f"config.data.tokenizer.model_type={c.tokenizer.model_type!r} is not one of "
+                     f"{tokenizer_lib.MODEL_TYPES}.")
+  for field in ("train_split", "eval_split"):
     if c[field] not in wikitext.SPLITS:
-      raise ValueError(f'config.data.{field}={c[field]!r} is not one of {wikitext.SPLITS}.')
-  _positive_int(c.tokenizer.input_sentence_size, 'config.data.tokenizer.input_sentence_size',
-                'e.g. 200000')
+      raise ValueError(f"config.data.{field}={c[field]!r} is not one of {wikitext.SPLITS}.")
+  _positive_int(c.tokenizer.input_sentence_size, "config.data.tokenizer.input_sentence_size",
+                "e.g. 200000")
 
 
 def resolve_cache_dir(data_config) -> pathlib.Path:
   """``config.data.cache_dir``, else ``$JAXOPT_STUDY_CACHE``, else ``~/.cache/jaxopt_study``."""
-  path = (data_config.cache_dir or os.environ.get('JAXOPT_STUDY_CACHE')
-          or os.path.join('~', '.cache', 'jaxopt_study'))
+  path = (data_config.cache_dir or os.environ.get("JAXOPT_STUDY_CACHE")
+          or os.path.join("~", ".cache", "jaxopt_study"))
   return pathlib.Path(path).expanduser()
 
 
@@ -220,15 +220,15 @@ class TextDataset:
 
     self.num_train_windows = num_windows(len(train_tokens), seq_len)
     if self.num_train_windows < 1:
-      raise ValueError(f'config.data.train_split has {len(train_tokens)} tokens, fewer than one '
-                       f'window of seq_len + 1 = {seq_len + 1}; use more text or a shorter seq_len.')
+      raise ValueError(f"config.data.train_split has {len(train_tokens)} tokens, fewer than one "
+                       f"window of seq_len + 1 = {seq_len + 1}; use more text or a shorter seq_len.")
     eval_windows = num_windows(len(eval_tokens), seq_len)
     self.num_eval_batches = min(eval_batches, eval_windows // global_batch_size)
     if self.num_eval_batches < 1:
       raise ValueError(
-          f'config.data.eval_split has {len(eval_tokens)} tokens = {eval_windows} windows of '
-          f'seq_len + 1 = {seq_len + 1}, fewer than one global batch of {global_batch_size}; '
-          'use a smaller batch or seq_len, or a larger eval split.')
+          f"config.data.eval_split has {len(eval_tokens)} tokens = {eval_windows} windows of "
+          f"seq_len + 1 = {seq_len + 1}, fewer than one global batch of {global_batch_size}; "
+          "use a smaller batch or seq_len, or a larger eval split.")
     self._perms: dict[int, np.ndarray] = {}  # epoch -> permutation; the last two are kept.
     self._lock = threading.Lock()  # train_batch may be called from a prefetch thread.
 
@@ -270,8 +270,8 @@ class TextDataset:
 def _atomic_save(path: pathlib.Path, array: np.ndarray) -> None:
   """np.save to a unique temporary name, then rename: readers never see a partial file, and
   processes racing to build the same cache each write a complete copy."""
-  tmp = path.with_name(f'.{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp')
-  with open(tmp, 'wb') as f:
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+  with open(tmp, "wb") as f:
     np.save(f, array)
   os.replace(tmp, path)
 
@@ -282,15 +282,15 @@ def tokenized_split(source: wikitext.TextSource, split: str, text_hash: str, sp,
 
   The cache key is (source, split, hash of the split's text, hash of the tokenizer model).
   """
-  path = folder / f'{split}-{text_hash[:12]}-tok{tok_hash}.npy'
+  path = folder / f"{split}-{text_hash[:12]}-tok{tok_hash}.npy"
   if not path.exists():
     t0 = time.perf_counter()
     dtype = tokenizer_lib.token_dtype(vocab_size)
     chunks = list(tokenizer_lib.encode_lines(sp, source.lines(split), dtype=dtype))
     _atomic_save(path, np.concatenate(chunks) if chunks else np.zeros(0, dtype))
-    logging.info('tokenized %s/%s in %.1fs -> %s', source.source_id, split,
+    logging.info("tokenized %s/%s in %.1fs -> %s", source.source_id, split,
                  time.perf_counter() - t0, path)
-  return np.load(path, mmap_mode='r')
+  return np.load(path, mmap_mode="r")
 
 
 def unigram_frequencies(tokens: np.ndarray, vocab_size: int, cache: pathlib.Path) -> np.ndarray:
@@ -335,16 +335,16 @@ def _build_text(c, *, seq_len, global_batch_size, seed, process_index, process_c
   # Hashing local files reads them once (~1 s per GB); hub releases hash by name, no network.
   text_hash = {split: source.fingerprint(split) for split in {c.train_split, c.eval_split}}
   t = c.tokenizer
-  model_path = folder / (f'{c.train_split}-{text_hash[c.train_split][:12]}-spm-'
-                         f'{t.model_type}-v{c.vocab_size}-n{t.input_sentence_size}'
-                         f'-c{t.character_coverage}.model')
+  model_path = folder / (f"{c.train_split}-{text_hash[c.train_split][:12]}-spm-"
+                         f"{t.model_type}-v{c.vocab_size}-n{t.input_sentence_size}"
+                         f"-c{t.character_coverage}.model")
   if not model_path.exists():
     t0 = time.perf_counter()
     tokenizer_lib.train_tokenizer(source.lines(c.train_split), model_path,
                                   vocab_size=c.vocab_size, model_type=t.model_type,
                                   input_sentence_size=t.input_sentence_size,
                                   character_coverage=t.character_coverage)
-    logging.info('trained tokenizer in %.1fs -> %s', time.perf_counter() - t0, model_path)
+    logging.info("trained tokenizer in %.1fs -> %s", time.perf_counter() - t0, model_path)
   sp, tok_hash = tokenizer_lib.load_tokenizer(model_path)
 
   train = tokenized_split(source, c.train_split, text_hash[c.train_split], sp, tok_hash,
@@ -352,7 +352,7 @@ def _build_text(c, *, seq_len, global_batch_size, seed, process_index, process_c
   evals = (train if c.eval_split == c.train_split else
            tokenized_split(source, c.eval_split, text_hash[c.eval_split], sp, tok_hash,
                            c.vocab_size, folder))
-  freq_path = folder / f'{c.train_split}-{text_hash[c.train_split][:12]}-tok{tok_hash}.freq.npy'
+  freq_path = folder / f"{c.train_split}-{text_hash[c.train_split][:12]}-tok{tok_hash}.freq.npy"
   freqs = unigram_frequencies(train, c.vocab_size, freq_path)
   info = dict(source=source.source_id, tokenizer=str(model_path),
               tokenizer_pieces=sp.get_piece_size(), train_tokens=len(train),
@@ -366,10 +366,10 @@ def _build_text(c, *, seq_len, global_batch_size, seed, process_index, process_c
 
 # config.data.name -> builder(config.data, **build_dataset's keyword arguments).
 DATASETS: dict[str, Callable[..., Dataset]] = {
-    'synthetic': _build_synthetic,
-    'wikitext-103': _build_text,
-    'wikitext-2': _build_text,
-    'local': _build_text,
+    "synthetic": _build_synthetic,
+    "wikitext-103": _build_text,
+    "wikitext-2": _build_text,
+    "local": _build_text,
 }
 
 
@@ -395,8 +395,8 @@ def build_dataset(data_config: ml_collections.ConfigDict, *, seq_len: int,
       a hub source offline or unreachable and not cached.
   """
   if data_config.name not in DATASETS:
-    raise ValueError(f'config.data.name={data_config.name!r} is unknown; valid names: '
-                     f'{sorted(DATASETS)}.')
+    raise ValueError(f"config.data.name={data_config.name!r} is unknown; valid names: "
+                     f"{sorted(DATASETS)}.")
   _check_common(data_config, seq_len, global_batch_size, process_index, process_count)
   return DATASETS[data_config.name](
       data_config, seq_len=int(seq_len), global_batch_size=int(global_batch_size), seed=int(seed),
@@ -431,7 +431,7 @@ class Prefetcher:
   def __init__(self, batch_fn: Callable[[int], np.ndarray], start_step: int, sharding,
                buffer_size: int = 2, end_step: int | None = None):
     if buffer_size < 1:
-      raise ValueError(f'buffer_size={buffer_size} must be >= 1 (config.prefetch).')
+      raise ValueError(f"buffer_size={buffer_size} must be >= 1 (config.prefetch).")
     self._batch_fn, self._sharding = batch_fn, sharding
     self._queue: queue.Queue = queue.Queue(maxsize=buffer_size)
     self._stop = threading.Event()
@@ -439,7 +439,7 @@ class Prefetcher:
     self.wait_seconds = 0.0
     self.num_waited = 0
     self._thread = threading.Thread(target=self._work, args=(int(start_step), end_step),
-                                    name='prefetch_to_device', daemon=True)
+                                    name="prefetch_to_device", daemon=True)
     self._thread.start()
 
   def _put(self, item) -> bool:
@@ -465,7 +465,7 @@ class Prefetcher:
     except BaseException as e:  # pylint: disable=broad-except  (re-raised in the consumer)
       self._put(_Failure(e))
 
-  def __iter__(self) -> 'Prefetcher':
+  def __iter__(self) -> "Prefetcher":
     return self
 
   def __next__(self) -> tuple[int, Any]:
@@ -496,7 +496,7 @@ class Prefetcher:
     if self._thread is not threading.current_thread():
       self._thread.join(timeout)
 
-  def __enter__(self) -> 'Prefetcher':
+  def __enter__(self) -> "Prefetcher":
     return self
 
   def __exit__(self, *exc) -> None:

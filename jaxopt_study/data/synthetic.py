@@ -39,7 +39,7 @@ from typing import Iterator
 
 import numpy as np
 
-SHIFTS = ('none', 'switch', 'drift')
+SHIFTS = ("none", "switch", "drift")
 
 # Seed-sequence tags of the streams that are not training batches. Training uses the 2-word key
 # [seed, step]; the others use 3-word keys, so no training step can ever collide with them.
@@ -83,18 +83,18 @@ def mixture_weights(step: int, num_topics: int, shift: str, shift_every: int) ->
     float64 [num_topics], non-negative, sums to 1.
   """
   w = np.zeros(num_topics, np.float64)
-  if shift == 'none':
+  if shift == "none":
     w[0] = 1.0
-  elif shift == 'switch':
+  elif shift == "switch":
     w[(step // shift_every) % num_topics] = 1.0
-  elif shift == 'drift':
+  elif shift == "drift":
     k = (step // shift_every) % num_topics
     a = (step % shift_every) / shift_every
     # With one topic k == k_next and the two terms add back to 1.
     w[k] += 1.0 - a
     w[(k + 1) % num_topics] += a
   else:
-    raise ValueError(f'config.data.synthetic.shift={shift!r} is not one of {SHIFTS}.')
+    raise ValueError(f"config.data.synthetic.shift={shift!r} is not one of {SHIFTS}.")
   return w
 
 
@@ -109,18 +109,18 @@ def horizon_weights(num_steps: int, num_topics: int, shift: str,
   """
   steps = np.arange(num_steps, dtype=np.int64)
   w = np.zeros(num_topics, np.float64)
-  if shift == 'none':
+  if shift == "none":
     w[0] = 1.0
     return w
   k = (steps // shift_every) % num_topics
-  if shift == 'switch':
+  if shift == "switch":
     np.add.at(w, k, 1.0)
-  elif shift == 'drift':
+  elif shift == "drift":
     a = (steps % shift_every) / shift_every
     np.add.at(w, k, 1.0 - a)
     np.add.at(w, (k + 1) % num_topics, a)
   else:
-    raise ValueError(f'config.data.synthetic.shift={shift!r} is not one of {SHIFTS}.')
+    raise ValueError(f"config.data.synthetic.shift={shift!r} is not one of {SHIFTS}.")
   return w / w.sum()
 
 
@@ -214,16 +214,16 @@ class SyntheticDataset:
 
     if num_train_steps is None or num_train_steps <= 0:
       # Unknown horizon: one full topic cycle, the period of the schedule.
-      num_train_steps = 1 if shift == 'none' else self.num_topics * self.shift_every
+      num_train_steps = 1 if shift == "none" else self.num_topics * self.shift_every
     self.horizon_steps = int(num_train_steps)
     self.token_frequencies = self.horizon_weights() @ self.topic_probs  # [V]
     self.num_eval_batches = min(int(eval_batches),
                                 int(num_eval_sequences) // self.global_batch_size)
     if self.num_eval_batches < 1:
       raise ValueError(
-          f'config.data.synthetic.num_eval_sequences={num_eval_sequences} is fewer than one global '
-          f'batch of {self.global_batch_size} sequences; raise it to at least that.')
-    self.info = dict(source='synthetic', zipf_exponent=self.zipf_exponent,
+          f"config.data.synthetic.num_eval_sequences={num_eval_sequences} is fewer than one global "
+          f"batch of {self.global_batch_size} sequences; raise it to at least that.")
+    self.info = dict(source="synthetic", zipf_exponent=self.zipf_exponent,
                      num_topics=self.num_topics, shift=self.shift, shift_every=self.shift_every,
                      copy_prob=self.copy_prob, horizon_steps=self.horizon_steps)
 
@@ -235,7 +235,7 @@ class SyntheticDataset:
 
   def topic_at(self, step: int) -> int:
     """The topic of ``step`` (for 'drift', the one it is moving away from)."""
-    if self.shift == 'none':
+    if self.shift == "none":
       return 0
     return int((step // self.shift_every) % self.num_topics)
 
@@ -252,9 +252,9 @@ class SyntheticDataset:
   def _sample(self, rng: np.random.Generator, batch: int, step: int) -> np.ndarray:
     """``batch`` windows of ``seq_len + 1`` tokens at the distribution of ``step``; int32."""
     length = self.seq_len + 1
-    ranks = np.searchsorted(self._cdf, rng.random((batch, length)), side='right')  # [B, L]
+    ranks = np.searchsorted(self._cdf, rng.random((batch, length)), side="right")  # [B, L]
     w = self.mixture_at(step)
-    if self.shift == 'drift':
+    if self.shift == "drift":
       # Exact mixture sampling: each token picks its topic, then its rank.
       k = self.topic_at(step)
       topic = np.where(rng.random((batch, length)) < w[(k + 1) % self.num_topics],

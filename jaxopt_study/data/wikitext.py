@@ -25,20 +25,20 @@ import urllib.error
 import urllib.request
 from typing import Iterable, Iterator
 
-HF_DATASET = 'Salesforce/wikitext'
+HF_DATASET = "Salesforce/wikitext"
 # config.data.name -> Hugging Face config of the raw (untokenized, no <unk>) release.
 HF_CONFIGS = {
-    'wikitext-103': 'wikitext-103-raw-v1',
-    'wikitext-2': 'wikitext-2-raw-v1',
+    "wikitext-103": "wikitext-103-raw-v1",
+    "wikitext-2": "wikitext-2-raw-v1",
 }
-SPLITS = ('train', 'valid', 'test')
-_HF_SPLITS = {'train': 'train', 'valid': 'validation', 'test': 'test'}
-LOCAL_SUFFIXES = ('tokens', 'raw')
+SPLITS = ("train", "valid", "test")
+_HF_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
+LOCAL_SUFFIXES = ("tokens", "raw")
 
 # One '=' each side; the title neither starts nor ends with another '=' (that is a section).
-_ARTICLE_RE = re.compile(r'^ = (?!=)(.*?)(?<!=) = $')
-_SECTION_RE = re.compile(r'^ (?:= ){2,}(?!=)(.*?)(?<!=)(?: =){2,} $')
-_TRUE = ('1', 'on', 'yes', 'true')
+_ARTICLE_RE = re.compile(r"^ = (?!=)(.*?)(?<!=) = $")
+_SECTION_RE = re.compile(r"^ (?:= ){2,}(?!=)(.*?)(?<!=)(?: =){2,} $")
+_TRUE = ("1", "on", "yes", "true")
 
 
 class SourceUnavailableError(RuntimeError):
@@ -50,12 +50,12 @@ class SourceUnavailableError(RuntimeError):
 
 def is_article_header(line: str) -> bool:
   """True for ``' = Title = '`` (a trailing newline is ignored), False for sections."""
-  return _ARTICLE_RE.match(line.rstrip('\n')) is not None
+  return _ARTICLE_RE.match(line.rstrip("\n")) is not None
 
 
 def is_section_header(line: str) -> bool:
   """True for ``' = = Section = = '`` and deeper levels."""
-  return _SECTION_RE.match(line.rstrip('\n')) is not None
+  return _SECTION_RE.match(line.rstrip("\n")) is not None
 
 
 def count_articles(lines: Iterable[str]) -> int:
@@ -100,15 +100,15 @@ def corpus_stats(lines: Iterable[str]) -> CorpusStats:
 
 def read_lines(path: str | os.PathLike) -> Iterator[str]:
   """Lines of a UTF-8 text file without their trailing newline."""
-  with open(path, encoding='utf-8') as f:
+  with open(path, encoding="utf-8") as f:
     for line in f:
-      yield line.rstrip('\n')
+      yield line.rstrip("\n")
 
 
 # --- Sources -----------------------------------------------------------------------------
 
 
-def local_files(path: str, splits: Iterable[str], suffix: str = 'auto') -> dict[str, pathlib.Path]:
+def local_files(path: str, splits: Iterable[str], suffix: str = "auto") -> dict[str, pathlib.Path]:
   """The local files ``wiki.{split}.{tokens,raw}`` of ``splits`` in folder ``path``.
 
   Args:
@@ -120,7 +120,7 @@ def local_files(path: str, splits: Iterable[str], suffix: str = 'auto') -> dict[
     FileNotFoundError: naming config.data.path, the files expected and the fix.
   """
   splits = list(splits)
-  if suffix not in ('auto',) + LOCAL_SUFFIXES:
+  if suffix not in ("auto",) + LOCAL_SUFFIXES:
     raise ValueError(f"config.data.local_suffix={suffix!r} is not one of "
                      f"{('auto',) + LOCAL_SUFFIXES}.")
   fix = ("set config.data.path to a folder holding WikiText files (e.g. the unzipped "
@@ -130,25 +130,25 @@ def local_files(path: str, splits: Iterable[str], suffix: str = 'auto') -> dict[
     raise FileNotFoundError(f"config.data.name='local' needs config.data.path, which is empty: "
                             f"{fix}")
   folder = pathlib.Path(path).expanduser()
-  suffixes = LOCAL_SUFFIXES if suffix == 'auto' else (suffix,)
+  suffixes = LOCAL_SUFFIXES if suffix == "auto" else (suffix,)
   for s in suffixes:
-    files = {split: folder / f'wiki.{split}.{s}' for split in splits}
+    files = {split: folder / f"wiki.{split}.{s}" for split in splits}
     if all(f.is_file() for f in files.values()):
       return files
-  expected = ' and '.join(f'wiki.{split}.{{{",".join(suffixes)}}}' for split in splits)
-  found = sorted(p.name for p in folder.glob('wiki.*')) if folder.is_dir() else None
-  where = (f'it holds {found or "no wiki.* files"}' if found is not None
-           else 'it is not a directory')
+  expected = " and ".join(f"wiki.{split}.{{{','.join(suffixes)}}}" for split in splits)
+  found = sorted(p.name for p in folder.glob("wiki.*")) if folder.is_dir() else None
+  where = (f"it holds {found or 'no wiki.* files'}" if found is not None
+           else "it is not a directory")
   raise FileNotFoundError(
-      f'config.data.path={str(path)!r}: expected {expected} ({where}). Fix: {fix} '
-      f'To train or evaluate on other splits, set config.data.train_split / '
-      f'config.data.eval_split (valid: {SPLITS}).')
+      f"config.data.path={str(path)!r}: expected {expected} ({where}). Fix: {fix} "
+      f"To train or evaluate on other splits, set config.data.train_split / "
+      f"config.data.eval_split (valid: {SPLITS}).")
 
 
 def hf_offline() -> bool:
   """True when the environment asks Hugging Face libraries not to use the network."""
-  return any(os.environ.get(v, '').strip().lower() in _TRUE
-             for v in ('HF_DATASETS_OFFLINE', 'HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE'))
+  return any(os.environ.get(v, "").strip().lower() in _TRUE
+             for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def hub_reachable(timeout_s: float) -> tuple[bool, str]:
@@ -156,15 +156,15 @@ def hub_reachable(timeout_s: float) -> tuple[bool, str]:
 
   urllib honours the usual proxy variables, unlike a bare socket.
   """
-  endpoint = os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')
-  url = f'{endpoint}/api/datasets/{HF_DATASET}'
+  endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+  url = f"{endpoint}/api/datasets/{HF_DATASET}"
   try:
-    urllib.request.urlopen(urllib.request.Request(url, method='HEAD'), timeout=timeout_s).close()
+    urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout_s).close()
     return True, url
   except urllib.error.HTTPError:
     return True, url  # The server answered: the network works.
   except (urllib.error.URLError, OSError, ValueError) as e:
-    return False, f'{url}: {getattr(e, "reason", e)}'
+    return False, f"{url}: {getattr(e, 'reason', e)}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,10 +182,10 @@ class TextSource:
     (and no network is needed to find a cache); local files are hashed by content."""
     h = hashlib.sha256()
     if self.files is None:
-      h.update(f'{HF_DATASET}/{HF_CONFIGS[self.name]}/{_HF_SPLITS[split]}'.encode())
+      h.update(f"{HF_DATASET}/{HF_CONFIGS[self.name]}/{_HF_SPLITS[split]}".encode())
     else:
-      with open(self.files[split], 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 24), b''):
+      with open(self.files[split], "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
           h.update(chunk)
     return h.hexdigest()
 
@@ -196,21 +196,21 @@ class TextSource:
     return _hf_lines(self.name, split, self.hf_cache_dir, self.hub_timeout_s)
 
 
-def get_source(name: str, *, path: str = '', local_suffix: str = 'auto',
-               splits: Iterable[str] = ('train', 'valid'), cache_dir: str = '',
+def get_source(name: str, *, path: str = "", local_suffix: str = "auto",
+               splits: Iterable[str] = ("train", "valid"), cache_dir: str = "",
                hub_timeout_s: float = 5.0) -> TextSource:
   """The text source of ``config.data.name``; local files are checked here, before any work."""
   splits = list(splits)
-  if name == 'local':
+  if name == "local":
     files = local_files(path, splits, local_suffix)
     folder = str(pathlib.Path(path).expanduser().resolve())
     tag = hashlib.sha256(folder.encode()).hexdigest()[:8]
-    return TextSource(name=name, source_id=f'local-{pathlib.Path(folder).name}-{tag}', files=files)
+    return TextSource(name=name, source_id=f"local-{pathlib.Path(folder).name}-{tag}", files=files)
   if name in HF_CONFIGS:
     return TextSource(name=name, source_id=name,
-                      hf_cache_dir=os.path.join(cache_dir, 'huggingface') if cache_dir else None,
+                      hf_cache_dir=os.path.join(cache_dir, "huggingface") if cache_dir else None,
                       hub_timeout_s=hub_timeout_s)
-  raise ValueError(f'config.data.name={name!r} is not a text source; valid: '
+  raise ValueError(f"config.data.name={name!r} is not a text source; valid: "
                    f"{sorted(HF_CONFIGS) + ['local']}.")
 
 
@@ -226,17 +226,17 @@ def _hf_lines(name: str, split: str, cache_dir: str | None, timeout_s: float) ->
     ok, detail = hub_reachable(timeout_s)
     if not ok:
       raise SourceUnavailableError(
-          f'{what} is not in the tokenized cache and the hub is unreachable ({detail}; probe '
-          f'timeout config.data.hub_timeout_s={timeout_s}). {fix} If the raw dataset is already '
-          f'in the datasets cache, set HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 to read it offline.')
+          f"{what} is not in the tokenized cache and the hub is unreachable ({detail}; probe "
+          f"timeout config.data.hub_timeout_s={timeout_s}). {fix} If the raw dataset is already "
+          f"in the datasets cache, set HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 to read it offline.")
   try:
     import datasets  # pylint: disable=g-import-not-at-top  (slow import, only needed here)
     with _offline_mode(offline):
       ds = datasets.load_dataset(HF_DATASET, hf_config, split=hf_split, cache_dir=cache_dir)
   except Exception as e:  # datasets raises ConnectionError, FileNotFoundError, ValueError, ...
-    mode = ('offline mode is on (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE) and it is not cached'
-            if offline else 'loading failed')
-    raise SourceUnavailableError(f'{what}: {mode}: {type(e).__name__}: {e}. {fix}') from e
+    mode = ("offline mode is on (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE) and it is not cached"
+            if offline else "loading failed")
+    raise SourceUnavailableError(f"{what}: {mode}: {type(e).__name__}: {e}. {fix}") from e
   return _iter_hf_text(ds)
 
 
@@ -261,5 +261,5 @@ def _offline_mode(offline: bool):
 def _iter_hf_text(ds) -> Iterator[str]:
   # Batched column reads: ~100x faster than row dicts on the 1.8M-row WikiText-103 train split.
   for batch in ds.iter(batch_size=10_000):
-    for line in batch['text']:
-      yield line.rstrip('\n')
+    for line in batch["text"]:
+      yield line.rstrip("\n")
