@@ -1,6 +1,10 @@
 """Tests of jaxopt_study.data: synthetic ground truth, WikiText loading, packing, caching, errors."""
 
+import json
+import logging
+import math
 import pathlib
+import re
 import time
 
 import jax
@@ -24,11 +28,11 @@ def _synthetic_config(**overrides):
 
 
 def _shared_wikitext103() -> pathlib.Path | None:
-  """../shared/data/wikitext-103 relative to the repository root, when present."""
-  here = pathlib.Path(__file__).resolve()
-  for root in (here.parents[2], here.parents[1].parent):
-    folder = root / "shared" / "data" / "wikitext-103"
-    if (folder / "wiki.valid.tokens").is_file():
+  """../shared/data/wikitext-103 beside the repository (or beside its worktree folder), if there."""
+  root = pathlib.Path(__file__).resolve().parents[1]
+  for parent in (root.parent, root.parent.parent):
+    folder = parent / "shared" / "data" / "wikitext-103"
+    if (folder / "wiki.valid.tokens").is_file() and (folder / "wiki.test.tokens").is_file():
       return folder
   return None
 
@@ -71,13 +75,15 @@ def test_synthetic_drift_mixes():
   c = _synthetic_config(num_topics=2, shift="drift", shift_every=100, num_eval_sequences=4096)
   c.eval_batches = 128
   ds = data.build_dataset(c, seq_len=64, global_batch_size=32, seed=2)
+  at = lambda step: data.build_dataset(c, seq_len=64, global_batch_size=32, seed=2,
+                                       num_train_steps=step + 1)  # 'current' = step
   np.testing.assert_allclose(ds.mixture_at(0), [1.0, 0.0])
   np.testing.assert_allclose(ds.mixture_at(25), [0.75, 0.25])
   np.testing.assert_allclose(ds.mixture_at(150), [0.5, 0.5])  # from topic 1 back to topic 0
   np.testing.assert_allclose(ds.token_probs_at(50), 0.5 * ds.topic_probs.sum(0))
   head0, head1 = ds.topic_perms[0][0], ds.topic_perms[1][0]
   for step, w1 in ((0, 0.0), (50, 0.5), (90, 0.9)):
-    tokens = np.concatenate([b.ravel() for b in ds.eval_batches(step=step)])  # 266k tokens
+    tokens = np.concatenate([b.ravel() for b in at(step).eval_batches("current")])  # 266k
     emp = np.bincount(tokens, minlength=ds.vocab_size) / tokens.size
     p1 = ds.rank_probs[0]
     np.testing.assert_allclose(emp[[head0, head1]], [(1 - w1) * p1, w1 * p1], atol=0.006)
@@ -150,16 +156,6 @@ def test_synthetic_determinism_and_shapes():
   assert all(0 <= x.min() and x.max() < a.vocab_size for x in evals)
 
 
-def test_synthetic_speed():
-  c = _synthetic_config(vocab_size=50304)
-  ds = data.build_dataset(c, seq_len=1024, global_batch_size=32, seed=0)
-  ds.train_batch(0)
-  t0 = time.perf_counter()
-  for s in range(10):
-    ds.train_batch(s)
-  assert (time.perf_counter() - t0) / 10 < 0.05  # ~4 ms on 2 CPU cores; generous for CI
-
-
 @pytest.mark.parametrize("name", ["synthetic", "local"])
 def test_process_slices_concatenate_to_global_batch(name, tmp_path):
   if name == "synthetic":
@@ -181,10 +177,11 @@ def test_process_slices_concatenate_to_global_batch(name, tmp_path):
 
 _WORDS = ("the of and in to a was is for on as by with he at from that his it an were are which "
           "river castle storm lobster highway album season army church species born game ship "
-          'first two 1994 , . ( ) " @-@ <unk>').split()
+          "first two 1994 , . ( ) \" @-@ <unk>").split()
 
 
-def _write_wikitext(folder: pathlib.Path, articles=(("train", 6), ("valid", 3))) -> pathlib.Path:
+def _write_wikitext(folder: pathlib.Path,
+                    articles=(("train", 6), ("valid", 3), ("test", 3))) -> pathlib.Path:
   """WikiText-format files; returns the folder. Each article: header, 2 sections, paragraphs."""
   folder.mkdir(parents=True, exist_ok=True)
   rng = np.random.default_rng(0)
@@ -265,7 +262,7 @@ def test_local_wikitext_loads_packs_and_counts(tmp_path):
   assert not np.array_equal(ds._perm(0), next_epoch)
   # Eval: the eval split's windows in order, remainder dropped.
   evals = list(ds.eval_batches())
-  ev = np.asarray(ds.eval_tokens)
+  ev = np.asarray(ds.eval_tokens["validation"])
   assert len(evals) == min(16, ((ev.size - 1) // T) // 4)
   np.testing.assert_array_equal(evals[0][0], ev[:T + 1])
   np.testing.assert_array_equal(evals[1][0], ev[4 * T:5 * T + 1])
@@ -276,7 +273,8 @@ def test_cache_is_reused(tmp_path, monkeypatch):
   c = _local_config(folder, tmp_path / "cache")
   first = data.build_dataset(c, seq_len=32, global_batch_size=4, seed=0)
   files = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*") if p.is_file()}
-  assert len(files) == 4  # tokenizer model, train ids, valid ids, train frequencies
+  # tokenizer model, train/valid/test ids, train counts; each with its sidecar.
+  assert len(files) == 10 and len([p for p in files if p.suffix == ".json"]) == 5
 
   def boom(*args, **kwargs):
     raise AssertionError("the cache should have been used")
@@ -292,24 +290,46 @@ def test_cache_is_reused(tmp_path, monkeypatch):
     data.build_dataset(c, seq_len=32, global_batch_size=4, seed=0)
 
 
-def test_real_wikitext103_validation_split(tmp_path):
+def test_real_wikitext103_offline_preset(tmp_path):
+  """Issue 10's offline real-text set-up on the real files: trained on validation, evaluated on
+  held-out halves of test."""
   folder = _shared_wikitext103()
   if folder is None:
-    pytest.skip("../shared/data/wikitext-103/wiki.valid.tokens is absent (only the dev machines "
-                "have it; it is never copied into the repository)")
-  stats = wikitext.corpus_stats(wikitext.read_lines(folder / "wiki.valid.tokens"))
+    pytest.skip("../shared/data/wikitext-103/wiki.{valid,test}.tokens are absent (only the dev "
+                "machines have them; they are never copied into the repository)")
+  valid_lines = list(wikitext.read_lines(folder / "wiki.valid.tokens"))
+  stats = wikitext.corpus_stats(valid_lines)
   assert stats.lines == 3_760
   assert stats.articles == 60
   # 213,886 whitespace tokens; plus one <eos> per line gives the paper's 217,646.
   assert stats.words == 213_886
   assert stats.words_with_eos == 217_646
-  # The whole text pipeline on real text: tokenizer fitted on valid, evaluated on test.
-  c = _local_config(folder, tmp_path / "cache", vocab_size=2048)
-  c.train_split, c.eval_split = "valid", "test"
+
+  c = data.default_config("wikitext-103-offline")
+  assert (c.name, c.train_split, c.validation_split, c.test_split) == (
+      "local", "valid", "test[:50%]", "test[50%:]")
+  c.path, c.cache_dir, c.vocab_size = str(folder), str(tmp_path / "cache"), 512
   ds = data.build_dataset(c, seq_len=128, global_batch_size=8, seed=0)
-  assert (np.asarray(ds.train_tokens) == ds.eos_id).sum() == 3_760 - 1_299  # non-blank lines
-  assert (np.asarray(ds.train_tokens) == tokenizer_lib.UNK_ID).sum() == 0
-  assert ds.train_batch(0).shape == (8, 129) and len(list(ds.eval_batches())) == 16
+  assert ds.eval_splits == ("validation", "test")
+  train = np.asarray(ds.train_tokens)
+  assert (train == ds.eos_id).sum() == sum(1 for l in valid_lines if l.strip())  # 2,461 lines
+  assert (train == tokenizer_lib.UNK_ID).sum() == 0
+  # The test file's 62 ' = Title = ' articles: the first 31 are 'validation', the last 31
+  # 'test' (found here with a regex, independently of the loader).
+  test_lines = list(wikitext.read_lines(folder / "wiki.test.tokens"))
+  heads = [i for i, l in enumerate(test_lines) if re.fullmatch(r" = [^=].*[^=] = ", l)]
+  assert len(heads) == 62
+  halves = {"validation": test_lines[:heads[31]], "test": test_lines[heads[31]:]}
+  for split, lines in halves.items():
+    tokens = np.asarray(ds.eval_tokens[split])
+    assert (tokens == ds.eos_id).sum() == sum(1 for l in lines if l.strip()), split
+    first = int(np.argmax(tokens == ds.eos_id))
+    assert ds.tokenizer.decode(tokens[:first].tolist()) == next(l for l in lines if l.strip()).strip()
+  assert ds.train_batch(0).shape == (8, 129)
+  assert all(len(list(ds.eval_batches(split))) == 16 for split in ds.eval_splits)
+  b = ds.baselines()
+  assert b["uniform"] == pytest.approx(np.log(512))
+  assert 4.0 < b["unigram"] < b["uniform"]
 
 
 def test_hub_source_through_datasets(tmp_path, monkeypatch):
@@ -331,7 +351,7 @@ def test_hub_source_through_datasets(tmp_path, monkeypatch):
   c = data.default_config()
   c.name, c.cache_dir, c.vocab_size = "wikitext-2", str(tmp_path / "cache"), 400
   hub = data.build_dataset(c, seq_len=32, global_batch_size=4, seed=0)
-  assert {call[2] for call in calls} == {"train", "validation"}
+  assert {call[2] for call in calls} == {"train", "validation", "test"}
   assert all(call[:2] == ("Salesforce/wikitext", "wikitext-2-raw-v1") for call in calls)
   local = data.build_dataset(_local_config(folder, tmp_path / "cache"), seq_len=32,
                              global_batch_size=4, seed=0)
@@ -457,11 +477,136 @@ def test_bad_text_fields(tmp_path):
   c = _local_config(tmp_path, tmp_path / "cache", vocab_size=100)
   with pytest.raises(ValueError, match=r"config\.data\.vocab_size=100"):
     data.build_dataset(c, seq_len=8, global_batch_size=4, seed=0)
-  c.vocab_size, c.eval_split = 512, "validation"
-  with pytest.raises(ValueError, match=r"config\.data\.eval_split='validation'"):
+  c.vocab_size, c.validation_split = 512, "validation"
+  with pytest.raises(ValueError, match=r"config\.data\.validation_split='validation'"):
     data.build_dataset(c, seq_len=8, global_batch_size=4, seed=0)
   # An eval split shorter than one global batch of windows.
-  folder = _write_wikitext(tmp_path / "wiki", articles=(("train", 2), ("valid", 1)))
-  with pytest.raises(ValueError, match=r"eval_split.*fewer than one global batch"):
+  folder = _write_wikitext(tmp_path / "wiki", articles=(("train", 2), ("valid", 1), ("test", 1)))
+  with pytest.raises(ValueError, match=r"validation_split.*fewer than one global batch"):
     data.build_dataset(_local_config(folder, tmp_path / "cache"), seq_len=256,
                        global_batch_size=64, seed=0)
+
+
+def test_split_specs_select_whole_articles():
+  lines = [" ", " = A = ", " a ", " = = S = = ", " = B = ", " b ", " = C = ", " c ", " = D = "]
+  spec = wikitext.parse_split("test[:50%]", "validation_split")
+  assert (spec.split, spec.start, spec.stop, str(spec)) == ("test", None, "50%", "test[:50%]")
+  # Lines before the first header join the first article: 4 articles, halves of 2.
+  assert list(wikitext.select(lines, spec)) == lines[:6]
+  assert list(wikitext.select(lines, wikitext.parse_split("test[50%:]", "f"))) == lines[6:]
+  assert list(wikitext.select(lines, wikitext.parse_split("test[1:3]", "f"))) == lines[4:8]
+  assert list(wikitext.select(lines, wikitext.parse_split("test", "f"))) == lines
+  for bad in ("validation", "test[:50", "test[a:]", "test[:150%]", "test[1:2:3]"):
+    with pytest.raises(ValueError, match=r"config\.data\.test_split="):
+      wikitext.parse_split(bad, "test_split")
+
+
+@pytest.mark.parametrize("fields, match", [
+    (dict(validation_split="train"), r"train_split='train' and config\.data\.validation_split"),
+    (dict(validation_split="test", test_split="test[50%:]"), r"validation_split='test' and"),
+])
+def test_eval_text_must_be_held_out(fields, match):
+  c = data.default_config()
+  c.name, c.path = "local", "/nowhere"
+  c.update(fields)
+  with pytest.raises(ValueError, match=match):
+    data.check_config(c, seq_len=8, global_batch_size=4)
+
+
+def test_overlapping_article_ranges_are_refused(tmp_path):
+  c = _local_config(_write_wikitext(tmp_path / "wiki"), tmp_path / "cache")
+  c.validation_split, c.test_split = "test[:2]", "test[1:]"  # share article 1 of 0..2
+  with pytest.raises(ValueError, match=r"validation text 'test\[:2\]' \(articles 0\.\.1\).*"
+                                       r"overlap"):
+    data.build_dataset(c, seq_len=8, global_batch_size=4, seed=0)
+  c.validation_split, c.test_split = "test[:0]", "test[1:]"
+  with pytest.raises(ValueError, match=r"validation text 'test\[:0\]' selects none"):
+    data.build_dataset(c, seq_len=8, global_batch_size=4, seed=0)
+
+
+# --- Verified caches --------------------------------------------------------------------------
+
+
+def _corrupt(path: pathlib.Path, how: str) -> None:
+  """Damages a cached file as issue 14 found them damaged."""
+  raw = path.read_bytes()
+  if how == "random_bytes":  # ids >= vocab_size with an intact .npy header
+    header = len(raw) - np.load(path, mmap_mode="r").nbytes
+    junk = np.random.default_rng(0).integers(0, 256, len(raw) - header, np.uint8).tobytes()
+    path.write_bytes(raw[:header] + junk)
+  elif how == "zeroed":  # every id 0 (<unk>): trains quietly on nothing
+    header = len(raw) - np.load(path, mmap_mode="r").nbytes
+    path.write_bytes(raw[:header] + bytes(len(raw) - header))
+  elif how == "truncated":  # "mmap length is greater than file size"
+    path.write_bytes(raw[:len(raw) // 2])
+  elif how == "object_npy":  # a planted pickle-carrying .npy
+    with open(path, "wb") as f:
+      np.save(f, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+  elif how == "no_sidecar":  # a cache written before sidecars existed
+    path.with_name(path.name + ".json").unlink()
+  elif how == "wrong_vocab_sidecar":  # the sidecar of another vocabulary
+    side = path.with_name(path.name + ".json")
+    side.write_text(json.dumps(json.loads(side.read_text()) | {"vocab_size": 1 << 16}))
+  else:
+    raise ValueError(how)
+
+
+@pytest.mark.parametrize("how", ["random_bytes", "zeroed", "truncated", "object_npy",
+                                 "no_sidecar", "wrong_vocab_sidecar"])
+def test_bad_token_cache_is_detected_and_rebuilt(how, tmp_path, caplog):
+  c = _local_config(_write_wikitext(tmp_path / "wiki"), tmp_path / "cache")
+  good = np.array(data.build_dataset(c, seq_len=32, global_batch_size=4, seed=0).train_tokens)
+  (path,) = (tmp_path / "cache").rglob("train-*-tok*[0-9a-f].npy")
+  _corrupt(path, how)
+  with caplog.at_level(logging.WARNING):
+    ds = data.build_dataset(c, seq_len=32, global_batch_size=4, seed=0)
+  assert any(str(path) in r.getMessage() and "Rebuilding" in r.getMessage()
+             for r in caplog.records if r.levelno == logging.WARNING), caplog.text
+  np.testing.assert_array_equal(np.asarray(ds.train_tokens), good)
+  np.testing.assert_array_equal(ds.train_batch(3), pipeline.gather_windows(
+      good, ds.train_window_ids(3), 32))
+  # The rebuilt file verifies: a third build is silent.
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    data.build_dataset(c, seq_len=32, global_batch_size=4, seed=0)
+  assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("pattern", ["*.model", "*.counts.npy"])
+def test_bad_tokenizer_or_counts_cache_is_rebuilt(pattern, tmp_path, caplog):
+  c = _local_config(_write_wikitext(tmp_path / "wiki"), tmp_path / "cache")
+  first = data.build_dataset(c, seq_len=32, global_batch_size=4, seed=0)
+  (path,) = (tmp_path / "cache").rglob(pattern)
+  _corrupt(path, "zeroed" if path.suffix == ".npy" else "truncated")
+  with caplog.at_level(logging.WARNING):
+    again = data.build_dataset(c, seq_len=32, global_batch_size=4, seed=0)
+  assert str(path) in caplog.text and "Rebuilding" in caplog.text
+  np.testing.assert_array_equal(again.token_counts, first.token_counts)
+  np.testing.assert_array_equal(np.asarray(again.eval_tokens["test"]),
+                                np.asarray(first.eval_tokens["test"]))
+
+
+# --- Bad text files ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content, match", [
+    ("caf\xe9 au lait\n".encode("latin-1"), r"byte 3 \(line 1\) is 0xe9, which is not UTF-8"),
+    (b" = A = \n ok \n" + bytes(range(256)) * 4, r"byte 13 \(line 3\) is a NUL byte"),
+    (b"", r"has no text: it is empty"),
+    (b" \n\n   \n", r"has no text"),
+])
+def test_unusable_train_file_is_named(content, match, tmp_path):
+  folder = _write_wikitext(tmp_path / "wiki")
+  (folder / "wiki.train.tokens").write_bytes(content)
+  c = _local_config(folder, tmp_path / "cache")
+  with pytest.raises(ValueError, match=re.escape(str(folder / "wiki.train.tokens")) +
+                     r" \(config\.data\.train_split\).*" + match + r".*Fix: "):
+    data.build_dataset(c, seq_len=8, global_batch_size=4, seed=0)
+  assert not list((tmp_path / "cache").rglob("*.model"))  # failed before the tokenizer
+
+
+@pytest.mark.parametrize("prefetch", [0, -1, 1.5, True])
+def test_check_config_rejects_bad_prefetch(prefetch):
+  with pytest.raises(ValueError, match=rf"config\.prefetch={prefetch!r} must be a positive"):
+    data.check_config(data.default_config(), seq_len=8, global_batch_size=4, prefetch=prefetch)
+  data.check_config(data.default_config(), seq_len=8, global_batch_size=4, prefetch=2)
