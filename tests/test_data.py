@@ -610,3 +610,125 @@ def test_check_config_rejects_bad_prefetch(prefetch):
   with pytest.raises(ValueError, match=rf"config\.prefetch={prefetch!r} must be a positive"):
     data.check_config(data.default_config(), seq_len=8, global_batch_size=4, prefetch=prefetch)
   data.check_config(data.default_config(), seq_len=8, global_batch_size=4, prefetch=2)
+
+
+# --- Eval splits and baselines (CONTRACTS item 2) -----------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["synthetic", "local"])
+def test_eval_splits_contract(name, tmp_path):
+  if name == "synthetic":
+    c = _synthetic_config()
+  else:
+    c = _local_config(_write_wikitext(tmp_path / "wiki"), tmp_path / "cache")
+  ds = data.build_dataset(c, seq_len=16, global_batch_size=4, seed=0, num_train_steps=300)
+  assert ds.eval_splits[0] == "validation" and "test" in ds.eval_splits
+  assert len(set(ds.eval_splits)) == len(ds.eval_splits)
+  rows = {}
+  for split in ds.eval_splits:
+    first, second = list(ds.eval_batches(split)), list(ds.eval_batches(split))
+    assert 1 <= len(first) <= c.eval_batches and len(first) == len(second)
+    for a, b in zip(first, second):  # the same every call
+      assert a.shape == (4, 17) and a.dtype == np.int32
+      np.testing.assert_array_equal(a, b)
+    rows[split] = {r.tobytes() for b in first for r in b}
+  assert not rows["validation"] & rows["test"]  # different text / different streams
+  assert [b for b in ds.eval_batches()][0].tobytes() == next(ds.eval_batches("validation")).tobytes()
+  with pytest.raises(ValueError, match=r"'valid' is not one of .*'validation', 'test'"):
+    next(ds.eval_batches("valid"))
+  if name == "local":  # the real valid / test files, in order
+    np.testing.assert_array_equal(next(ds.eval_batches("test"))[0],
+                                  np.asarray(ds.eval_tokens["test"][:17]))
+
+
+def test_synthetic_current_and_past_splits():
+  # 3 topics switching every 5 steps over 20 steps: topics 0, 1, 2, 0. The last step's topic is
+  # 0, so 'current' is topic 0 and 'past' the steps 5..14 of topics 1 and 2, half each.
+  c = _synthetic_config(vocab_size=64, num_topics=3, shift="switch", shift_every=5,
+                        num_eval_sequences=1024)
+  c.eval_batches = 32
+  ds = data.build_dataset(c, seq_len=63, global_batch_size=32, seed=4, num_train_steps=20)
+  assert ds.eval_splits == ("validation", "test", "current", "past")
+  p = ds.topic_probs  # [3, 64], ground truth
+  want = {"current": p[0], "past": 0.5 * (p[1] + p[2]),
+          "validation": (2 * p[0] + p[1] + p[2]) / 4}
+  for split, q in want.items():
+    tokens = np.concatenate([b.ravel() for b in ds.eval_batches(split)])  # 65,536 tokens
+    emp = np.bincount(tokens, minlength=64) / tokens.size
+    assert np.abs(emp - q).max() < 0.015, split
+  # No past before the first switch; no current or past without shifts.
+  early = data.build_dataset(c, seq_len=63, global_batch_size=32, seed=4, num_train_steps=5)
+  assert early.eval_splits == ("validation", "test", "current")
+  c.synthetic.shift = "none"
+  assert data.build_dataset(c, seq_len=63, global_batch_size=32, seed=4).eval_splits == (
+      "validation", "test")
+
+
+def _zipf_entropy(vocab_size, s):
+  """-sum p ln p of p(r) = r^-s / sum_j j^-s, written out from the definition."""
+  w = [r ** -s for r in range(1, vocab_size + 1)]
+  z = sum(w)
+  return -sum(x / z * math.log(x / z) for x in w)
+
+
+def test_synthetic_baselines_iid():
+  c = _synthetic_config(vocab_size=300, zipf_exponent=1.2, shift="none", copy_prob=0.0)
+  ds = data.build_dataset(c, seq_len=32, global_batch_size=8, seed=0)
+  b = ds.baselines()
+  assert b["uniform"] == pytest.approx(math.log(300))
+  assert b["marginal_entropy"] == pytest.approx(_zipf_entropy(300, 1.2), rel=1e-12)
+  assert b["entropy_floor"] == pytest.approx(b["marginal_entropy"], rel=1e-12)  # no copies
+  targets = np.concatenate([x[:, 1:].ravel() for x in ds.eval_batches()])
+  assert b["unigram"] == pytest.approx(-np.mean(np.log(ds.token_frequencies[targets])), rel=1e-12)
+  # Stationary: the training unigram is the eval distribution, so unigram ~ its entropy.
+  assert b["unigram"] == pytest.approx(_zipf_entropy(300, 1.2), abs=0.05)
+
+
+def test_synthetic_baselines_drift_mixture():
+  # 'current' at step 50 of a 2-topic drift with shift_every 100: q = (p_0 + p_1) / 2 exactly.
+  c = _synthetic_config(vocab_size=200, num_topics=2, shift="drift", shift_every=100,
+                        copy_prob=0.0)
+  ds = data.build_dataset(c, seq_len=32, global_batch_size=8, seed=1, num_train_steps=51)
+  q = 0.5 * (ds.topic_probs[0] + ds.topic_probs[1])
+  b = ds.baselines("current")
+  assert b["marginal_entropy"] == pytest.approx(-sum(x * math.log(x) for x in q), rel=1e-12)
+  assert b["entropy_floor"] == pytest.approx(b["marginal_entropy"], rel=1e-12)
+  targets = np.concatenate([x[:, 1:].ravel() for x in ds.eval_batches("current")])
+  assert b["unigram"] == pytest.approx(-np.mean(np.log(ds.token_frequencies[targets])), rel=1e-12)
+
+
+def test_entropy_floor_with_copies_matches_the_generator():
+  # P(position t is a fresh draw) from the renewal formula vs the generator's own layouts.
+  length, copy_prob, lo, hi = 40, 0.7, 2, 6
+  src = synthetic.copy_sources(np.random.default_rng(5), 60_000, length, copy_prob, lo, hi)
+  empirical = (src == np.arange(length)).mean(0)  # [40]
+  exact = synthetic.original_probs(length, copy_prob, lo, hi)
+  assert np.abs(exact - empirical).max() < 0.01  # ~5 standard errors
+  assert exact[0] == exact[1] == 1.0  # the first span has no room for a source
+  c = _synthetic_config(vocab_size=300, zipf_exponent=1.2, shift="none", copy_prob=copy_prob,
+                        span_min=lo, span_max=hi)
+  b = data.build_dataset(c, seq_len=length - 1, global_batch_size=8, seed=0).baselines()
+  assert b["marginal_entropy"] == pytest.approx(_zipf_entropy(300, 1.2), rel=1e-12)
+  # Targets are positions 1..T; a copied target has zero entropy given the layout.
+  assert b["entropy_floor"] == pytest.approx(b["marginal_entropy"] * empirical[1:].mean(),
+                                             rel=0.01)
+  assert b["entropy_floor"] < b["marginal_entropy"]
+
+
+def test_text_unigram_baseline_by_hand():
+  # Training counts over V = 8: id 0 once, 1 twice, 2 three times, 3 four times (N = 10);
+  # add-one: p(v) = (count + 1) / 18. Two eval windows of T = 3 score tokens 1..6.
+  ds = pipeline.TextDataset(
+      train_tokens=np.array([0, 1, 1, 2, 2, 2, 3, 3, 3, 3], np.uint16),
+      eval_tokens={"validation": np.array([5, 1, 2, 3, 0, 7, 2, 6], np.uint16),
+                   "test": np.array([1, 1, 1, 1, 1, 1, 1], np.uint16)},
+      token_counts=np.array([1, 2, 3, 4, 0, 0, 0, 0]), vocab_size=8, tokenizer=None,
+      seq_len=3, global_batch_size=1, seed=0, eval_batches=16)
+  b = ds.baselines()
+  assert b["uniform"] == pytest.approx(math.log(8))
+  # targets 1, 2, 3, 0, 7, 2 (the trailing 6 is in no window)
+  want = -(math.log(3 / 18) + math.log(4 / 18) + math.log(5 / 18) + math.log(2 / 18)
+           + math.log(1 / 18) + math.log(4 / 18)) / 6
+  assert b["unigram"] == pytest.approx(want, rel=1e-12)
+  assert ds.baselines("test")["unigram"] == pytest.approx(-math.log(3 / 18), rel=1e-12)
+  np.testing.assert_allclose(ds.token_frequencies, [0.1, 0.2, 0.3, 0.4, 0, 0, 0, 0])
