@@ -1,4 +1,4 @@
-"""Tests of jaxopt_study.data: synthetic ground truth, WikiText loading, packing, caching, errors."""
+"""Tests of jaxopt_study.data: synthetic ground truth, WikiText, packing, caches, eval, errors."""
 
 import json
 import logging
@@ -324,7 +324,8 @@ def test_real_wikitext103_offline_preset(tmp_path):
     tokens = np.asarray(ds.eval_tokens[split])
     assert (tokens == ds.eos_id).sum() == sum(1 for l in lines if l.strip()), split
     first = int(np.argmax(tokens == ds.eos_id))
-    assert ds.tokenizer.decode(tokens[:first].tolist()) == next(l for l in lines if l.strip()).strip()
+    first_line = next(l for l in lines if l.strip()).strip()
+    assert ds.tokenizer.decode(tokens[:first].tolist()) == first_line
   assert ds.train_batch(0).shape == (8, 129)
   assert all(len(list(ds.eval_batches(split))) == 16 for split in ds.eval_splits)
   b = ds.baselines()
@@ -633,7 +634,7 @@ def test_eval_splits_contract(name, tmp_path):
       np.testing.assert_array_equal(a, b)
     rows[split] = {r.tobytes() for b in first for r in b}
   assert not rows["validation"] & rows["test"]  # different text / different streams
-  assert [b for b in ds.eval_batches()][0].tobytes() == next(ds.eval_batches("validation")).tobytes()
+  np.testing.assert_array_equal(next(ds.eval_batches()), next(ds.eval_batches("validation")))
   with pytest.raises(ValueError, match=r"'valid' is not one of .*'validation', 'test'"):
     next(ds.eval_batches("valid"))
   if name == "local":  # the real valid / test files, in order

@@ -1,4 +1,4 @@
-"""Verified cache files: each cached file has a JSON sidecar that is checked before the file is used.
+"""Verified cache files: each has a JSON sidecar that is checked before the file is used.
 
     <name>          the cached file (a tokenizer model, a token array ``.npy``, ...)
     <name>.json     {"format": 1, "bytes": <size>, "sha256": <digest of the file>, **meta}

@@ -214,7 +214,7 @@ def split_specs(c) -> dict[str, wikitext.SplitSpec]:
 
   Specs of one file must select different articles; whole-file specs of one file always
   overlap, so that is checked here. Ranges of one file ('test[:50%]', 'test[50%:]') are checked
-  against each other once the file's article count is known (``_check_disjoint``).
+  against each other once the file's article count is known (``_check_ranges``).
   """
   fields = _SPLIT_FIELDS
   specs = {part: wikitext.parse_split(c[field], field) for part, field in fields.items()}
@@ -332,7 +332,8 @@ class TextDataset:
     self.num_train_windows = num_windows(len(train_tokens), seq_len)
     if self.num_train_windows < 1:
       raise ValueError(f"config.data.train_split has {len(train_tokens)} tokens, fewer than one "
-                       f"window of seq_len + 1 = {seq_len + 1}; use more text or a shorter seq_len.")
+                       f"window of seq_len + 1 = {seq_len + 1}; use more text or a shorter "
+                       "seq_len.")
     self.num_eval_batches = {}
     for split, tokens in self.eval_tokens.items():
       windows = num_windows(len(tokens), seq_len)
