@@ -216,7 +216,8 @@ def test_wikitext_headers():
   assert not wikitext.is_section_header(" = Homarus gammarus = ")
   lines = [" ", " = A = ", " x ", " = = S = = ", " = B = ", " y "]
   assert wikitext.count_articles(lines) == 2
-  assert [len(a) for a in wikitext.split_articles(lines)] == [1, 3, 2]
+  assert [len(a) for a in wikitext.split_articles(lines)] == [4, 2]  # the blank joins A
+  assert wikitext.split_articles([" ", " x "]) == [[" ", " x "]]  # no header: one article
 
 
 def test_local_wikitext_loads_packs_and_counts(tmp_path):
@@ -404,6 +405,9 @@ def test_unknown_name():
   c.name = "wikitext-104"
   with pytest.raises(ValueError, match=r"config\.data\.name='wikitext-104'.*'local'.*'synthetic'"):
     data.build_dataset(c, seq_len=8, global_batch_size=4, seed=0)
+  with pytest.raises(ValueError, match=r"preset 'wikitext'.*'wikitext-103-offline'"):
+    data.default_config("wikitext")
+  assert data.default_config("wikitext-103").name == "wikitext-103"
 
 
 def test_missing_local_files(tmp_path):

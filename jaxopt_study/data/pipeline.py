@@ -503,7 +503,7 @@ def _build_text(c, *, seq_len, global_batch_size, seed, process_index, process_c
                for part, spec in specs.items()}
   sliced = {s.split for s in specs.values() if s.sliced}
   if sliced:
-    _check_ranges(specs, {split: len(wikitext.articles_of(
+    _check_ranges(specs, {split: len(wikitext.split_articles(
         source.lines(wikitext.SplitSpec(split)))) for split in sliced})
 
   t = c.tokenizer

@@ -66,14 +66,18 @@ def count_articles(lines: Iterable[str]) -> int:
 
 
 def split_articles(lines: Iterable[str]) -> list[list[str]]:
-  """Groups lines into articles, each starting at its header (lines before the first header,
-  if any, form an article of their own)."""
+  """Groups lines into articles, each starting at its header; lines before the first header
+  (WikiText files open with a blank line) belong to the first article."""
   articles: list[list[str]] = []
+  prefix: list[str] = []
   for line in lines:
-    if is_article_header(line) or not articles:
-      articles.append([])
-    articles[-1].append(line)
-  return articles
+    if is_article_header(line):
+      articles.append(prefix + [line] if not articles else [line])
+    elif articles:
+      articles[-1].append(line)
+    else:
+      prefix.append(line)
+  return articles or ([prefix] if prefix else [])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,20 +160,11 @@ def parse_split(spec: str, field: str) -> SplitSpec:
   return SplitSpec(m["split"], m["start"], m["stop"])
 
 
-def articles_of(lines: Iterable[str]) -> list[list[str]]:
-  """``split_articles`` with any lines before the first header joined to the first article."""
-  articles = split_articles(lines)
-  if len(articles) > 1 and not is_article_header(articles[0][0]):
-    prefix = articles.pop(0)
-    articles[0] = prefix + articles[0]
-  return articles
-
-
 def select(lines: Iterable[str], spec: SplitSpec) -> Iterator[str]:
   """The lines of ``spec``'s articles (all lines, streamed, when it is not sliced)."""
   if not spec.sliced:
     return iter(lines)
-  articles = articles_of(lines)
+  articles = split_articles(lines)
   return itertools.chain.from_iterable(articles[i] for i in spec.article_range(len(articles)))
 
 
