@@ -31,6 +31,9 @@ draw, so every position of every window has the exact marginal ``q_step``:
 ``token_probs_at(step)`` is the ground truth, not an estimate.
 
 Batches are pure functions of ``(seed, step)``: ``rng = np.random.default_rng([seed, step])``.
+Held-out eval splits ('validation', 'test', and 'current' / 'past' to separate adaptation from
+forgetting) come from other streams (``SyntheticDataset.eval_batches``); ``baselines`` gives the
+uniform and unigram losses and the generator's exact entropies on each.
 """
 
 from __future__ import annotations
@@ -39,12 +42,20 @@ from typing import Iterator
 
 import numpy as np
 
-SHIFTS = ('none', 'switch', 'drift')
+from jaxopt_study.data import baselines
+
+SHIFTS = ("none", "switch", "drift")
 
 # Seed-sequence tags of the streams that are not training batches. Training uses the 2-word key
 # [seed, step]; the others use 3-word keys, so no training step can ever collide with them.
 _TOPIC_STREAM = 0x70706963  # 'topc'
-_EVAL_STREAM = 0x6576616C  # 'eval'
+# Eval split -> its stream ('validation' keeps the tag it had when it was the only eval set).
+_EVAL_STREAMS = {
+    "validation": 0x6576616C,  # 'eval'
+    "test": 0x74657374,  # 'test'
+    "current": 0x63757272,  # 'curr'
+    "past": 0x70617374,  # 'past'
+}
 
 
 def zipf_probs(vocab_size: int, exponent: float) -> np.ndarray:
@@ -76,52 +87,42 @@ def topic_permutations(vocab_size: int, num_topics: int, seed: int) -> np.ndarra
   return perms
 
 
-def mixture_weights(step: int, num_topics: int, shift: str, shift_every: int) -> np.ndarray:
-  """Topic mixture ``w(step)`` of the shift schedule (see the module docstring).
-
-  Returns:
-    float64 [num_topics], non-negative, sums to 1.
-  """
-  w = np.zeros(num_topics, np.float64)
-  if shift == 'none':
-    w[0] = 1.0
-  elif shift == 'switch':
-    w[(step // shift_every) % num_topics] = 1.0
-  elif shift == 'drift':
-    k = (step // shift_every) % num_topics
-    a = (step % shift_every) / shift_every
-    # With one topic k == k_next and the two terms add back to 1.
-    w[k] += 1.0 - a
-    w[(k + 1) % num_topics] += a
-  else:
-    raise ValueError(f'config.data.synthetic.shift={shift!r} is not one of {SHIFTS}.')
-  return w
-
-
-def horizon_weights(num_steps: int, num_topics: int, shift: str,
-                    shift_every: int) -> np.ndarray:
-  """Average of ``mixture_weights`` over steps ``0 .. num_steps - 1``.
+def schedule_weights(steps: np.ndarray, num_topics: int, shift: str,
+                     shift_every: int) -> np.ndarray:
+  """Topic mixtures ``w(step)`` of the shift schedule (see the module docstring) at ``steps``.
 
   Vectorised over steps (a million steps is a few milliseconds).
 
   Returns:
-    float64 [num_topics], sums to 1.
+    float64 [len(steps), num_topics], rows non-negative and summing to 1.
   """
-  steps = np.arange(num_steps, dtype=np.int64)
-  w = np.zeros(num_topics, np.float64)
-  if shift == 'none':
-    w[0] = 1.0
-    return w
-  k = (steps // shift_every) % num_topics
-  if shift == 'switch':
-    np.add.at(w, k, 1.0)
-  elif shift == 'drift':
-    a = (steps % shift_every) / shift_every
-    np.add.at(w, k, 1.0 - a)
-    np.add.at(w, (k + 1) % num_topics, a)
+  steps = np.asarray(steps, np.int64).reshape(-1)  # [S]
+  w = np.zeros((steps.size, num_topics), np.float64)  # [S, K]
+  rows = np.arange(steps.size)
+  k = (steps // shift_every) % num_topics  # [S]
+  if shift == "none":
+    w[:, 0] = 1.0
+  elif shift == "switch":
+    w[rows, k] = 1.0
+  elif shift == "drift":
+    a = (steps % shift_every) / shift_every  # [S]
+    # With one topic k == k_next and the two terms add back to 1.
+    w[rows, k] += 1.0 - a
+    w[rows, (k + 1) % num_topics] += a
   else:
-    raise ValueError(f'config.data.synthetic.shift={shift!r} is not one of {SHIFTS}.')
-  return w / w.sum()
+    raise ValueError(f"config.data.synthetic.shift={shift!r} is not one of {SHIFTS}.")
+  return w
+
+
+def mixture_weights(step: int, num_topics: int, shift: str, shift_every: int) -> np.ndarray:
+  """Topic mixture ``w(step)``: float64 [num_topics], non-negative, sums to 1."""
+  return schedule_weights(np.array([step]), num_topics, shift, shift_every)[0]
+
+
+def horizon_weights(num_steps: int, num_topics: int, shift: str,
+                    shift_every: int) -> np.ndarray:
+  """Average of ``w(step)`` over steps ``0 .. num_steps - 1``: float64 [num_topics]."""
+  return schedule_weights(np.arange(num_steps), num_topics, shift, shift_every).mean(0)
 
 
 def copy_sources(rng: np.random.Generator, batch: int, length: int, copy_prob: float,
@@ -166,6 +167,36 @@ def copy_sources(rng: np.random.Generator, batch: int, length: int, copy_prob: f
     src = nxt
 
 
+def original_probs(length: int, copy_prob: float, span_min: int, span_max: int) -> np.ndarray:
+  """``P(position t of a window holds a fresh draw, not a copy)`` for ``t < length``, exactly.
+
+  The layout of ``copy_sources`` is a renewal process: span lengths ``l`` are iid uniform on
+  ``[span_min, span_max]``, so the probability ``u(s)`` that some span starts at ``s`` is
+
+      u(0) = 1,      u(s) = sum_l P(l) u(s - l),
+
+  and a span starting at ``s`` with length ``l`` is a copy with probability ``copy_prob`` if it
+  has room (``s >= l``), else never. Position ``t`` is a copy iff the span covering it is one:
+
+      P(copy at t) = copy_prob * sum_{s <= t} u(s) sum_{l > t - s, l <= s} P(l).
+
+  Returns:
+    float64 [length].
+  """
+  lens = np.arange(span_min, span_max + 1)  # [M]
+  p_len = 1.0 / lens.size
+  starts = np.zeros(length, np.float64)  # u(s)
+  starts[0] = 1.0
+  for s in range(1, length):
+    prev = s - lens
+    starts[s] = p_len * starts[prev[prev >= 0]].sum()
+  p_copy = np.zeros(length + span_max, np.float64)
+  for s in range(length):
+    for l in lens[lens <= s]:  # Spans with room for a source.
+      p_copy[s:s + l] += copy_prob * p_len * starts[s]
+  return 1.0 - p_copy[:length]
+
+
 class SyntheticDataset:
   """Zipfian, topic-shifting token stream; see the module docstring for the process.
 
@@ -177,7 +208,8 @@ class SyntheticDataset:
     topic_perms: int32 [K, V], ``topic_perms[k, r]`` is the token of rank ``r + 1`` in topic k.
     topic_probs: float64 [K, V], ``topic_probs[k, v]`` is topic k's probability of token v.
     horizon_steps: the number of training steps ``token_frequencies`` averages over.
-    num_eval_batches: batches per ``eval_batches()`` pass.
+    num_eval_batches: batches per ``eval_batches(split)`` pass, the same for every split.
+    eval_splits: the held-out splits (see ``eval_batches``).
     info: a summary for logs.
   """
 
@@ -214,16 +246,17 @@ class SyntheticDataset:
 
     if num_train_steps is None or num_train_steps <= 0:
       # Unknown horizon: one full topic cycle, the period of the schedule.
-      num_train_steps = 1 if shift == 'none' else self.num_topics * self.shift_every
+      num_train_steps = 1 if shift == "none" else self.num_topics * self.shift_every
     self.horizon_steps = int(num_train_steps)
     self.token_frequencies = self.horizon_weights() @ self.topic_probs  # [V]
     self.num_eval_batches = min(int(eval_batches),
                                 int(num_eval_sequences) // self.global_batch_size)
     if self.num_eval_batches < 1:
       raise ValueError(
-          f'config.data.synthetic.num_eval_sequences={num_eval_sequences} is fewer than one global '
-          f'batch of {self.global_batch_size} sequences; raise it to at least that.')
-    self.info = dict(source='synthetic', zipf_exponent=self.zipf_exponent,
+          f"config.data.synthetic.num_eval_sequences={num_eval_sequences} is fewer than one global "
+          f"batch of {self.global_batch_size} sequences; raise it to at least that.")
+    self._positions = self._eval_positions()  # Eval split -> schedule position of each batch.
+    self.info = dict(source="synthetic", zipf_exponent=self.zipf_exponent,
                      num_topics=self.num_topics, shift=self.shift, shift_every=self.shift_every,
                      copy_prob=self.copy_prob, horizon_steps=self.horizon_steps)
 
@@ -235,7 +268,7 @@ class SyntheticDataset:
 
   def topic_at(self, step: int) -> int:
     """The topic of ``step`` (for 'drift', the one it is moving away from)."""
-    if self.shift == 'none':
+    if self.shift == "none":
       return 0
     return int((step // self.shift_every) % self.num_topics)
 
@@ -252,9 +285,9 @@ class SyntheticDataset:
   def _sample(self, rng: np.random.Generator, batch: int, step: int) -> np.ndarray:
     """``batch`` windows of ``seq_len + 1`` tokens at the distribution of ``step``; int32."""
     length = self.seq_len + 1
-    ranks = np.searchsorted(self._cdf, rng.random((batch, length)), side='right')  # [B, L]
+    ranks = np.searchsorted(self._cdf, rng.random((batch, length)), side="right")  # [B, L]
     w = self.mixture_at(step)
-    if self.shift == 'drift':
+    if self.shift == "drift":
       # Exact mixture sampling: each token picks its topic, then its rank.
       k = self.topic_at(step)
       topic = np.where(rng.random((batch, length)) < w[(k + 1) % self.num_topics],
@@ -279,18 +312,88 @@ class SyntheticDataset:
     rng = np.random.default_rng([self.seed, int(step)])
     return self._local_rows(self._sample(rng, self.global_batch_size, int(step)))
 
-  def eval_batches(self, step: int | None = None) -> Iterator[np.ndarray]:
+  # --- Evaluation -------------------------------------------------------------------------
+
+  def _eval_positions(self) -> dict[str, np.ndarray]:
+    """Eval split -> the schedule position (step) whose distribution each eval batch is drawn at.
+
+    See ``eval_batches``; ``n`` = ``num_eval_batches``, ``H`` = ``horizon_steps``.
+    """
+    n, horizon = self.num_eval_batches, self.horizon_steps
+    spread = ((np.arange(n) + 0.5) * horizon / n).astype(np.int64)  # [n]
+    positions = {"validation": spread, "test": spread}
+    if self.shift != "none":
+      last = horizon - 1
+      positions["current"] = np.full(n, last, np.int64)
+      weights = schedule_weights(np.arange(horizon), self.num_topics, self.shift,
+                                 self.shift_every)  # [H, K]
+      current = weights[last] > 0  # [K], the topics of the last training step
+      past = np.flatnonzero((weights[:, current] == 0).all(axis=1))  # [P], steps without them
+      if past.size:
+        positions["past"] = past[((np.arange(n) + 0.5) * past.size / n).astype(np.int64)]
+    return positions
+
+  @property
+  def eval_splits(self) -> tuple[str, ...]:
+    """'validation', 'test', and with a shifting topic 'current' and (once training has left
+    a topic behind) 'past'; see ``eval_batches``."""
+    return tuple(self._positions)
+
+  def _split_positions(self, split: str) -> np.ndarray:
+    if split not in self._positions:
+      raise ValueError(f"eval split {split!r} is not one of this dataset's {self.eval_splits}.")
+    return self._positions[split]
+
+  def _global_eval_batches(self, split: str) -> Iterator[np.ndarray]:
+    for i, at in enumerate(self._split_positions(split)):
+      rng = np.random.default_rng([self.seed, _EVAL_STREAMS[split], i])
+      yield self._sample(rng, self.global_batch_size, int(at))
+
+  def eval_batches(self, split: str = "validation") -> Iterator[np.ndarray]:
     """A fixed held-out set: ``num_eval_batches`` batches, int32 [B // process_count, T + 1].
 
-    By default eval batch ``i`` of ``n`` is drawn at the schedule position
-    ``floor((i + 1/2) * horizon / n)``, so the set covers the topics in the proportions training
-    sees them over its horizon (its expected unigram is ``token_frequencies``) and eval loss
-    measures what is kept of every topic, not only the current one. With ``step`` given, every
-    batch is drawn at ``step``'s distribution instead (eval on the current topic). The noise comes
-    from streams training never uses, so the set is held out; it is the same on every call.
+    Batch ``i`` of split ``s`` is drawn at the distribution of one schedule position (training
+    step) with its own noise ``default_rng([seed, stream(s), i])``, a stream training never uses,
+    so every split is held out, and the same on every call. With ``n`` batches and horizon ``H``:
+
+      validation   positions floor((i + 1/2) H / n): the topics in the proportions training saw
+                   them (expected unigram = ``token_frequencies``). Loss = what is kept of every
+                   topic; select hyperparameters on it.
+      test         the same positions, another stream: report final numbers on it.
+      current      every batch at the last training step H - 1: the topic (mixture) trained
+                   last. Loss = adaptation to the present distribution.
+      past         positions spread evenly, as above, over the training steps whose mixture gives
+                   no weight to any topic of step H - 1: the topics training has moved away from.
+                   Loss = forgetting. Absent when there are none (shift 'none', a horizon within
+                   the first topic).
     """
-    n = self.num_eval_batches
-    for i in range(n):
-      at = step if step is not None else int((i + 0.5) * self.horizon_steps / n)
-      rng = np.random.default_rng([self.seed, _EVAL_STREAM, i])
-      yield self._local_rows(self._sample(rng, self.global_batch_size, int(at)))
+    for batch in self._global_eval_batches(split):
+      yield self._local_rows(batch)
+
+  def baselines(self, split: str = "validation") -> dict[str, float]:
+    """Reference losses on ``split``, nats per token (see ``baselines.py`` for the first two).
+
+      uniform           ln V.
+      unigram           cross-entropy of the split's targets under ``token_frequencies`` (the
+                        exact training unigram; every token has probability > 0, no smoothing).
+      marginal_entropy  mean over the split's batches of H(q_at), the entropy of the exact
+                        per-token distribution at the batch's position: the floor if tokens
+                        were iid (``copy_prob`` = 0) and the model knew the topic mixture. With
+                        copies it is an upper bound on that floor (context can only help).
+      entropy_floor     marginal_entropy * mean_{t=1..T} P(target t is a fresh draw)
+                        (``original_probs``): the exact entropy of the next token given all
+                        of the generator's choices but the token values (topic mixture and copy
+                        layout); copied tokens are then certain. No model's expected loss is
+                        below it; it equals marginal_entropy when ``copy_prob`` = 0.
+    """
+    positions = self._split_positions(split)
+    targets = np.concatenate([b[:, 1:].ravel() for b in self._global_eval_batches(split)])
+    marginal = baselines.entropy(schedule_weights(positions, self.num_topics, self.shift,
+                                                  self.shift_every) @ self.topic_probs)
+    fresh = original_probs(self.seq_len + 1, self.copy_prob, self.span_min, self.span_max)
+    return {
+        "uniform": baselines.uniform(self.vocab_size),
+        "unigram": baselines.cross_entropy(targets, self.token_frequencies),
+        "marginal_entropy": marginal,
+        "entropy_floor": marginal * float(fresh[1:].mean()),
+    }

@@ -18,14 +18,14 @@ import numpy as np
 import sentencepiece as spm
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
-MODEL_TYPES = ('unigram', 'bpe')
+MODEL_TYPES = ("unigram", "bpe")
 # 3 specials + 256 byte pieces must fit, plus some room for the characters and merges.
 MIN_VOCAB_SIZE = 320
 _TRAIN_SEED = 0  # The tokenizer is shared by every run of a study, whatever its seed.
 
 
 def train_tokenizer(lines: Iterable[str], model_path: str | os.PathLike, *, vocab_size: int,
-                    model_type: str = 'unigram', input_sentence_size: int = 100_000,
+                    model_type: str = "unigram", input_sentence_size: int = 100_000,
                     character_coverage: float = 0.9995,
                     num_threads: int | None = None) -> pathlib.Path:
   """Trains a SentencePiece model on ``lines`` and writes it atomically to ``model_path``.
@@ -42,7 +42,7 @@ def train_tokenizer(lines: Iterable[str], model_path: str | os.PathLike, *, voca
   """
   model_path = pathlib.Path(model_path)
   model_path.parent.mkdir(parents=True, exist_ok=True)
-  prefix = model_path.parent / f'.{model_path.stem}.{os.getpid()}.{uuid.uuid4().hex}'
+  prefix = model_path.parent / f".{model_path.stem}.{os.getpid()}.{uuid.uuid4().hex}"
   sentences = (s for s in (line.strip() for line in lines) if s)  # Blank lines carry nothing.
   spm.set_random_generator_seed(_TRAIN_SEED)
   try:
@@ -64,15 +64,15 @@ def train_tokenizer(lines: Iterable[str], model_path: str | os.PathLike, *, voca
     )
   except RuntimeError as e:
     msg = str(e)
-    if 'Vocabulary size is smaller than required_chars' in msg or 'vocab_size' in msg:
+    if "Vocabulary size is smaller than required_chars" in msg or "vocab_size" in msg:
       raise ValueError(
-          f'config.data.vocab_size={vocab_size} is too small for this corpus ({msg.strip()}); '
-          f'raise it (>= {MIN_VOCAB_SIZE}, typically 8192-50304) or lower '
-          f'config.data.tokenizer.character_coverage.') from e
-    raise ValueError(f'SentencePiece training failed with config.data.tokenizer '
-                     f'(model_type={model_type!r}, vocab_size={vocab_size}): {msg.strip()}') from e
-  os.replace(f'{prefix}.model', model_path)
-  os.remove(f'{prefix}.vocab')  # A human-readable copy of the model; not needed.
+          f"config.data.vocab_size={vocab_size} is too small for this corpus ({msg.strip()}); "
+          f"raise it (>= {MIN_VOCAB_SIZE}, typically 8192-50304) or lower "
+          f"config.data.tokenizer.character_coverage.") from e
+    raise ValueError(f"SentencePiece training failed with config.data.tokenizer "
+                     f"(model_type={model_type!r}, vocab_size={vocab_size}): {msg.strip()}") from e
+  os.replace(f"{prefix}.model", model_path)
+  os.remove(f"{prefix}.vocab")  # A human-readable copy of the model; not needed.
   return model_path
 
 
