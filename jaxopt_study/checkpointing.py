@@ -39,29 +39,34 @@ def save(mngr: ocp.CheckpointManager, step: int, state, *, force: bool = False) 
   return mngr.save(step, args=ocp.args.StandardSave(state), force=force)
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
-  """The newest checkpoint that restores into ``abstract_state``'s shapes, dtypes, shardings.
+def restore_latest(directory: str, abstract_state):
+  """The newest checkpoint in ``directory`` that restores into ``abstract_state``'s shapes,
+  dtypes and shardings; None when there is none.
 
-  Returns None when the directory holds no restorable checkpoint. A checkpoint that fails to
-  restore is renamed ``<step>.corrupt`` (on process 0), a warning names it, and the next older
-  one is tried: a bad latest checkpoint costs the steps since the previous one, never the run.
+  A checkpoint that fails to restore is renamed ``<step>.corrupt`` (on process 0), a warning
+  names it, and the next older one is tried: a bad latest checkpoint costs the steps since the
+  previous one, never the run. Each attempt uses a fresh read-only manager, because a manager
+  infers the checkpoint layout from the first step directory it reads.
   """
+  if not os.path.isdir(directory):
+    return None
   target = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state
   )
-  for step in sorted(mngr.all_steps(), reverse=True):
+  read_only = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, max_to_keep=None)
+  with ocp.CheckpointManager(directory, options=read_only) as mngr:
+    steps = sorted(mngr.all_steps(), reverse=True)
+  for step in steps:
     try:
-      return mngr.restore(step, args=ocp.args.StandardRestore(target))
+      with ocp.CheckpointManager(directory, options=read_only) as mngr:
+        return mngr.restore(step, args=ocp.args.StandardRestore(target))
     except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many kinds
-      path = os.path.join(str(mngr.directory), str(step))
-      logging.warning(
-          "checkpoint %s cannot be restored (%s: %s); moved aside to %s%s, trying an older one",
-          path, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "", path,
-          CORRUPT_SUFFIX,
-      )
+      path = os.path.join(directory, str(step))
+      reason = (str(e).splitlines() or [""])[0][:200]
+      logging.warning("checkpoint %s cannot be restored (%s: %s); moving it aside to %s%s and "
+                      "trying an older one", path, type(e).__name__, reason, path, CORRUPT_SUFFIX)
       if jax.process_index() == 0 and os.path.exists(path):
         os.replace(path, _free_name(path + CORRUPT_SUFFIX))
-      mngr.reload()
   return None
 
 

@@ -134,7 +134,7 @@ def eval_step(params, batch, diag_state, *, model, diag_config):
 
 
 _POSITIVE = ("num_steps", "batch_size", "seq_len", "log_every", "sync_every", "eval_every",
-             "checkpoint_every", "keep_checkpoints", "prefetch")
+             "checkpoint_every", "keep_checkpoints")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -155,6 +155,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
   optimizers.validate(config)
   gpt.from_config(config.model, vocab_size=1)  # model-field checks
+  data_lib.check_config(config.data, seq_len=config.seq_len, global_batch_size=config.batch_size,
+                        prefetch=config.prefetch)
 
 
 def padded_vocab(vocab_size: int, multiple: int) -> int:
@@ -331,16 +333,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> rundi
     lock = stack.enter_context(rundir.Lock(workdir, enabled=is_main))
     rundir.check_same_trajectory(workdir, config)
     stack.enter_context(sharding.activate(s.mesh))
-    ckpt = stack.enter_context(contextlib.closing(checkpointing.manager(
-        rundir.path(workdir, rundir.CHECKPOINTS), keep=config.keep_checkpoints)))
     results = rundir.RunResults(
         optimizer=config.optimizer.name, learning_rate=config.optimizer.learning_rate,
         seed=config.seed, num_params=sum(x.size for x in jax.tree.leaves(state.params)),
         num_steps=total, tokens_per_step=config.batch_size * config.seq_len,
-        init_params_fingerprint=params_fingerprint(state.params), baselines=_TMP_baselines(ds),
+        init_params_fingerprint=params_fingerprint(state.params), baselines=ds.baselines(),
         config_fingerprint=rundir.config_fingerprint(config),
     )
-    state = checkpointing.restore_latest(ckpt, state) or state
+    ckpt_dir = rundir.path(workdir, rundir.CHECKPOINTS)
+    state = checkpointing.restore_latest(ckpt_dir, state) or state
+    ckpt = stack.enter_context(contextlib.closing(
+        checkpointing.manager(ckpt_dir, keep=config.keep_checkpoints)))
     start_step = int(state.step)
     if is_main:
       rundir.write_config(workdir, config)
@@ -382,8 +385,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> rundi
       if itstime(step, config.sync_every, total) and (diverged := sync(step)):
         break
       if itstime(step, config.eval_every, total):
-        last_eval = {split: evaluate(eval_fn, state, _TMP_eval_batches(ds, split), s.batch_sharding)
-                     for split in _TMP_splits(ds)}
+        last_eval = {split: evaluate(eval_fn, state, ds.eval_batches(split), s.batch_sharding)
+                     for split in ds.eval_splits}
         for split, ev in last_eval.items():
           writer.write_scalars(step, eval_scalars(split, ev))
       if step % config.checkpoint_every == 0 and step != total:
@@ -424,11 +427,3 @@ def _final_results(results, status, state, buffer, last_eval, speed) -> rundir.R
       platform=jax.devices()[0].platform,
   )
 
-
-# TMP until the data branch lands (CONTRACTS item 2).
-def _TMP_baselines(ds):
-  return ds.baselines() if hasattr(ds, "baselines") else {}
-def _TMP_splits(ds):
-  return getattr(ds, "eval_splits", ("validation",))
-def _TMP_eval_batches(ds, split):
-  return ds.eval_batches(split) if hasattr(ds, "eval_splits") else ds.eval_batches()

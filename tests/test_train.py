@@ -235,7 +235,7 @@ def test_params_are_really_sharded_over_fsdp():
         ({"schedule.warmup_steps": -5}, r"config\.schedule\.warmup_steps=-5"),
         ({"schedule.min_lr_ratio": 2.0}, r"config\.schedule\.min_lr_ratio=2.0"),
         ({"keep_checkpoints": 0}, r"config\.keep_checkpoints=0 must be an integer >= 1"),
-        ({"prefetch": 0}, r"config\.prefetch=0 must be an integer >= 1"),
+        ({"prefetch": 0}, r"config\.prefetch=0"),
         ({"sync_every": 0}, r"config\.sync_every=0"),
         ({"diagnostics.every": 0}, r"config\.diagnostics\.every=0 must be >= 1"),
     ],
@@ -282,8 +282,8 @@ def _truncate(step_dir):
 
 
 def _metadata_gone(step_dir):
-  for f in step_dir.rglob("*metadata*"):
-    if f.is_file():
+  for f in step_dir.rglob("*"):
+    if f.is_file() and "metadata" in f.name.lower():
       f.unlink()
 
 
