@@ -8,7 +8,7 @@ setuptools.setup(
         "A JAX/Flax study of optimizers (SGD-momentum, AdamW, Adafactor, Lion, SignSGD) "
         "under sparse and non-stationary transformer gradients."
     ),
-    packages=setuptools.find_packages(include=["jaxopt_study", "jaxopt_study.*", "configs"]),
+    packages=setuptools.find_packages(include=["jaxopt_study", "jaxopt_study.*"]),
     python_requires=">=3.11",
     # No upper pins: CPU machines get jax 0.10.x, the GPU image has jax 0.11.2 / flax 0.12 /
     # optax 0.2.8, and both must work.

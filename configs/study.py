@@ -20,9 +20,10 @@ token budget. Fields can be overridden on the command line like any config:
 
 import ml_collections
 
-from configs import default
+from jaxopt_study import optimizers
+from jaxopt_study import presets
 
-OPTIMIZERS = ("sgd_momentum", "adamw", "adafactor", "lion", "signsgd")
+OPTIMIZERS = optimizers.NAMES
 PRESETS = ("tiny", "small", "wikitext103")
 
 
@@ -51,7 +52,7 @@ def get_config(preset=None) -> ml_collections.ConfigDict:
   # configs/default.py's preset; everything a run needs except the optimizer block, which the
   # runner sets from configs.default.OPTIMIZER_BLOCKS, and num_steps, set from token_budget.
   base_preset = {"tiny": "tiny", "small": "tiny", "wikitext103": "small"}[preset]
-  c.base = b = default.get_config(base_preset)
+  c.base = b = presets.get_config(base_preset)
   b.log_every = 1  # Every step's train loss: the spike rule needs a 128-step history.
   b.keep_checkpoints = 1  # One checkpoint per run is enough to resume (keeps the study small).
   # The report uses the global, per-kind and per-layer aggregates; per-tensor ('/param=') series
@@ -62,7 +63,7 @@ def get_config(preset=None) -> ml_collections.ConfigDict:
   c.optimizers = OPTIMIZERS  # Names in configs.default.OPTIMIZER_BLOCKS.
   # Centre of each optimizer's lr grid: its literature default (configs/default.py).
   c.learning_rates = ml_collections.ConfigDict(
-      {o: default.OPTIMIZER_BLOCKS[o]().learning_rate for o in OPTIMIZERS})
+      {o: optimizers.default_config(o).learning_rate for o in OPTIMIZERS})
   # Per-optimizer changes of the optimizer block besides the lr, e.g. {'signsgd': {'momentum':
   # 0.9}} for signum; empty: the defaults of configs/default.py.
   c.optimizer_overrides = ml_collections.ConfigDict()

@@ -53,7 +53,8 @@ def restore_latest(directory: str, abstract_state):
   target = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state
   )
-  read_only = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, max_to_keep=None)
+  read_only = ocp.CheckpointManagerOptions(
+      read_only=True, save_interval_steps=0, max_to_keep=None)
   with ocp.CheckpointManager(directory, options=read_only) as mngr:
     steps = sorted(mngr.all_steps(), reverse=True)
   for step in steps:
