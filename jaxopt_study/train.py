@@ -96,7 +96,7 @@ def train_step(state: TrainState, batch, *, model, tx, learning_rate, diag_confi
     # the optimizer carried into this step points where the new gradient points.
     diag_metrics, diag_state = diagnostics.update(
         state.params, grads, updates, state.opt_state, state.diag_state, state.step, diag_config,
-        full=diag_mode,
+        mode=diag_mode,
     )
     if diag_metrics:
       # A diagnostics.Metrics: thousands of scalars packed in one vector (one output buffer).

@@ -2,42 +2,54 @@ r"""Diagnostics of sparse, non-stationary gradients and of the optimizer state.
 
 Pure, jit-compatible functions over pytrees; depends only on jax, numpy, optax, ml_collections.
 
-Usage (the train step is compiled once per mode in ``compile_modes(cfg)``)::
+Usage (the train step is compiled once per step mode it meets)::
 
     cfg = diagnostics.default_config()
-    diag_state = diagnostics.init(params, cfg, token_frequencies)       # or None
+    diag_state = diagnostics.init(params, cfg, token_frequencies, opt_state=opt_state)
+    # host loop, per step: mode = diagnostics.mode_for_step(step, cfg)
     # in the jitted step (mode is static):
     grads = ...; updates, new_opt_state = tx.update(grads, opt_state, params)
     metrics, diag_state = diagnostics.update(params, grads, updates, opt_state, diag_state,
-                                             step, cfg, full=mode)  # opt_state BEFORE the update
-    # host loop: mode = diagnostics.mode_for_step(step, cfg)
+                                             step, cfg, mode=mode)  # opt_state BEFORE the update
     # eval: sums, counts = diagnostics.loss_by_frequency(per_token_loss, targets, diag_state)
 
-Modes (``full=``, a static Python value):
+Step modes (``MODES``; ``mode=`` is static and required; :func:`mode_for_step` chooses it):
 
-* ``'counters'`` / ``False``: per-step counters only (ages, update counts, update EMA, g^2 EMA,
-  per-tensor gradient-energy EMAs, token-embedding row counters). Returns ``{}``: no host sync.
+* ``'counters'``: per-step counters only (ages, update counts, update EMA, g^2 EMA, per-tensor
+  gradient-energy EMAs, token-embedding row counters). Returns ``{}``: no host sync.
 * ``'prev'``: counters + store g_t and sign(u_t) (read by the next step's drift/sign metrics).
   Used only on the step before a full step, so g_{t-1} is written once per ``every`` steps.
-* ``'full'`` / ``True``: counters + store + every metric (every ``cfg.every`` steps).
-* ``'off'``: no-op.
+* ``'full'``: counters + store + every metric (at step % every == 0).
+* ``'off'``: no-op (``cfg.enabled`` False).
 
-``mode_for_step(step, cfg)`` picks 'full' at step % every == 0, 'prev' at (step+1) % every == 0
-(only if drift or sign is on; otherwise 'counters'), else 'counters'. Hence 3 compiled variants
-with drift/sign on and every > 2; 2 variants without them (or with every == 2); 1 with every == 1.
+Hence 3 compiled variants with drift/sign on and every > 2; 2 without them (or with every == 2);
+1 with every == 1.
 
 ``metrics`` of a full step is a :class:`Metrics`: a read-only Mapping name -> 0-d array (scalars are
 packed in ONE float32 vector, so the jitted step has 1 + #histograms metric outputs instead of
 thousands; thousands of scalar outputs make XLA compile for minutes). Call
-``metrics.to_numpy()`` (one transfer) on the host before writing. Non-full modes return ``{}``.
+``metrics.to_numpy()`` (one transfer) on the host before writing. Other modes return ``{}``.
 
 Metric names: ``family/metric`` (global aggregate over all tensors), ``.../kind=<kind>``,
 ``.../layer=<NN>``, ``.../param=<path>``, ``..._q<Q>`` quantile scalars, ``..._hist`` 1-d
 histogram samples (<= cfg.histogram_size), ``.../freq_bucket=<BB>`` token-frequency buckets
-(00 = most frequent). Values: 0-d (scalars) or 1-d float32 arrays. Families and formulas:
-:mod:`.sparsity`, :mod:`.drift`, :mod:`.aging`, :mod:`.norms`, :mod:`.heterogeneity`,
-:mod:`.sign`, :mod:`.frequency`; aggregation: :mod:`._agg`; moments: :mod:`.opt_state`;
-kinds/layers: :mod:`.paths` (``KIND_RULES`` is overridable).
+(00 = most frequent). Values: 0-d (scalars) or 1-d float32 arrays. Families (registry
+:data:`FAMILIES`) and their formulas: :mod:`.sparsity`, :mod:`.drift`, :mod:`.aging`,
+:mod:`.norms`, :mod:`.heterogeneity`, :mod:`.sign`; token-frequency buckets: :mod:`.frequency`;
+what a family computes in: :mod:`.context`; moments: :mod:`.opt_state`; kinds/layers:
+:mod:`.paths` (``KIND_RULES`` is overridable).
+
+Adding a metric:
+
+1. In a family module (or a new ``diagnostics/<family>.py``), inside ``compute(ctx)``, call
+   ``ctx.emit(name, fn, combine)``: ``fn(group)`` returns per-member partial sums of the stacked
+   arrays ``group.g, .u, .m, ...`` (or None where absent), ``combine`` maps group sums to values.
+2. A new family: add ``"<family>": <family>.compute`` to ``FAMILIES`` (families.py); this also
+   creates its switch ``config.diagnostics.<family>``.
+3. Per-entry state it needs: a :class:`DiagState` leaf (core.init / core.update) and a
+   :class:`~.context.Group` field of the same name.
+4. State the formula, the first steps and the never-updated entries in the module docstring.
+5. Test it in tests/test_diagnostics.py against a NumPy reference written independently.
 
 Memory (``state_bytes_per_param``), bytes per parameter entry, all families on:
 
@@ -60,26 +72,23 @@ step: read g once, read+write last_active, update_count, update_ema, sq_ema (32 
 """
 
 from jaxopt_study.diagnostics import paths
-from jaxopt_study.diagnostics._agg import Metrics
-from jaxopt_study.diagnostics.config import FAMILIES
 from jaxopt_study.diagnostics.config import default_config
+from jaxopt_study.diagnostics.context import Metrics
 from jaxopt_study.diagnostics.core import DiagState
 from jaxopt_study.diagnostics.core import MODES
-from jaxopt_study.diagnostics.core import compile_modes
+from jaxopt_study.diagnostics.core import available_families
 from jaxopt_study.diagnostics.core import init
 from jaxopt_study.diagnostics.core import mode_for_step
-from jaxopt_study.diagnostics.core import needs_prev
 from jaxopt_study.diagnostics.core import state_bytes_per_param
 from jaxopt_study.diagnostics.core import state_nbytes
 from jaxopt_study.diagnostics.core import update
+from jaxopt_study.diagnostics.families import FAMILIES
 from jaxopt_study.diagnostics.frequency import bucket_table
 from jaxopt_study.diagnostics.frequency import loss_by_frequency
-from jaxopt_study.diagnostics.frequency import loss_by_frequency_metrics
-from jaxopt_study.diagnostics.opt_state import available_families
 from jaxopt_study.diagnostics.opt_state import find_moments
 
 __all__ = [
-    "DiagState", "FAMILIES", "Metrics", "MODES", "available_families", "bucket_table", "compile_modes",
-    "default_config", "find_moments", "init", "loss_by_frequency", "loss_by_frequency_metrics",
-    "mode_for_step", "needs_prev", "paths", "state_bytes_per_param", "state_nbytes", "update",
+    "DiagState", "FAMILIES", "Metrics", "MODES", "available_families", "bucket_table",
+    "default_config", "find_moments", "init", "loss_by_frequency", "mode_for_step", "paths",
+    "state_bytes_per_param", "state_nbytes", "update",
 ]

@@ -34,17 +34,17 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jaxopt_study.diagnostics import _agg
+from jaxopt_study.diagnostics import context
 
 
-def compute(ctx: _agg.Ctx):
+def compute(ctx: context.Context):
   cfg = ctx.cfg
-  red = _agg.red
+  red = context.red
   h = int(cfg.horizon)
   size = lambda g: jnp.full((g.n,), g.size, jnp.float32)
-  ctx.emit("aging/age_mean", lambda g: (red(g.age.astype(jnp.float32)), size(g)), _agg.ratio)
+  ctx.emit("aging/age_mean", lambda g: (red(g.age.astype(jnp.float32)), size(g)), context.safe_div)
   ctx.emit_quantiles("aging/age", lambda g: g.age, hist=True)
-  ctx.emit("aging/frac_older_than_H", lambda g: (red(g.age >= h), size(g)), _agg.ratio)
+  ctx.emit("aging/frac_older_than_H", lambda g: (red(g.age >= h), size(g)), context.safe_div)
 
   s_bc = ctx.bias_correction(cfg.sq_ema_decay)
 
@@ -57,15 +57,15 @@ def compute(ctx: _agg.Ctx):
   ctx.emit("aging/log_staleness_mean",
            lambda g: None if log_stale(g) is None else (
                red(jnp.nan_to_num(log_stale(g), nan=0.0)), red(~jnp.isnan(log_stale(g)))),
-           _agg.ratio)
+           context.safe_div)
   ctx.emit_quantiles("aging/log_staleness", log_stale, hist=True)
   ctx.emit("aging/nu_mass_older_than_H",
            lambda g: None if g.v is None else (red(jnp.where(g.age >= h, g.v, 0.0)), red(g.v)),
-           _agg.ratio)
+           context.safe_div)
   ctx.emit("aging/mu_mass_older_than_H",
            lambda g: None if g.m is None else (
                red(jnp.where(g.age >= h, jnp.square(g.m), 0.0)), red(jnp.square(g.m))),
-           _agg.ratio)
+           context.safe_div)
 
   for r in ctx.rows:
     sfx = f"/param={r.path}" if len(ctx.rows) > 1 else ""
@@ -76,7 +76,7 @@ def compute(ctx: _agg.Ctx):
     ctx.add_scalar("aging/emb_row_age_mean" + sfx, jnp.mean(row_age))
     ctx.add_scalar("aging/emb_row_frac_older_than_H" + sfx, jnp.mean(old))
     ctx.quantiles("aging/emb_row_age",
-                  row_age[::_agg.grid_stride((v,), int(cfg.quantile_sample_size))], sfx)
+                  row_age[::context.grid_stride((v,), int(cfg.quantile_sample_size))], sfx)
     ctx.emit_buckets("aging/emb_row_age_mean" + sfx, row_age)
     ctx.emit_buckets("aging/emb_row_frac_older_than_H" + sfx, old)
     if grp.v is not None and grp.s is not None:
@@ -85,5 +85,5 @@ def compute(ctx: _agg.Ctx):
       ok = (vm > 0) & (sm > 0)
       x = jnp.log(jnp.where(ok, vm, 1.0)) - jnp.log(jnp.where(ok, sm, 1.0))
       ctx.add_scalar("aging/emb_row_log_staleness_mean" + sfx,
-                     _agg.safe_div(jnp.sum(jnp.where(ok, x, 0.0)), jnp.sum(ok)))
+                     context.safe_div(jnp.sum(jnp.where(ok, x, 0.0)), jnp.sum(ok)))
       ctx.emit_buckets("aging/emb_row_log_staleness_mean" + sfx, x, ok)

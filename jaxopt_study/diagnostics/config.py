@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
-FAMILIES = ("sparsity", "drift", "aging", "norms", "heterogeneity", "sign",
-            "loss_by_frequency")
+from jaxopt_study.diagnostics.families import FAMILIES
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -15,14 +14,18 @@ def default_config() -> ml_collections.ConfigDict:
   # Run the full variant (all metrics) when step % every == 0; see diagnostics.mode_for_step.
   c.every = 10
 
-  # --- metric families (False: metrics absent AND their state leaves not allocated) ---
-  c.sparsity = True        # zero / small-gradient fractions, update frequency, activation, rows
-  c.drift = True           # cos(g_t, g_{t-1}), cos(g_t, m_{t-1}), rel. change, energy ratio
-  c.aging = True           # entry ages, second-moment staleness, mass older than H
-  c.norms = True           # ||theta||, ||g||, ||u||, ||u||/||theta||
-  c.heterogeneity = True   # CV and max/min over parameter blocks (arXiv 2502.00213)
-  c.sign = True            # update-sign flips, sign(u) vs -sign(g) agreement
-  c.loss_by_frequency = True  # token-frequency bucket table (needs token_frequencies at init)
+  # --- metric families: one switch per entry of families.FAMILIES (each family's metrics and
+  # formulas are in its module docstring). False: its metrics are absent AND its state leaves
+  # are not allocated. sparsity: zero / small-gradient fractions, update frequency, activation,
+  # embedding rows; drift: cos(g_t, g_{t-1}), cos(g_t, m_{t-1}), relative change, energy ratio;
+  # aging: entry ages, second-moment staleness; norms: |theta|, |g|, |u|, |u|/|theta|;
+  # heterogeneity: CV and max/min over parameter blocks (arXiv 2502.00213); sign: update-sign
+  # flips, sign(u) vs -sign(g) agreement.
+  for name in FAMILIES:
+    c[name] = True
+  # Token-frequency bucket table (needs token_frequencies at init): per-bucket embedding-row
+  # metrics and the eval loss by token frequency (frequency.loss_by_frequency).
+  c.loss_by_frequency = True
   # Sparsity sub-switches (each costs 4 bytes/param of state).
   c.update_count = True    # per-entry int32 count of steps with an active gradient
   c.update_ema = True      # per-entry float32 EMA of the active indicator

@@ -1,24 +1,21 @@
-"""DiagState, init, update and the compile modes of the train step."""
+"""DiagState, init, update and the step modes (mode_for_step)."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from jaxopt_study.diagnostics import _agg
-from jaxopt_study.diagnostics import aging
-from jaxopt_study.diagnostics import drift
+from jaxopt_study.diagnostics import context
 from jaxopt_study.diagnostics import frequency
-from jaxopt_study.diagnostics import heterogeneity
-from jaxopt_study.diagnostics import norms
 from jaxopt_study.diagnostics import opt_state as opt_state_lib
 from jaxopt_study.diagnostics import paths as paths_lib
-from jaxopt_study.diagnostics import sign
-from jaxopt_study.diagnostics import sparsity
+from jaxopt_study.diagnostics.families import FAMILIES
 
+# The step modes (static): what one update() call does. See update() and mode_for_step().
 MODES = ("off", "counters", "prev", "full")
 
 
@@ -107,20 +104,9 @@ def init(params, cfg, token_frequencies=None, opt_state=None) -> DiagState:
   )
 
 
-def needs_prev(cfg) -> bool:
+def _needs_prev(cfg) -> bool:
   """Whether a 'prev' step (store g and sign(u) for the next full step) is needed."""
   return bool(cfg.enabled and (cfg.drift or cfg.sign))
-
-
-def compile_modes(cfg) -> tuple[str, ...]:
-  """The distinct ``full=`` values the train step is compiled with (see mode_for_step)."""
-  if not cfg.enabled:
-    return ("off",)
-  if int(cfg.every) == 1:
-    return ("full",)
-  if needs_prev(cfg) and int(cfg.every) > 2:
-    return ("counters", "prev", "full")
-  return (("prev", "full") if needs_prev(cfg) else ("counters", "full"))
 
 
 def mode_for_step(step: int, cfg) -> str:
@@ -135,29 +121,17 @@ def mode_for_step(step: int, cfg) -> str:
   every = int(cfg.every)
   if step % every == 0:
     return "full"
-  if (step + 1) % every == 0 and needs_prev(cfg):
+  if (step + 1) % every == 0 and _needs_prev(cfg):
     return "prev"
   return "counters"
 
 
-def normalize_mode(full: Union[bool, str]) -> str:
-  if full is True:
-    return "full"
-  if full is False:
-    return "counters"
-  if full not in MODES:
-    raise ValueError(f"full must be a bool or one of {MODES}, got {full!r}")
-  return full
-
-
 def _rebuild(tree, values: dict[str, Any]):
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  return jax.tree_util.tree_unflatten(
-      treedef, [values[paths_lib.path_str(kp)] for kp, _ in leaves])
+  """``tree`` with each leaf replaced by ``values[its path]`` (the inverse of paths.flatten)."""
+  return jax.tree_util.tree_map_with_path(lambda kp, _: values[paths_lib.path_str(kp)], tree)
 
 
-def update(params, grads, updates, opt_state, diag_state: DiagState, step, cfg,
-           full: Union[bool, str] = False):
+def update(params, grads, updates, opt_state, diag_state: DiagState, step, cfg, *, mode: str):
   """One diagnostics step. Returns (metrics, new_diag_state).
 
   Args:
@@ -169,11 +143,13 @@ def update(params, grads, updates, opt_state, diag_state: DiagState, step, cfg,
     diag_state: from :func:`init` or the previous call.
     step: t, the train step (int or int32 scalar; may be traced).
     cfg: the diagnostics config (static).
-    full: static. 'counters' (or False): per-step counters only, metrics = {};
-      'prev': counters + store g_t and sign(u_t) for the next step's drift/sign metrics;
-      'full' (or True): counters + store + every metric; 'off': no-op. Use mode_for_step().
+    mode: static, one of MODES, chosen by :func:`mode_for_step`: 'counters': per-step counters
+      only, metrics = {}; 'prev': counters + store g_t and sign(u_t) for the next step's
+      drift/sign metrics; 'full': counters + store + every metric; 'off': no-op.
   """
-  mode = normalize_mode(full)
+  if mode not in MODES:
+    raise ValueError(f"diagnostics.update: mode={mode!r}; valid: {MODES} "
+                     "(use diagnostics.mode_for_step(step, cfg))")
   st = diag_state
   if not cfg.enabled or mode == "off":
     return {}, st
@@ -260,17 +236,16 @@ def update(params, grads, updates, opt_state, diag_state: DiagState, step, cfg,
   roles: dict[tuple, list[str]] = {}
   for k in keys:
     x = pflat[k]
-    role = (_agg.role_of(k), tuple(np.shape(x)), str(jnp.asarray(x).dtype),
+    role = (context.role_of(k), tuple(np.shape(x)), str(jnp.asarray(x).dtype),
             paths_lib.kind_of(k), tuple(q for q in per_path if k in per_path[q]))
     roles.setdefault(role, []).append(k)
   groups, start = [], 0
   for (_, shape, _, kind, _), members in roles.items():
-    grp = _agg.Group(paths=members, kind=kind, layers=[paths_lib.layer_of(k) for k in members],
-                     shape=shape, size=int(np.prod(shape, dtype=np.int64)), start=start)
-    for q, d in per_path.items():
-      if members[0] in d:
-        setattr(grp, q, jnp.stack([d[k] for k in members]))
-    groups.append(grp)
+    # per_path's keys are Group's array fields (the constructor rejects any other name).
+    groups.append(context.Group(
+        paths=members, kind=kind, layers=[paths_lib.layer_of(k) for k in members],
+        shape=shape, size=int(np.prod(shape, dtype=np.int64)), start=start,
+        **{q: jnp.stack([d[k] for k in members]) for q, d in per_path.items() if members[0] in d}))
     start += len(members)
   order = [k for grp in groups for k in grp.paths]
   perm = np.asarray([keys.index(k) for k in order])
@@ -278,25 +253,54 @@ def update(params, grads, updates, opt_state, diag_state: DiagState, step, cfg,
   for grp in groups:
     if grp.n == 1 and _is_row_tensor(grp.paths[0], grp.shape):
       r = (rows_new or {}).get(grp.paths[0].replace("/", "."), {})
-      rows.append(_agg.Rows(path=grp.paths[0], group=grp,
+      rows.append(context.Rows(path=grp.paths[0], group=grp,
                             count=r.get("update_count"), ema=r.get("update_ema")))
-  ctx = _agg.Ctx(cfg=cfg, groups=groups, rows=rows, step=step, n=n,
-                 prev_valid=st.prev_step == step - 1, token_bucket=st.token_bucket,
-                 energy_short=new["energy_short"][perm] if "energy_short" in new else None,
-                 energy_long=new["energy_long"][perm] if "energy_long" in new else None)
-  if cfg.sparsity:
-    sparsity.compute(ctx)
-  if cfg.drift:
-    drift.compute(ctx)
-  if cfg.aging:
-    aging.compute(ctx)
-  if cfg.norms:
-    norms.compute(ctx)
-  if cfg.heterogeneity:
-    heterogeneity.compute(ctx)
-  if cfg.sign:
-    sign.compute(ctx)
+  ctx = context.Context(
+      cfg=cfg, groups=groups, rows=rows, step=step, n=n,
+      prev_valid=st.prev_step == step - 1, token_bucket=st.token_bucket,
+      energy_short=new["energy_short"][perm] if "energy_short" in new else None,
+      energy_long=new["energy_long"][perm] if "energy_long" in new else None)
+  for name, compute in FAMILIES.items():
+    if cfg[name]:
+      compute(ctx)
   return ctx.result(), new_state
+
+
+def available_families(opt_state, params=None, cfg=None) -> dict[str, Any]:
+  """What the diagnostics can read from this optimizer state.
+
+  Returns a dict with ``first_moment`` / ``second_moment`` (the state field found, e.g.
+  ``'ScaleByAdamState.nu'``, or None), ``factored`` (param paths reconstructed from Adafactor
+  factors), ``families`` (families enabled in ``cfg`` (all if None) that run) and ``absent``
+  (metric names that will be missing because a moment is missing). Without ``params``, moments
+  are detected by field name only (no path/shape matching).
+  """
+  if params is not None:
+    mom = opt_state_lib.find_moments(opt_state, params)
+    first = mom.first_field if mom.first else None
+    second = mom.second_field if mom.second else None
+    factored = mom.factored
+  else:
+    def _label(fields):
+      for f in fields:
+        hits = optax.tree_utils.tree_get_all_with_path(opt_state, f)
+        hits = [h for h in hits if jax.tree_util.tree_leaves(h[1])]
+        if hits:
+          return opt_state_lib.field_label(hits[0][0])
+      return None
+    first = _label(opt_state_lib.FIRST_MOMENT_FIELDS)
+    second = _label(opt_state_lib.SECOND_MOMENT_FIELDS) or (
+        "factored" if _label(("v_row",)) and _label(("v_col",)) else None)
+    factored = ()
+  fams = tuple(f for f in FAMILIES if cfg is None or cfg.get(f, True))
+  absent = []
+  if first is None:
+    absent += ["drift/cos_grad_mu", "aging/mu_mass_older_than_H"]
+  if second is None:
+    absent += ["aging/log_staleness_*", "aging/nu_mass_older_than_H",
+               "aging/emb_row_log_staleness*"]
+  return {"first_moment": first, "second_moment": second, "factored": factored,
+          "families": fams, "absent": tuple(absent)}
 
 
 def state_bytes_per_param(cfg, has_second_moment: bool = True) -> dict[str, float]:

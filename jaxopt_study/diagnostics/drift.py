@@ -22,28 +22,28 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jaxopt_study.diagnostics import _agg
+from jaxopt_study.diagnostics import context
 
 
-def compute(ctx: _agg.Ctx):
-  red, sq = _agg.red, lambda x: _agg.red(jnp.square(x))
-  valid = lambda f: (lambda *a: jnp.where(ctx.prev_valid, f(*a), _agg.NAN))
+def compute(ctx: context.Context):
+  red, sq = context.red, lambda x: context.red(jnp.square(x))
+  valid = lambda f: (lambda *a: jnp.where(ctx.prev_valid, f(*a), context.NAN))
 
   def prev(fn):
     return lambda g: None if g.prev_g is None else fn(g, g.prev_g.astype(jnp.float32))
   ctx.emit("drift/cos_grad_prev", prev(lambda g, gp: (red(g.g * gp), sq(g.g), sq(gp))),
-           valid(_agg.cosine))
+           valid(context.cosine))
   ctx.emit("drift/grad_rel_change", prev(lambda g, gp: (sq(g.g - gp), sq(gp))),
-           valid(_agg.sqrt_ratio))
+           valid(context.sqrt_ratio))
   ctx.emit("drift/grad_sign_flip_frac",
            prev(lambda g, gp: (red(jnp.sign(g.g) * jnp.sign(gp) < 0),
                                red(jnp.sign(g.g) * jnp.sign(gp) != 0))),
-           valid(_agg.ratio))
+           valid(context.safe_div))
   ctx.emit("drift/cos_grad_mu",
-           lambda g: None if g.m is None else (red(g.g * g.m), sq(g.g), sq(g.m)), _agg.cosine)
+           lambda g: None if g.m is None else (red(g.g * g.m), sq(g.g), sq(g.m)), context.cosine)
   if ctx.energy_short is not None:
     bs = ctx.bias_correction(ctx.cfg.energy_short_decay)
     bl = ctx.bias_correction(ctx.cfg.energy_long_decay)
     es, el = ctx.energy_short / bs, ctx.energy_long / bl
     ctx.emit("drift/energy_ratio",
-             lambda g: (es[g.start:g.start + g.n], el[g.start:g.start + g.n]), _agg.ratio)
+             lambda g: (es[g.start:g.start + g.n], el[g.start:g.start + g.n]), context.safe_div)

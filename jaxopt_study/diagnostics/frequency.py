@@ -15,9 +15,8 @@ rarest, from the training-corpus unigram frequencies p (any non-negative scale):
 
 :func:`loss_by_frequency` returns ``sums[b] = sum_{positions with target in b} w * loss`` and
 ``counts[b] = sum w`` (w = mask, default 1), to be summed over eval batches (and hosts); the
-bucket's mean loss is sums/counts (:func:`loss_by_frequency_metrics`:
-``loss_by_frequency/loss/freq_bucket=BB``, plus ``loss_by_frequency/token_share/freq_bucket=BB``
-= counts / sum counts).
+bucket's mean loss is sums / counts (the train loop logs it as
+``eval/loss_by_frequency/freq_bucket=BB``, the same naming as every bucketed metric).
 """
 
 from __future__ import annotations
@@ -92,16 +91,3 @@ def loss_by_frequency(per_token_loss, targets, table: Any, mask=None,
   sums = jax.ops.segment_sum((loss * w).reshape(-1), seg.reshape(-1), num_segments=num_buckets)
   counts = jax.ops.segment_sum(w.reshape(-1), seg.reshape(-1), num_segments=num_buckets)
   return sums, counts
-
-
-def loss_by_frequency_metrics(sums, counts) -> dict[str, jax.Array]:
-  """Metric dict from accumulated (sums, counts): mean loss and token share per bucket."""
-  sums = jnp.asarray(sums, jnp.float32)
-  counts = jnp.asarray(counts, jnp.float32)
-  mean = jnp.where(counts > 0, sums / jnp.maximum(counts, 1e-30), jnp.nan)
-  share = counts / jnp.maximum(jnp.sum(counts), 1e-30)
-  out = {}
-  for b in range(sums.shape[0]):
-    out[f"loss_by_frequency/loss/freq_bucket={b:02d}"] = mean[b]
-    out[f"loss_by_frequency/token_share/freq_bucket={b:02d}"] = share[b]
-  return out

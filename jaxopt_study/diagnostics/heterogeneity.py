@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from jaxopt_study.diagnostics import _agg
+from jaxopt_study.diagnostics import context
 
 
 def _spread(x):
@@ -28,16 +28,16 @@ def _spread(x):
   k = jnp.sum(ok)
   mean = jnp.sum(jnp.where(ok, x, 0.0)) / k
   var = jnp.sum(jnp.where(ok, jnp.square(x - mean), 0.0)) / k
-  cv = jnp.where(k > 0, jnp.sqrt(var) / mean, _agg.NAN)
+  cv = jnp.where(k > 0, jnp.sqrt(var) / mean, context.NAN)
   mx = jnp.max(jnp.where(ok, x, -jnp.inf))
   mn = jnp.min(jnp.where(ok, x, jnp.inf))
-  return cv, jnp.where(k > 0, mx / mn, _agg.NAN)
+  return cv, jnp.where(k > 0, mx / mn, context.NAN)
 
 
-def compute(ctx: _agg.Ctx):
-  (gsq, usq), _ = ctx.per_tensor(lambda g: (_agg.red(jnp.square(g.g)), _agg.red(jnp.square(g.u))))
+def compute(ctx: context.Context):
+  (gsq, usq), _ = ctx.per_tensor(lambda g: (context.red(jnp.square(g.g)), context.red(jnp.square(g.u))))
   gn, un = jnp.sqrt(gsq), jnp.sqrt(usq)
-  step = jnp.where(gn > 0, un / jnp.where(gn > 0, gn, 1.0), _agg.NAN)
+  step = jnp.where(gn > 0, un / jnp.where(gn > 0, gn, 1.0), context.NAN)
   kinds = ctx.kinds
   sel = [("", list(range(len(kinds))))]
   if ctx.cfg.per_kind:

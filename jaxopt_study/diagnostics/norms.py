@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jaxopt_study.diagnostics import _agg
+from jaxopt_study.diagnostics import context
 
 
-def compute(ctx: _agg.Ctx):
-  sq = lambda x: _agg.red(jnp.square(x))
+def compute(ctx: context.Context):
+  sq = lambda x: context.red(jnp.square(x))
   ctx.emit("norms/param", lambda g: (sq(g.p),), jnp.sqrt)
   ctx.emit("norms/grad", lambda g: (sq(g.g),), jnp.sqrt)
   ctx.emit("norms/update", lambda g: (sq(g.u),), jnp.sqrt)
-  ctx.emit("norms/update_param_ratio", lambda g: (sq(g.u), sq(g.p)), _agg.sqrt_ratio)
+  ctx.emit("norms/update_param_ratio", lambda g: (sq(g.u), sq(g.p)), context.sqrt_ratio)

@@ -27,7 +27,7 @@ without new code.
   of an inactive entry decays by exactly b2 per step.
 
 SGD, Lion and sign-SGD have no second moment: the metrics that need one are absent from the
-metrics dict (not faked); :func:`available_families` says what was found.
+metrics dict (not faked); ``diagnostics.available_families`` says what was found.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class Moments:
   factored: tuple[str, ...]    # paths whose second moment was reconstructed from v_row/v_col
 
 
-def _field_label(key_path) -> str:
+def field_label(key_path) -> str:
   last = key_path[-1]
   tname = getattr(last, "tuple_name", None)
   name = paths_lib.key_name(last)
@@ -78,7 +78,7 @@ def _find_plain(opt_state, fields, shapes):
     for kp, sub in optax.tree_utils.tree_get_all_with_path(opt_state, field):
       m = _match(sub, shapes)
       if len(m) > len(best):
-        best, best_label = m, _field_label(kp)
+        best, best_label = m, field_label(kp)
   return best, best_label
 
 
@@ -127,7 +127,7 @@ def _find_factored(opt_state, shapes):
           out[path] = rec
           fact.append(path)
     if len(out) > len(best):
-      label = _field_label(kp)
+      label = field_label(kp)
       best, best_label, best_fact = out, label.rsplit(".", 1)[0] + ".v_row/v_col/v", tuple(fact)
   return best, best_label, best_fact
 
@@ -141,41 +141,3 @@ def find_moments(opt_state, params) -> Moments:
   if not second:
     second, second_label, factored = _find_factored(opt_state, shapes)
   return Moments(first, first_label, second, second_label, factored)
-
-
-def available_families(opt_state, params=None, cfg=None) -> dict[str, Any]:
-  """What the diagnostics can read from this optimizer state.
-
-  Returns a dict with ``first_moment`` / ``second_moment`` (the state field found, e.g.
-  ``'ScaleByAdamState.nu'``, or None), ``factored`` (param paths reconstructed from Adafactor
-  factors), ``families`` (families enabled in ``cfg`` (all if None) that run) and ``absent``
-  (metric names that will be missing because a moment is missing). Without ``params``, moments
-  are detected by field name only (no path/shape matching).
-  """
-  if params is not None:
-    mom = find_moments(opt_state, params)
-    first = mom.first_field if mom.first else None
-    second = mom.second_field if mom.second else None
-    factored = mom.factored
-  else:
-    def _label(fields):
-      for f in fields:
-        hits = optax.tree_utils.tree_get_all_with_path(opt_state, f)
-        hits = [h for h in hits if jax.tree_util.tree_leaves(h[1])]
-        if hits:
-          return _field_label(hits[0][0])
-      return None
-    first = _label(FIRST_MOMENT_FIELDS)
-    second = _label(SECOND_MOMENT_FIELDS) or (
-        "factored" if _label(("v_row",)) and _label(("v_col",)) else None)
-    factored = ()
-  from jaxopt_study.diagnostics import config as config_lib  # pylint: disable=g-import-not-at-top
-  fams = tuple(f for f in config_lib.FAMILIES if cfg is None or cfg.get(f, True))
-  absent = []
-  if first is None:
-    absent += ["drift/cos_grad_mu", "aging/mu_mass_older_than_H"]
-  if second is None:
-    absent += ["aging/log_staleness_*", "aging/nu_mass_older_than_H",
-               "aging/emb_row_log_staleness*"]
-  return {"first_moment": first, "second_moment": second, "factored": factored,
-          "families": fams, "absent": tuple(absent)}

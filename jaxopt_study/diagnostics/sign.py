@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jaxopt_study.diagnostics import _agg
+from jaxopt_study.diagnostics import context
 
 
-def compute(ctx: _agg.Ctx):
+def compute(ctx: context.Context):
   def flip(g):
     if g.prev_sign is None:
       return None
     prod = jnp.sign(g.u) * g.prev_sign.astype(jnp.float32)
-    return _agg.red(prod < 0), _agg.red(prod != 0)
+    return context.red(prod < 0), context.red(prod != 0)
   ctx.emit("sign/update_flip_frac", flip,
-           lambda a, b: jnp.where(ctx.prev_valid, _agg.ratio(a, b), _agg.NAN))
+           lambda a, b: jnp.where(ctx.prev_valid, context.safe_div(a, b), context.NAN))
   ctx.emit("sign/descent_agree_frac",
-           lambda g: (_agg.red((g.g != 0) & (jnp.sign(g.u) == -jnp.sign(g.g))),
-                      _agg.red(g.g != 0)), _agg.ratio)
+           lambda g: (context.red((g.g != 0) & (jnp.sign(g.u) == -jnp.sign(g.g))),
+                      context.red(g.g != 0)), context.safe_div)

@@ -36,31 +36,31 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jaxopt_study.diagnostics import _agg
+from jaxopt_study.diagnostics import context
 
 
-def compute(ctx: _agg.Ctx):
+def compute(ctx: context.Context):
   cfg = ctx.cfg
-  red = _agg.red
+  red = context.red
   nf = ctx.n.astype(jnp.float32)
   size = lambda g: jnp.full((g.n,), g.size, jnp.float32)
 
   def small(g):
     rms = jnp.sqrt(jnp.mean(jnp.square(g.g), axis=tuple(range(1, g.g.ndim)), keepdims=True))
     return red(jnp.abs(g.g) <= cfg.rel_threshold * rms), size(g)
-  ctx.emit("sparsity/zero_frac", lambda g: (red(g.g == 0), size(g)), _agg.ratio)
-  ctx.emit("sparsity/small_frac", small, _agg.ratio)
+  ctx.emit("sparsity/zero_frac", lambda g: (red(g.g == 0), size(g)), context.safe_div)
+  ctx.emit("sparsity/small_frac", small, context.safe_div)
   freq = lambda g: None if g.count is None else g.count.astype(jnp.float32) / nf
   ctx.emit("sparsity/update_freq_mean",
-           lambda g: None if g.count is None else (red(freq(g)), size(g)), _agg.ratio)
+           lambda g: None if g.count is None else (red(freq(g)), size(g)), context.safe_div)
   ctx.emit_quantiles("sparsity/update_freq", freq, hist=True)
   bc = ctx.bias_correction(cfg.update_ema_decay)
   ema = lambda g: None if g.ema is None else g.ema / bc
   ctx.emit("sparsity/update_freq_ema_mean",
-           lambda g: None if g.ema is None else (red(ema(g)), size(g)), _agg.ratio)
+           lambda g: None if g.ema is None else (red(ema(g)), size(g)), context.safe_div)
   ctx.emit_quantiles("sparsity/update_freq_ema", ema)
   ctx.emit("sparsity/active_frac_window", lambda g: (red(g.age < cfg.window), size(g)),
-           _agg.ratio)
+           context.safe_div)
 
   for r in ctx.rows:
     sfx = f"/param={r.path}" if len(ctx.rows) > 1 else ""
@@ -82,4 +82,4 @@ def compute(ctx: _agg.Ctx):
 
 
 def row_sample(ctx, x):
-  return x[::_agg.grid_stride(x.shape, int(ctx.cfg.quantile_sample_size))]
+  return x[::context.grid_stride(x.shape, int(ctx.cfg.quantile_sample_size))]

@@ -1,4 +1,11 @@
-"""Trace-time context, vectorized aggregation and the packed metrics container.
+"""The context a metric family computes in: its inputs, the aggregation API, the packed output.
+
+A family's ``compute(ctx: Context)`` reads the stacked per-tensor arrays of ``ctx.groups``
+(:class:`Group`: g, p, u, m, v, age, ... with a leading member axis) and writes metrics with
+:meth:`Context.emit` (additive group aggregates), :meth:`Context.emit_quantiles` /
+:meth:`Context.quantiles` (quantiles and histogram samples), :meth:`Context.emit_buckets`
+(token-frequency buckets) or :meth:`Context.add` (named scalars). See the package docstring for
+the recipe that adds a metric.
 
 Compile-time matters: a GPT has ~200 parameter tensors and thousands of per-tensor metrics, and
 XLA compiles thousands of scalar ops / outputs very slowly. So (i) tensors with the same *role*
@@ -128,7 +135,8 @@ class Rows:
 
 
 @dataclasses.dataclass
-class Ctx:
+class Context:
+  """Inputs of one full step (static structure, traced arrays) and the metrics written so far."""
   cfg: Any
   groups: list[Group]
   rows: list[Rows]
@@ -301,10 +309,6 @@ def batched_nanquantile(xs: list, qs: tuple):
 
 def safe_div(a, b):
   return jnp.where(b > 0, a / jnp.where(b > 0, b, 1.0), NAN)
-
-
-def ratio(a, b):
-  return safe_div(a, b)
 
 
 def cosine(ab, aa, bb):
