@@ -1,41 +1,47 @@
-"""The optimizer study: all five optimizers under identical conditions, a seed and lr grid each.
+"""The optimizer study: all five optimizers under identical conditions and one protocol.
 
   python scripts/run_study.py --config=configs/study.py:tiny --workdir=studies/tiny
   python scripts/run_study.py --config=configs/study.py:small --workdir=studies/small
   python scripts/run_study.py --config=configs/study.py:wikitext103 --workdir=studies/wt103
   python scripts/make_report.py studies/small        # the report alone, from the run dirs
 
-  tiny         CI / quickstart: tiny model, 1 seed, 1 lr, 80 steps (~2-3 min on 2 CPU cores).
-  small        the real CPU study: synthetic Zipf corpus with topic switches, 2 seeds, lr x
-               {1/3, 1, 3}, plus a post-LN condition at the default lr (~25 min on 2 CPU cores).
+  tiny         CI / quickstart, a smoke test: tiny model, 1 seed, 1 lr, 80 steps (~2-3 min on
+               2 CPU cores); its report states no verdicts.
+  small        the CPU study: synthetic Zipf corpus with topic switches, a 5-point lr grid per
+               optimizer (extended until bracketed), 3 seeds at each best rate, pre- and
+               post-LN (about 70-110 runs of ~1 min each on 2 CPU cores; not timed under this
+               protocol).
   wikitext103  GPU/TPU: WikiText-103, a 6-layer d=256 GPT, sharded over all devices.
 
-The study expands into runs condition x optimizer x learning rate x seed, each in its own workdir
-``WORKDIR/runs/<condition>/<optimizer>/lr=<lr>/seed=<seed>``. Every run of a condition shares the
-base config below except the optimizer block and its learning rate: the same seed gives the
-same initial parameters and the same data order for every optimizer, and every run has the same
-token budget. Fields can be overridden on the command line like any config:
-``--config.seeds=(0,1,2) --config.lr_multipliers=(0.5,1,2) --config.base.model.d_model=128``.
+The protocol (jaxopt_study/study/runner.py): per (condition, optimizer), sweep
+``learning_rates[opt] * lr_multipliers`` with ``sweep_seeds``, choose the best rate on the
+validation split, extend the grid on an edge until the best rate is bracketed (at most
+``lr_grid_max_extensions`` points per side), then train every seed of ``seeds`` at the best
+rate; the report gives test-split numbers with 95% Student-t intervals. Every run of a
+condition shares the base config below except the optimizer block and its learning rate: the
+same seed gives the same initial parameters and the same data order for every optimizer, and
+every run has the same token budget. Fields can be overridden on the command line like any
+config: ``--config.seeds=(0,1,2,3) --config.lr_multipliers=(0.25,0.5,1,2,4)
+--config.base.model.d_model=128``.
 """
+
+import dataclasses
 
 import ml_collections
 
 from jaxopt_study import optimizers
 from jaxopt_study import presets
+from jaxopt_study.study import loading
 
-OPTIMIZERS = optimizers.NAMES
 PRESETS = ("tiny", "small", "wikitext103")
 
 
-def _condition(description, overrides=None, lr_multipliers=(), seeds=()):
+def _condition(description, overrides=None):
   c = ml_collections.ConfigDict()
   c.description = description  # One line for the report.
   # Partial config applied on top of `base` (nested like the run config), e.g.
   # {'model': {'ln_position': 'post'}}; every key must exist in the run config.
   c.overrides = ml_collections.ConfigDict(overrides or {})
-  # Restrict this condition to a subset of the study's lr multipliers / seeds; () = all.
-  c.lr_multipliers = tuple(lr_multipliers)
-  c.seeds = tuple(seeds)
   return c
 
 
@@ -49,8 +55,8 @@ def get_config(preset=None) -> ml_collections.ConfigDict:
   c.name = preset  # Study name (report title); the workdir is given on the command line.
 
   # ---------------------------------------------------------------- the shared run config
-  # configs/default.py's preset; everything a run needs except the optimizer block, which the
-  # runner sets from configs.default.OPTIMIZER_BLOCKS, and num_steps, set from token_budget.
+  # jaxopt_study/presets.py's preset; everything a run needs except the optimizer block, which the
+  # runner sets from optimizers.default_config, and num_steps, set from token_budget.
   base_preset = {"tiny": "tiny", "small": "tiny", "wikitext103": "small"}[preset]
   c.base = b = presets.get_config(base_preset)
   b.log_every = 1  # Every step's train loss: the spike rule needs a 128-step history.
@@ -60,25 +66,35 @@ def get_config(preset=None) -> ml_collections.ConfigDict:
   b.diagnostics.per_param = False
 
   # ---------------------------------------------------------------- what varies
-  c.optimizers = OPTIMIZERS  # Names in configs.default.OPTIMIZER_BLOCKS.
-  # Centre of each optimizer's lr grid: its literature default (configs/default.py).
+  c.optimizers = optimizers.NAMES  # Names in the optimizer registry (optimizers.NAMES).
+  # Centre of each optimizer's lr grid: its literature default (optimizers.default_config).
   c.learning_rates = ml_collections.ConfigDict(
-      {o: optimizers.default_config(o).learning_rate for o in OPTIMIZERS})
+      {o: optimizers.default_config(o).learning_rate for o in optimizers.NAMES})
   # Per-optimizer changes of the optimizer block besides the lr, e.g. {'signsgd': {'momentum':
-  # 0.9}} for signum; empty: the defaults of configs/default.py.
+  # 0.9}} for signum; empty: the defaults of optimizers.default_config.
   c.optimizer_overrides = ml_collections.ConfigDict()
-  # Grid: lr = learning_rates[opt] * multiplier (rounded to 3 significant digits).
-  c.lr_multipliers = (1 / 3, 1.0, 3.0)
-  c.seeds = (0, 1)  # Each seed fixes initial parameters and data order (same for every optimizer).
+  # Grid: lr = learning_rates[opt] * multiplier (rounded to 3 significant digits); log-spaced
+  # (one constant ratio), at least 5 points (runner.MIN_GRID_POINTS) unless a smoke test.
+  c.lr_multipliers = (1 / 9, 1 / 3, 1.0, 3.0, 9.0)
+  # A best rate on an edge of the grid: add up to this many points (same ratio) on that side.
+  c.lr_grid_max_extensions = 2
+  # Seeds of the lr sweep (a seed fixes initial parameters and data order, the same for every
+  # optimizer); the best rate is chosen on the validation loss averaged over them.
+  c.sweep_seeds = (0,)
+  c.seeds = (0, 1, 2)  # Seeds at each best rate (>= 3, runner.MIN_SEEDS, unless a smoke test).
   # Tokens per run, the same for every run: num_steps = token_budget // (batch_size * seq_len).
   c.token_budget = 0
   # Conditions: named partial configs over `base` (the order is the report's order; the first
-  # is the primary condition used for the literature checks).
+  # is the primary condition used for the literature checks). Each gets the whole protocol.
   c.conditions = ml_collections.ConfigDict()
   c.only_conditions = ()  # Run only these conditions (names); () = all.
 
   # ---------------------------------------------------------------- runner
   c.retry_failed = True  # Re-run runs recorded as 'failed' (exceptions); diverged runs are kept.
+  # A run directory trained under another config (its config fingerprint differs): 'refuse'
+  # stops the study naming the run and the changed fields; 'rerun' moves it aside and trains it
+  # again.
+  c.on_config_change = "refuse"
   # JAX's persistent compilation cache ($JAXOPT_STUDY_CACHE or ~/.cache/jaxopt_study, then
   # jax_compilation_cache/): runs that differ only in seed or learning rate share their compiled
   # steps (the peak rate lives in the optimizer state, optimizers.build).
@@ -86,20 +102,14 @@ def get_config(preset=None) -> ml_collections.ConfigDict:
   c.make_report = True  # scripts/run_study.py writes the report after the runs.
 
   # ---------------------------------------------------------------- report (study/report.py)
-  c.report = r = ml_collections.ConfigDict()
-  r.spike_window = 128  # Loss-spike rule (Levanter/MaxText): history of this many steps...
-  r.spike_sigma = 6.0  # ...and a spike is a loss above its mean + spike_sigma * std.
-  r.spike_min_history = 8  # Logged points the history must hold before a spike can count.
-  r.shift_pre_window = 20  # Steps before a shift whose mean train loss is the pre-shift level.
-  r.shift_smooth = 10  # Trailing-mean window (steps) of the post-shift train loss.
-  r.shift_tolerance = 0.02  # Recovered when the smoothed loss <= pre-level * (1 + tolerance).
-  r.rare_buckets = 1  # Rarest frequency buckets averaged as the 'rare token' loss.
-  r.frequent_buckets = 1  # Most frequent buckets averaged as the 'frequent token' loss.
-  r.tail_fraction = 0.25  # Staleness metrics: mean over the last 25% of each run.
-  r.keep_param_metrics = False  # Also put '/param=' series in results/scalars_long.csv (large).
+  # Spike rule, shift recovery, frequency buckets, staleness window, smoke_test: every field
+  # is documented in jaxopt_study.study.loading.Settings (the defaults; study.json records them).
+  c.report = ml_collections.ConfigDict(dataclasses.asdict(loading.Settings()))
 
   if preset == "tiny":
-    # Minutes on 2 CPU cores for all five optimizers: 1 seed, the default lr, 80 steps.
+    # Minutes on 2 CPU cores for all five optimizers: 1 seed, the default lr, 80 steps. A
+    # smoke test: too few rates and seeds for the protocol, so its report gives no verdicts.
+    c.report.smoke_test = True
     b.model.num_layers, b.model.d_model, b.model.num_heads = 2, 64, 4
     b.seq_len, b.batch_size = 64, 16  # 1024 tokens per step
     b.data.vocab_size = 1024  # Zipf vocabulary (the model's); small keeps the softmax cheap.
@@ -113,16 +123,17 @@ def get_config(preset=None) -> ml_collections.ConfigDict:
     b.diagnostics.every = 1
     b.diagnostics.window = b.diagnostics.horizon = 15  # Age horizon H of the aging metrics.
     c.lr_multipliers = (1.0,)
-    c.seeds = (0,)
+    c.lr_grid_max_extensions = 0
+    c.sweep_seeds = c.seeds = (0,)
     c.token_budget = 80 * 1024  # 80 steps
     c.report.shift_pre_window = 10
     c.report.shift_smooth = 5
     c.conditions.base = _condition("synthetic Zipf(1.1) corpus over 1024 tokens, topic switch "
                                    "every 30 steps, pre-LN, untied embeddings")
   elif preset == "small":
-    # 5 optimizers x 3 lrs x 2 seeds = 30 runs + 5 post-LN runs: 30.5 min on 2 CPU cores when
-    # every (optimizer, lr) compiled its own steps; the rate now lives in the optimizer state,
-    # so one compile per (condition, optimizer) serves its whole sweep (cache shared by seeds).
+    # Per condition: 5 optimizers x (5 lrs + up to 4 extensions) at seed 0, then seeds 1 and 2
+    # at each best rate: 35-55 runs of 200 steps. The rate lives in the optimizer state, so one
+    # compile per (condition, optimizer) serves its whole sweep (cache shared by seeds).
     b.model.num_layers, b.model.d_model, b.model.num_heads = 2, 64, 4
     b.seq_len, b.batch_size = 64, 16  # 1024 tokens per step
     b.data.vocab_size = 2048  # Zipf(1.1) over 2048 ids: most embedding rows idle most steps.
@@ -134,16 +145,13 @@ def get_config(preset=None) -> ml_collections.ConfigDict:
     b.eval_every = b.checkpoint_every = 100
     b.diagnostics.every = 10
     b.diagnostics.window = b.diagnostics.horizon = 25  # Age horizon H of the aging metrics.
-    c.lr_multipliers = (1 / 3, 1.0, 3.0)
-    c.seeds = (0, 1)
     c.token_budget = 200 * 1024  # 200 steps
     c.conditions.base = _condition(
         "synthetic Zipf(1.1) corpus over 2048 tokens, topic switch every 50 steps, pre-LN, "
         "untied embeddings")
-    # Post-LN at the default lr and seed 0 only: the heterogeneity comparison, not a sweep.
-    c.conditions.post_ln = _condition(
-        "as base with post-LN blocks", {"model": {"ln_position": "post"}},
-        lr_multipliers=(1.0,), seeds=(0,))
+    # Post-LN under the same protocol: the heterogeneity comparison over the whole sweep.
+    c.conditions.post_ln = _condition("as base with post-LN blocks",
+                                      {"model": {"ln_position": "post"}})
   elif preset == "wikitext103":
     # A 6-layer d=256 GPT on WikiText-103 (SentencePiece 8192), bf16, sharded over all devices.
     b.data.name = "wikitext-103"
@@ -155,12 +163,10 @@ def get_config(preset=None) -> ml_collections.ConfigDict:
     b.log_every = 1
     b.eval_every = b.checkpoint_every = 1000
     b.diagnostics.every = 25
-    c.lr_multipliers = (1 / 3, 1.0, 3.0)
-    c.seeds = (0, 1)
     c.token_budget = 4000 * 64 * 256  # 4000 steps, 65.5M tokens per run
     c.conditions.base = _condition("WikiText-103, pre-LN, untied embeddings")
     c.conditions.tied = _condition("as base with tied input/output embeddings",
-                                   {"model": {"tie_embeddings": True}}, lr_multipliers=(1.0,))
+                                   {"model": {"tie_embeddings": True}})
     c.conditions.post_ln = _condition("as base with post-LN blocks",
-                                      {"model": {"ln_position": "post"}}, lr_multipliers=(1.0,))
+                                      {"model": {"ln_position": "post"}})
   return c

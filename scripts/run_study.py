@@ -5,12 +5,20 @@
   python scripts/run_study.py --config=configs/study.py:small --workdir=studies/small \
       --config.seeds=0,1,2 --config.base.diagnostics.every=5
 
-Every (condition, optimizer, learning rate, seed) of the study config trains in
+Every run of the study's protocol (lr sweep, grid extensions until the best rate is bracketed,
+seeds at each best rate; jaxopt_study/study/runner.py) trains in
 WORKDIR/runs/<condition>/<optimizer>/lr=<lr>/seed=<seed>; running the same command again reuses
 finished runs and resumes interrupted ones. The report (WORKDIR/REPORT.md, results/, plots/) is
 written at the end; `python scripts/make_report.py WORKDIR` rewrites it alone.
 Per-step training logs are at WARNING unless --verbosity is given (the progress bar stays
-readable); TensorBoard: `tensorboard --logdir WORKDIR/runs`.
+readable); TensorBoard (every run's config as hparams): `tensorboard --logdir WORKDIR/runs`.
+
+Exit codes (jaxopt_study.study.runner.EXIT_*):
+  0   at least one run completed (failed and diverged runs are in the report)
+  3   every run failed or diverged
+  4   a run directory was trained under another config (--config.on_config_change=rerun
+      trains it again; the message names the run and the changed fields)
+  75  preempted (SIGTERM): the running run checkpointed; run the same command to continue
 """
 
 import os
@@ -43,7 +51,11 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-  spec = runner.run_study(FLAGS.config, FLAGS.workdir, command=command)
+  try:
+    spec = runner.run_study(FLAGS.config, FLAGS.workdir, command=command)
+  except runner.ConfigChangedError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(runner.EXIT_CONFIG_CHANGED)
   counts = {}
   for r in spec["runs"]:
     counts[r["status"]] = counts.get(r["status"], 0) + 1
@@ -52,6 +64,10 @@ def main(argv):
   if make:
     path = report.make_report(FLAGS.workdir)
     print(f"report: {path}")
+  code = runner.exit_code(spec)
+  if code != runner.EXIT_OK:
+    print(f"exit code {code}: see the exit codes in scripts/run_study.py", file=sys.stderr)
+  sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -10,30 +10,40 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import time
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from jaxopt_study import rundir
+from jaxopt_study.study import literature
+from jaxopt_study.study import loading
+from jaxopt_study.study import measures
 from jaxopt_study.study import plots
 from jaxopt_study.study import report
+from jaxopt_study.study import stats
+from jaxopt_study.study import tables
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 OPTS = ["sgd_momentum", "adamw", "adafactor", "lion", "signsgd"]
 BASE_LR = {"sgd_momentum": 0.1, "adamw": 6e-4, "adafactor": 1e-2, "lion": 1e-4, "signsgd": 1e-4}
-# Final loss of (optimizer, multiplier): adamw best at x3, lion best at x1 -> adamw/lion lr = 18.
+MULTS = (1 / 3, 1.0, 3.0)
+# Final validation loss of (optimizer, multiplier), seed 0: every optimizer's best is x1 (inside
+# its grid); sgd's x3 diverges, signsgd's x3 fails. Seed s adds 0.01 s; test = validation + 0.02.
 FINAL = {
-    ("sgd_momentum", 1.0): 5.0, ("sgd_momentum", 3.0): 4.8,
-    ("adamw", 1.0): 4.2, ("adamw", 3.0): 4.0,
-    ("adafactor", 1.0): 4.1, ("adafactor", 3.0): 4.3,
-    ("lion", 1.0): 4.15, ("lion", 3.0): 4.25,
-    ("signsgd", 1.0): 4.6, ("signsgd", 3.0): 4.7,
+    ("sgd_momentum", 1 / 3): 5.3, ("sgd_momentum", 1.0): 5.0, ("sgd_momentum", 3.0): 4.8,
+    ("adamw", 1 / 3): 4.3, ("adamw", 1.0): 4.0, ("adamw", 3.0): 4.2,
+    ("adafactor", 1 / 3): 4.3, ("adafactor", 1.0): 4.1, ("adafactor", 3.0): 4.25,
+    ("lion", 1 / 3): 4.4, ("lion", 1.0): 4.02, ("lion", 3.0): 4.3,
+    ("signsgd", 1 / 3): 4.8, ("signsgd", 1.0): 4.6, ("signsgd", 3.0): 4.7,
 }
 NUM_STEPS, SHIFT = 300, 150
-DIVERGED = ("base", "sgd_momentum", 3.0, 1)
+DIVERGED = ("base", "sgd_momentum", 3.0, 0)
 FAILED = ("base", "signsgd", 3.0, 0)
-MISSING = ("base", "lion", 3.0, 1)
+MISSING = ("base", "lion", 1.0, 2)
+BASELINES = {"uniform": 6.93, "unigram": 6.0, "entropy_floor": 3.5}
 
 
 def _curve(final, seed, shift=True, spike_at=None):
@@ -49,15 +59,16 @@ def _curve(final, seed, shift=True, spike_at=None):
 
 
 def _write_run(root, cond, opt, mult, seed, status="completed"):
-  lr = float(report.lr_str(BASE_LR[opt] * mult))
-  rel = report.run_relpath(cond, opt, lr, seed)
+  lr = float(rundir.lr_str(BASE_LR[opt] * mult))
+  rel = rundir.run_relpath(cond, opt, lr, seed)
   d = root / rel
   d.mkdir(parents=True)
   final = FINAL[(opt, mult)] + 0.01 * seed + (0.05 if cond == "post_ln" else 0.0)
   steps, loss = _curve(final, seed, shift=cond == "base",
-                       spike_at=200 if (opt == "adamw" and mult == 3.0 and seed == 0) else None)
+                       spike_at=200 if (opt == "adamw" and mult == 1.0 and seed == 0) else None)
   stop = NUM_STEPS if status == "completed" else 120
-  post = 1.0 if cond == "post_ln" else 0.0
+  # Post-LN raises the gradient-norm CV by 1.0 (+ a little noise) at every (lr, seed).
+  post = 1.0 + 0.01 * ((seed + 3 * MULTS.index(mult)) % 4) if cond == "post_ln" else 0.0
   with open(d / "metrics.jsonl", "w") as f:
     for s, l in zip(steps[:stop], loss[:stop]):
       rec = {"step": int(s), "train/loss": float(l), "train/learning_rate": lr}
@@ -88,15 +99,19 @@ def _write_run(root, cond, opt, mult, seed, status="completed"):
     # A resumed run repeats a step: the last record wins.
     f.write(json.dumps({"step": 10, "train/grad_norm": 1.0}) + "\n")
     f.write('{"step": 11, "train/lo')  # truncated last line (killed mid-write)
+  val = float(loss[stop - 1]) + 0.05
   res = {
       "optimizer": opt, "learning_rate": lr, "seed": seed, "num_params": 1000,
       "num_steps": NUM_STEPS, "tokens_per_step": 64, "status": status,
       "steps_done": stop, "tokens_seen": stop * 64,
       "final_train_loss": float(loss[stop - 1]),
-      "final_eval_loss": float(loss[stop - 1]) + 0.05 if status == "completed" else None,
+      "final_eval_loss": val if status == "completed" else None,
+      "final_eval_losses": ({"validation": val, "test": val + 0.02} if status == "completed"
+                            else {}),
       "final_eval_perplexity": None,
-      "eval_loss_by_frequency": {"00": final - 1, "01": final, "02": final + 1,
-                                 "03": final + 2 + (1.0 if opt == "sgd_momentum" else 0.0)},
+      "eval_loss_by_frequency": [final - 1, final, final + 1,
+                                 final + 2 + (1.0 if opt == "sgd_momentum" else 0.0)],
+      "baselines": BASELINES,
       "tokens_per_second": 1000.0,
       "diverged_at_step": 120 if status == "diverged" else None,
       "devices": 1, "platform": "cpu",
@@ -108,27 +123,32 @@ def _write_run(root, cond, opt, mult, seed, status="completed"):
   return rel
 
 
-def make_fake_study(root: pathlib.Path):
-  runs = []
+def fake_runs():
+  """(condition, optimizer, multiplier, seed, phase): the sweep at seed 0, seeds 1-2 at x1."""
+  out = []
   for cond in ("base", "post_ln"):
     for opt in OPTS:
-      for mult in (1.0, 3.0):
-        for seed in (0, 1):
-          if cond == "post_ln" and mult != 1.0:
-            continue
-          key = (cond, opt, mult, seed)
-          lr = float(report.lr_str(BASE_LR[opt] * mult))
-          rel = report.run_relpath(cond, opt, lr, seed)
-          if key != MISSING:
-            status = ("diverged" if key == DIVERGED else "failed" if key == FAILED
-                      else "completed")
-            _write_run(root, cond, opt, mult, seed, status)
-          runs.append({"condition": cond, "optimizer": opt, "learning_rate": lr,
-                       "lr_multiplier": mult, "seed": seed, "workdir": rel})
+      out += [(cond, opt, m, 0, "sweep") for m in MULTS]
+      out += [(cond, opt, 1.0, s, "seeds") for s in (1, 2)]
+  return out
+
+
+def make_fake_study(root: pathlib.Path, status_of=None):
+  status_of = status_of or {DIVERGED: "diverged", FAILED: "failed"}
+  runs = []
+  for cond, opt, mult, seed, phase in fake_runs():
+    key = (cond, opt, mult, seed)
+    lr = float(rundir.lr_str(BASE_LR[opt] * mult))
+    rel = rundir.run_relpath(cond, opt, lr, seed)
+    if key != MISSING:
+      _write_run(root, cond, opt, mult, seed, status_of.get(key, "completed"))
+    runs.append({"condition": cond, "optimizer": opt, "learning_rate": lr,
+                 "lr_multiplier": mult, "seed": seed, "workdir": rel, "phase": phase})
   spec = {
-      "name": "fake", "optimizers": OPTS, "seeds": [0, 1], "lr_multipliers": [1.0, 3.0],
+      "name": "fake", "optimizers": OPTS, "sweep_seeds": [0], "seeds": [0, 1, 2],
+      "lr_multipliers": list(MULTS), "learning_rates": BASE_LR, "lr_grid_max_extensions": 2,
       "num_steps": NUM_STEPS, "tokens_per_step": 64,
-      "command": "python scripts/run_study.py --config=configs/study.py:tiny --workdir=x",
+      "command": "python scripts/run_study.py --config=configs/study.py:small --workdir=x",
       "conditions": {
           "base": {"overrides": {}, "ln_position": "pre", "shift_steps": [SHIFT],
                    "freq_buckets": [{"bucket": b, "mean_token_freq": 10.0 ** (-1 - b),
@@ -160,45 +180,45 @@ def test_count_loss_spikes_hand_computed():
   losses = np.array([0.0, 1.0] * 10)
   losses[15] = 3.6  # step 16: 3.6 > 3.5 -> spike
   losses[17] = 3.4  # step 18: the history now holds 3.6 -> not a spike
-  assert report.count_loss_spikes(steps, losses, window=128, num_sigma=6.0,
+  assert measures.count_loss_spikes(steps, losses, window=128, num_sigma=6.0,
                                   min_history=8) == [16]
   # A short window: only the last 4 steps count, and min_history=4 enables it early.
   l2 = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 2.0, 1.0])
-  assert report.count_loss_spikes(np.arange(7), l2, window=4, num_sigma=6.0,
+  assert measures.count_loss_spikes(np.arange(7), l2, window=4, num_sigma=6.0,
                                   min_history=4) == [5]
   # Too little history: no verdict.
-  assert report.count_loss_spikes(np.arange(7), l2, window=4, num_sigma=6.0,
+  assert measures.count_loss_spikes(np.arange(7), l2, window=4, num_sigma=6.0,
                                   min_history=5) == []
   # Window in steps, not points: sparse logging (every 10 steps) sees only 12 points of 128.
   s3 = np.arange(10, 310, 10)
   l3 = np.full(s3.size, 2.0) + 0.01 * (np.arange(s3.size) % 2)
   l3[20] = 2.2
-  assert report.count_loss_spikes(s3, l3, window=128, num_sigma=6.0, min_history=8) == [210]
+  assert measures.count_loss_spikes(s3, l3, window=128, num_sigma=6.0, min_history=8) == [210]
   # Non-finite losses are neither spikes nor history.
   l4 = l3.copy()
   l4[25] = np.nan
-  assert report.count_loss_spikes(s3, l4) == [210]
+  assert measures.count_loss_spikes(s3, l4) == [210]
 
 
 def test_shift_recovery_on_synthetic_curve():
   steps = np.arange(1, 401)
   # Flat 2.0 before the shift at step 200, +1 jump decaying as exp(-(s-201)/25) after.
   loss = np.where(steps > 200, 2.0 + np.exp(-(steps - 201) / 25.0), 2.0)
-  rec = report.shift_recovery(steps, loss, 200, pre_window=20, smooth=1, tolerance=0.02)
+  rec = measures.shift_recovery(steps, loss, 200, pre_window=20, smooth=1, tolerance=0.02)
   # Recovered when exp(-(s-201)/25) <= 0.04 -> s - 201 >= 25 ln 25 = 80.47 -> s = 282.
   assert rec["pre_level"] == pytest.approx(2.0)
   assert rec["peak"] == pytest.approx(1.0)
   assert rec["recovery_steps"] == 82 and rec["recovered"]
   # Trailing mean over 10 steps delays recovery: first s whose mean of (s-9..s) <= 2.04.
-  rec10 = report.shift_recovery(steps, loss, 200, pre_window=20, smooth=10, tolerance=0.02)
+  rec10 = measures.shift_recovery(steps, loss, 200, pre_window=20, smooth=10, tolerance=0.02)
   ex = [s for s in range(201, 401) if np.mean(loss[(steps > max(s - 10, 200)) & (steps <= s)])
         <= 2.04][0]
   assert rec10["recovery_steps"] == ex - 200 and ex > 282
   # Never recovers before `until`.
-  rec_none = report.shift_recovery(steps, loss, 200, tolerance=0.02, smooth=1, until=250)
+  rec_none = measures.shift_recovery(steps, loss, 200, tolerance=0.02, smooth=1, until=250)
   assert rec_none["recovery_steps"] is None and not rec_none["recovered"]
   # No data after the shift.
-  assert report.shift_recovery(steps, loss, 400)["pre_level"] is None
+  assert measures.shift_recovery(steps, loss, 400)["pre_level"] is None
 
 
 def test_best_lr_selection():
@@ -209,39 +229,94 @@ def test_best_lr_selection():
       ("c", "o", 3.0, 0, "completed", 2.0), ("c", "o", 3.0, 1, "diverged", None),
       # lr 0.3: worse.
       ("c", "o", 0.3, 0, "completed", 3.5), ("c", "o", 0.3, 1, "completed", 3.5),
-      # lr 10: missing only: ignored.
+      # lr 10: missing only: not swept.
       ("c", "o", 10.0, 0, "missing", None),
       # other optimizer: everything diverged -> no best lr.
       ("c", "p", 1.0, 0, "diverged", None), ("c", "p", 2.0, 0, "diverged", None),
-      # another: one lr with a missing seed is judged on the seed it has.
+      # another: one lr with a missing seed is judged on the seed it has; best on the low edge.
       ("c", "q", 1.0, 0, "completed", 2.0), ("c", "q", 1.0, 1, "missing", None),
       ("c", "q", 2.0, 0, "completed", 2.5), ("c", "q", 2.0, 1, "completed", 2.5),
+      # a completed run with a NaN validation loss cannot be best; a single swept lr.
+      ("c", "r", 1.0, 0, "completed", float("nan")), ("c", "r", 2.0, 0, "completed", 4.0),
+      ("c", "s", 1.0, 0, "completed", 4.0),
+      # the best lr is bracketed by a diverged neighbour.
+      ("c", "t", 1.0, 0, "completed", 4.0), ("c", "t", 2.0, 0, "completed", 3.0),
+      ("c", "t", 4.0, 0, "diverged", None),
   ]
   df = pd.DataFrame(rows, columns=["condition", "optimizer", "learning_rate", "seed", "status",
-                                   "final_loss"])
+                                   tables.SELECTION_COLUMN])
   df["lr_multiplier"] = df["learning_rate"]
-  best = report.select_best_lr(df).set_index("optimizer")
+  best = tables.select_best_lr(df).set_index("optimizer")
   assert best.loc["o", "best_lr"] == 1.0
-  assert best.loc["o", "best_loss"] == pytest.approx(3.1)
-  assert not best.loc["o", "at_grid_edge"]
-  assert np.isnan(best.loc["p", "best_lr"]) and pd.isna(best.loc["p", "best_loss"])
-  assert best.loc["q", "best_lr"] == 1.0
+  assert best.loc["o", "best_val_loss"] == pytest.approx(3.1)
+  assert best.loc["o", "bracketed"] and best.loc["o", "num_lrs"] == 3
+  assert np.isnan(best.loc["p", "best_lr"]) and pd.isna(best.loc["p", "best_val_loss"])
+  assert best.loc["q", "best_lr"] == 1.0 and best.loc["q", "unbracketed_side"] == "low"
+  assert best.loc["r", "best_lr"] == 2.0 and best.loc["r", "unbracketed_side"] == "high"
+  assert best.loc["s", "unbracketed_side"] == "single" and not best.loc["s", "bracketed"]
+  assert best.loc["t", "best_lr"] == 2.0 and best.loc["t", "bracketed"]
+  # Selection over the sweep seeds only: at seed 0, lr 3 completed with the lowest loss.
+  assert tables.select_best_lr(df, sweep_seeds=[0]).set_index("optimizer").loc[
+      "o", "best_lr"] == 3.0
 
 
 def test_frequency_losses():
-  assert report.frequency_losses({"00": 1.0, "01": 2.0, "02": 5.0}) == (1.0, 5.0)
-  assert report.frequency_losses({"00": 1.0, "01": 2.0, "02": 5.0}, 2, 2) == (1.5, 3.5)
-  assert report.frequency_losses({}) == (None, None)
+  assert measures.frequency_losses([1.0, 2.0, 5.0]) == (1.0, 5.0)
+  assert measures.frequency_losses([1.0, 2.0, 5.0], 2, 2) == (1.5, 3.5)
+  assert measures.frequency_losses([1.0, None, 5.0, None]) == (1.0, 5.0)  # empty buckets
+  assert measures.frequency_losses([]) == (None, None)
+  assert measures.frequency_losses(None) == (None, None)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+@pytest.mark.parametrize("q,df,expected", [
+    # Student-t tables (e.g. NIST/SEMATECH e-Handbook 1.3.6.7.2), 3 decimals.
+    (0.975, 1, 12.706), (0.975, 2, 4.303), (0.975, 3, 3.182), (0.975, 4, 2.776),
+    (0.975, 10, 2.228), (0.975, 30, 2.042), (0.975, 100, 1.984), (0.95, 5, 2.015),
+    (0.995, 3, 5.841), (0.9, 1, 3.078),
+])
+def test_t_quantile_matches_tables(q, df, expected):
+  assert stats.t_quantile(q, df) == pytest.approx(expected, abs=6e-4)
+  assert stats.t_quantile(1 - q, df) == pytest.approx(-expected, abs=6e-4)
+
+
+def test_t_cdf_closed_forms():
+  # nu = 1 is Cauchy: F(t) = 1/2 + atan(t)/pi; nu = 2: F(t) = 1/2 + t / (2 sqrt(2 + t^2)).
+  for t in (-3.0, -0.5, 0.0, 0.7, 4.0):
+    assert stats.t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-12)
+    assert stats.t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), abs=1e-12)
+
+
+def test_mean_ci_hand_computed_and_compare():
+  ci = stats.mean_ci([1.0, 2.0, 3.0])
+  # mean 2, sample sd 1, t_{0.975,2} = 4.3027: half-width 4.3027 / sqrt(3) = 2.4841.
+  assert ci.mean == 2.0 and ci.n == 3 and ci.half_width == pytest.approx(2.4841, abs=1e-4)
+  assert ci.format() == "2.000 ± 2.484 (95% t, n=3)"
+  one = stats.mean_ci([5.0, float("nan"), None])
+  assert one.n == 1 and one.half_width is None and "no interval" in one.format()
+  assert stats.mean_ci([]).mean is None
+  a, b = stats.mean_ci([1.0, 1.1, 1.2]), stats.mean_ci([2.0, 2.1, 2.2])
+  assert stats.compare(a, b) == "lower" and stats.compare(b, a) == "higher"
+  assert stats.compare(a, stats.mean_ci([1.1, 1.2, 1.3])) == "tie"
+  assert stats.compare(a, one) is None
 
 
 def test_read_metrics_last_record_wins(tmp_path):
   p = tmp_path / "metrics.jsonl"
   p.write_text('{"step": 1, "a": 1.0}\n{"step": 2, "a": 2.0, "b/param=x": 1}\n'
                '{"step": 1, "a": 5.0}\n{"step": 3, "a": NaN}\n{"step": 4, "a"')
-  df = report.read_metrics(str(p))
+  df = loading.read_metrics(str(p))
   assert list(df.index) == [1, 2, 3]
   assert df.loc[1, "a"] == 5.0 and "b/param=x" not in df
   assert math.isnan(df.loc[3, "a"])
+
+
+def test_settings_reject_unknown_fields():
+  assert loading.Settings.from_dicts({"spike_window": 64}, None).spike_window == 64
+  with pytest.raises(ValueError, match="spike_windw.*valid"):
+    loading.Settings.from_dicts({"spike_windw": 64})
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -250,47 +325,56 @@ def test_read_metrics_last_record_wins(tmp_path):
 def test_aggregation_of_hand_made_runs(fake_report):
   root, _ = fake_report
   runs = pd.read_csv(root / "results" / "runs.csv")
-  assert len(runs) == 5 * 2 * 2 + 5 * 2  # every expected run, including the missing one
+  assert len(runs) == len(fake_runs())  # every expected run, including the missing one
   st = runs.set_index(["condition", "optimizer", "lr_multiplier", "seed"])["status"]
   assert st[DIVERGED] == "diverged"
   assert st[FAILED] == "failed"
   assert st[MISSING] == "missing"
-  assert (runs["status"] == "completed").sum() == 27
+  assert (runs["status"] == "completed").sum() == len(fake_runs()) - 3
 
   best = pd.read_csv(root / "results" / "best_lr.csv")
   b = best[best["condition"] == "base"].set_index("optimizer")
-  assert b.loc["adamw", "best_lr"] == pytest.approx(1.8e-3)  # x3
-  assert b.loc["lion", "best_lr"] == pytest.approx(1e-4)  # x1 (x3 has a missing seed, worse)
-  assert b.loc["sgd_momentum", "best_lr"] == pytest.approx(0.1)  # x3 lower loss but diverged
-  assert b.loc["signsgd", "best_lr"] == pytest.approx(1e-4)  # x3 has a failed run
+  for opt in OPTS:  # x1 everywhere; sgd's x3 (lower loss) diverged, signsgd's x3 failed
+    assert b.loc[opt, "best_lr"] == pytest.approx(BASE_LR[opt]) and b.loc[opt, "bracketed"]
 
   f = pd.read_csv(root / "results" / "findings.csv")
   fb = f[f["condition"] == "base"].set_index("optimizer")
-  # Final loss = mean over seeds of the last train loss + 0.05 (eval).
-  exp = np.mean([_curve(4.0 + 0.01 * s, s)[1][-1] + 0.05 for s in (0, 1)])
-  assert fb.loc["adamw", "final_loss"] == pytest.approx(exp)
+  # Reported loss = the test split: mean over the 3 seeds of (last train loss + 0.05 + 0.02),
+  # with the 95% t half-width s t_{0.975,2} / sqrt(3).
+  vals = [_curve(4.0 + 0.01 * s, s)[1][-1] + 0.07 for s in (0, 1, 2)]
+  assert (fb["report_split"] == "test").all()
+  assert fb.loc["adamw", "final_loss"] == pytest.approx(np.mean(vals))
+  assert fb.loc["adamw", "final_loss_ci95"] == pytest.approx(
+      np.std(vals, ddof=1) * 4.302653 / math.sqrt(3), rel=1e-4)
+  assert fb.loc["adamw", "final_loss_n"] == 3 and fb.loc["lion", "final_loss_n"] == 2
   assert fb.loc["sgd_momentum", "diverged"] == 1 and fb.loc["sgd_momentum", "diverged_lrs"] == 0.3
   assert fb.loc["signsgd", "failed"] == 1 and fb.loc["lion", "missing"] == 1
   assert fb.loc["adamw", "spikes_best_lr"] == 1  # the injected spike at step 200, seed 0
   assert fb.loc["lion", "spikes_sweep"] == 0
-  # Rare (last bucket) vs frequent (bucket 00).
+  # Rare (last bucket) vs frequent (bucket 0).
   assert fb.loc["sgd_momentum", "rare_minus_frequent"] == pytest.approx(4.0)
   assert fb.loc["adamw", "rare_minus_frequent"] == pytest.approx(3.0)
   # Shift recovery: every completed best-lr run recovers from the shift at step 150.
-  assert fb.loc["adamw", "shifts_seen"] == 2 and fb.loc["adamw", "shifts_recovered"] == 2
+  assert fb.loc["adamw", "shifts_seen"] == 3 and fb.loc["adamw", "shifts_recovered"] == 3
   assert 30 < fb.loc["adamw", "recovery_steps"] < 200
   # Staleness only where there is a second moment.
   assert fb.loc["adamw", "aging/log_staleness_q50"] == pytest.approx(0.5)
   assert np.isnan(fb.loc["lion", "aging/log_staleness_q50"])
   assert fb.loc["lion", "aging/mu_mass_older_than_H"] == pytest.approx(0.01)
 
-  long = pd.read_csv(root / "results" / "scalars_long.csv")
-  assert set(long.columns) == {"condition", "optimizer", "learning_rate", "seed", "step",
-                               "tokens", "metric", "value"}
+  comp = pd.read_csv(root / "results" / "comparisons.csv")
+  v = comp[comp["condition"] == "base"].set_index(["a", "b"])["verdict"]
+  assert v[("adamw", "adafactor")] == "lower"  # disjoint intervals
+  assert v[("adamw", "lion")] == "tie"  # lion: 2 seeds, 4.02 vs 4.00: overlapping intervals
+  assert v[("sgd_momentum", "adamw")] == "higher"
+
+  long = pd.read_csv(root / "results" / "scalars_long.csv.gz")
+  assert set(long.columns) == {"condition", "optimizer", "learning_rate", "seed", "workdir",
+                               "step", "tokens", "metric", "value"}
   assert not long["metric"].str.contains("/param=").any()
   one = long[(long["optimizer"] == "adamw") & (long["seed"] == 0) & (long["metric"] ==
              "train/grad_norm") & (long["condition"] == "base")]
-  assert one["value"].tolist() == [1.0, 1.0]  # the repeated step 10 record, two adamw lrs
+  assert one["value"].tolist() == [1.0] * 3  # the repeated step 10 record, three adamw lrs
   res = json.loads((root / "results" / "results.json").read_text())
   assert len(res["runs"]) == len(runs) and res["literature"]
 
@@ -299,9 +383,53 @@ def test_literature_checks(fake_report):
   root, _ = fake_report
   lit = json.loads((root / "results" / "results.json").read_text())["literature"]
   by = {c["claim"].split()[0]: c for c in lit}
-  assert by["Adam-family"]["verdict"] == "agrees"
-  assert "18.00x" in by["Lion's"]["measured"] and by["Lion's"]["verdict"].startswith("disagrees")
-  assert by["Post-LN"]["verdict"] == "agrees"
+  assert by["Adam-family"]["verdict"] == "agrees", by["Adam-family"]
+  # Best lrs 6e-4 / 1e-4 = 6x, but a x3 grid only resolves it to 2x-18x.
+  assert "6.00x" in by["Lion's"]["measured"] and by["Lion's"]["verdict"] == "inconclusive"
+  assert "too coarse" in by["Lion's"]["reason"]
+  assert by["Post-LN"]["verdict"] == "agrees", by["Post-LN"]
+
+
+def _literature(study):
+  runs = tables.runs_table(study)
+  best = tables.select_best_lr(runs, study.spec.get("sweep_seeds"))
+  return {c["claim"].split()[0]: c for c in literature.literature_checks(
+      study, runs, best, tables.findings_table(runs, best))}
+
+
+def _checks(root, status_of):
+  make_fake_study(root, {DIVERGED: "diverged", FAILED: "failed", **status_of})
+  return _literature(loading.load_study(str(root)))
+
+
+def test_literature_never_compares_against_a_diverged_run(tmp_path):
+  # Every SGD run diverged: no best lr, so nothing to compare against.
+  all_sgd = {(c, "sgd_momentum", m, s): "diverged" for c, _, m, s, _ in fake_runs()}
+  c = _checks(tmp_path / "a", all_sgd)["Adam-family"]
+  assert c["verdict"] == "inconclusive" and "sgd_momentum has no completed run" in c["reason"]
+  # One seed diverged at SGD's best lr: the mean of the others would hide it.
+  c = _checks(tmp_path / "b", {("base", "sgd_momentum", 1.0, 2): "diverged"})["Adam-family"]
+  assert c["verdict"] == "inconclusive" and "diverged or failed" in c["reason"]
+
+
+def test_literature_inconclusive_when_fixed_by_the_configuration(fake_report, tmp_path):
+  # One learning rate per optimizer: the "best" rates are the configured centres, so neither
+  # the comparison nor the ratio of best rates nor the LN effect is a finding.
+  spec = make_fake_study(tmp_path)
+  spec["runs"] = [r for r in spec["runs"] if r["lr_multiplier"] == 1.0]
+  (tmp_path / "study.json").write_text(json.dumps(spec))
+  keep = {r["workdir"] for r in spec["runs"]}
+  for p in tmp_path.glob("runs/*/*/lr=*/seed=*"):
+    if p.relative_to(tmp_path).as_posix() not in keep:
+      shutil.rmtree(p)
+  checks = _literature(loading.load_study(str(tmp_path)))
+  for name in ("Adam-family", "Lion's", "Post-LN"):
+    assert checks[name]["verdict"] == "inconclusive", checks[name]
+    assert "single learning rate" in checks[name]["reason"], checks[name]
+  # A smoke test states no verdict at all (the same runs give verdicts otherwise).
+  root, _ = fake_report
+  for c in _literature(loading.load_study(str(root), {"smoke_test": True})).values():
+    assert c["verdict"] == "inconclusive" and "smoke test" in c["reason"]
 
 
 def test_report_has_every_figure_and_the_findings_table(fake_report):
@@ -316,13 +444,31 @@ def test_report_has_every_figure_and_the_findings_table(fake_report):
       assert fp.exists() and fp.stat().st_size > 1000, fp
       assert f"]({fp.relative_to(root)})" in text
   assert "## Findings" in text and "| optimizer | best lr | stability |" in text
+  assert "final test loss (95% t)" in text and "95% Student-t interval" in text
   for opt in OPTS:
     assert f"| **{opt}** |" in text
   assert "**diverged**" in text and "**missing**" in text and "**failed**" in text
-  assert "## Against the literature" in text
+  assert "## Against the literature" in text and "## Comparisons" in text
+  assert "unigram 6.000" in text  # the baselines
   assert "python scripts/run_study.py" in text
+  assert "Smoke test" not in text
   # The post_ln condition has no shift: the drift figure says so instead of crashing.
   assert "no distribution shift" in text
+
+
+def test_report_regenerates_from_its_archive_alone(fake_report, tmp_path):
+  root, _ = fake_report
+  copy = tmp_path / "committed"
+  copy.mkdir()
+  (copy / "study.json").write_text((root / "study.json").read_text())
+  (copy / "results").mkdir()
+  for name in (loading.ARCHIVE_RESULTS, loading.ARCHIVE_SCALARS):
+    (copy / "results" / name).write_bytes((root / "results" / name).read_bytes())
+  report.make_report(str(copy))  # no runs/ directory at all
+  for table in ("runs.csv", "findings.csv", "best_lr.csv", "comparisons.csv"):
+    a = pd.read_csv(root / "results" / table)
+    b = pd.read_csv(copy / "results" / table)
+    pd.testing.assert_frame_equal(a, b, check_dtype=False)
 
 
 def test_report_with_no_diagnostics_and_no_study_json(tmp_path):
@@ -335,6 +481,7 @@ def test_report_with_no_diagnostics_and_no_study_json(tmp_path):
   path = report.make_report(str(tmp_path))
   text = pathlib.Path(path).read_text()
   assert "Data absent or partial" in text
+  assert "recorded no test split" in text  # falls back to validation, and says so
   for name in plots.FIGURE_NAMES:
     sfx = ".png" if name == "heterogeneity_by_condition" else "__base.png"
     assert (tmp_path / "plots" / f"{name}{sfx}").exists()
@@ -342,6 +489,14 @@ def test_report_with_no_diagnostics_and_no_study_json(tmp_path):
   empty = tmp_path / "empty"
   empty.mkdir()
   assert "0 runs" in pathlib.Path(report.make_report(str(empty))).read_text()
+
+
+def test_smoke_test_report_is_labelled_and_has_no_verdicts(fake_report, tmp_path):
+  root, _ = fake_report
+  text = pathlib.Path(report.make_report(str(root), {"smoke_test": True})).read_text()
+  assert "**Smoke test.**" in text and "a smoke test compares nothing" in text
+  assert "**agrees**" not in text and "**disagrees**" not in text
+  report.make_report(str(root))  # leave the module fixture as it was
 
 
 # ----------------------------------------------------------------------------- runner
@@ -353,8 +508,8 @@ def test_expand_identical_conditions():
 
   config = study_configs.get_config("small")
   runs = runner.expand(config)
-  assert len(runs) == 5 * 3 * 2 + 5  # base sweep + post-LN at the default lr, seed 0
-  assert {r.optimizer for r in runs} == set(OPTS)
+  assert len(runs) == 2 * 5 * 5 * 1  # conditions x optimizers x 5-point grid x sweep seed
+  assert {r.optimizer for r in runs} == set(OPTS) and {r.phase for r in runs} == {"sweep"}
   steps = {r.config.num_steps for r in runs}
   tokens = {r.config.num_steps * r.config.batch_size * r.config.seq_len for r in runs}
   assert len(steps) == 1 and tokens == {config.token_budget}
@@ -369,11 +524,93 @@ def test_expand_identical_conditions():
     assert ref[(r.condition, r.seed)] == c.to_json()
   post = [r for r in runs if r.condition == "post_ln"]
   assert {r.config.model.ln_position for r in post} == {"post"}
-  assert runs[0].relpath == "runs/base/sgd_momentum/lr=0.0333/seed=0"
+  lrs = sorted(r.learning_rate for r in runs if r.optimizer == "adamw" and r.condition == "base")
+  assert np.allclose(np.diff(np.log(lrs)), math.log(3), rtol=1e-2)  # log-spaced, 5 points
   with pytest.raises(KeyError, match="model.no_such_field"):
     bad = study_configs.get_config("tiny")
     bad.conditions.base.overrides = {"model": {"no_such_field": 1}}
     runner.expand(bad)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("seeds", (0, 1), "config.seeds.*>= 3"),
+    ("lr_multipliers", (1 / 3, 1.0, 3.0), "config.lr_multipliers has 3 points"),
+    ("lr_multipliers", (0.1, 0.3, 1.0, 2.0, 4.0), "log-spaced"),
+    ("on_config_change", "ignore", "on_config_change"),
+    ("optimizers", ("adamw", "adam"), "unknown optimizer 'adam'"),
+])
+def test_protocol_is_enforced(field, value, match):
+  from configs import study as study_configs
+  from jaxopt_study.study import runner
+
+  config = study_configs.get_config("small")
+  config[field] = value
+  with pytest.raises(ValueError, match=match):
+    runner.expand(config)
+
+
+def _fake_trainer(calls, val_loss, status_of=lambda c: "completed"):
+  """A train.train_and_evaluate stand-in writing config.json and results.json like train."""
+
+  def fake_train(config, workdir):
+    calls.append((config.optimizer.name, config.optimizer.learning_rate, config.seed))
+    status = status_of(config)
+    with open(os.path.join(workdir, rundir.CONFIG), "w") as f:
+      f.write(config.to_json_best_effort())
+    res = rundir.RunResults(
+        optimizer=config.optimizer.name, learning_rate=config.optimizer.learning_rate,
+        seed=config.seed, status=status, num_steps=config.num_steps,
+        steps_done=config.num_steps if status == "completed" else 7,
+        final_eval_loss=val_loss(config) if status == "completed" else None,
+        diverged_at_step=7 if status == "diverged" else None)
+    res.save(workdir)
+    return res.to_dict()
+
+  return fake_train
+
+
+def _protocol_config(optimizer="adamw"):
+  from configs import study as study_configs
+
+  config = study_configs.get_config("tiny")
+  config.optimizers = (optimizer,)
+  config.report.smoke_test = False
+  config.lr_multipliers = (1 / 9, 1 / 3, 1.0, 3.0, 9.0)
+  config.lr_grid_max_extensions = 2
+  config.sweep_seeds, config.seeds = (0,), (0, 1, 2)
+  config.make_report = False
+  config.compilation_cache = False  # no global jax.config change inside the test process
+  return config
+
+
+@pytest.mark.parametrize("optimum,expected_mults,bracketed", [
+    (27.0, (1 / 9, 1 / 3, 1, 3, 9, 27, 81), True),  # two extensions bracket lr x27
+    (1 / 30, (1 / 81, 1 / 27, 1 / 9, 1 / 3, 1, 3, 9), True),  # low side: x1/27
+    (1000.0, (1 / 9, 1 / 3, 1, 3, 9, 27, 81), False),  # the limit: still on the edge
+])
+def test_runner_extends_the_grid_until_bracketed(tmp_path, monkeypatch, optimum,
+                                                 expected_mults, bracketed):
+  from jaxopt_study import train
+  from jaxopt_study.study import runner
+
+  config = _protocol_config()
+  centre = config.learning_rates.adamw
+  calls = []
+  monkeypatch.setattr(train, "train_and_evaluate", _fake_trainer(
+      calls, lambda c: 3.0 + math.log(c.optimizer.learning_rate / (centre * optimum)) ** 2))
+  spec = runner.run_study(config, str(tmp_path), progress=False)
+  swept = sorted(lr for _, lr, seed in calls if seed == 0)
+  assert np.allclose(swept, sorted(runner.round_lr(centre * m) for m in expected_mults))
+  best = min(swept, key=lambda lr: abs(math.log(lr / (centre * optimum))))
+  assert sorted(seed for _, lr, seed in calls if lr == best) == [0, 1, 2]  # seeds at the best
+  assert len(calls) == len(expected_mults) + 2
+  assert {r["phase"] for r in spec["runs"]} == {"sweep", "extension", "seeds"}
+  b = tables.select_best_lr(tables.runs_table(loading.load_study(str(tmp_path))), [0])
+  assert bool(b["bracketed"].iloc[0]) == bracketed and b["best_lr"].iloc[0] == best
+  assert runner.exit_code(spec) == runner.EXIT_OK
+  calls.clear()  # a second invocation plans the same runs and trains none of them
+  again = runner.run_study(config, str(tmp_path), progress=False)
+  assert calls == [] and len(again["runs"]) == len(spec["runs"])
 
 
 def test_runner_reuses_resumes_and_records_failures(tmp_path, monkeypatch):
@@ -382,19 +619,14 @@ def test_runner_reuses_resumes_and_records_failures(tmp_path, monkeypatch):
   from jaxopt_study.study import runner
 
   calls, failed_once = [], []
+  inner = _fake_trainer(calls, lambda c: 3.0, lambda c: (
+      "diverged" if c.optimizer.name == "sgd_momentum" else "completed"))
 
   def fake_train(config, workdir):
-    calls.append(config.optimizer.name)
     if config.optimizer.name == "lion" and not failed_once:
       failed_once.append(1)
       raise RuntimeError("boom")
-    status = "diverged" if config.optimizer.name == "sgd_momentum" else "completed"
-    res = {"optimizer": config.optimizer.name, "status": status, "num_steps": config.num_steps,
-           "steps_done": config.num_steps if status == "completed" else 7,
-           "final_eval_loss": 3.0, "diverged_at_step": 7 if status == "diverged" else None}
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(res, f)
-    return res
+    return inner(config, workdir)
 
   monkeypatch.setattr(train, "train_and_evaluate", fake_train)
   config = study_configs.get_config("tiny")
@@ -404,26 +636,77 @@ def test_runner_reuses_resumes_and_records_failures(tmp_path, monkeypatch):
   st = {r["optimizer"]: r["status"] for r in spec["runs"]}
   assert st == {"sgd_momentum": "diverged", "adamw": "completed", "adafactor": "completed",
                 "lion": "failed", "signsgd": "completed"}
-  res = json.loads((tmp_path / spec["runs"][3]["workdir"] / "results.json").read_text())
-  assert res["status"] == "failed" and "RuntimeError: boom" in res["error"]
+  lion = next(r for r in spec["runs"] if r["optimizer"] == "lion")
+  res = rundir.RunResults.load(str(tmp_path / lion["workdir"]))
+  assert res.status == "failed" and "RuntimeError: boom" in res.error
   saved = json.loads((tmp_path / "study.json").read_text())
   assert saved["command"] == "cmd" and saved["conditions"]["base"]["shift_steps"] == [30, 60]
   assert len(saved["conditions"]["base"]["freq_buckets"]) >= 5
+  assert saved["report"]["smoke_test"] and all(r["config_fingerprint"] for r in saved["runs"])
   # Again: finished and diverged runs are reused, the failed one is retried (and succeeds).
   calls.clear()
   spec = runner.run_study(config, str(tmp_path), progress=False)
-  assert calls == ["lion"]
+  assert [c[0] for c in calls] == ["lion"]
   assert all(r["status"] in ("completed", "diverged") for r in spec["runs"])
-  res = json.loads((tmp_path / spec["runs"][3]["workdir"] / "results.json").read_text())
-  assert "error" not in res and json.loads((tmp_path / "study.json").read_text())["command"] == "cmd"
+  res = rundir.RunResults.load(str(tmp_path / lion["workdir"]))
+  assert res.error is None and json.loads((tmp_path / "study.json").read_text())["command"] == "cmd"
   # A preempted run (SIGTERM) stops the study; an unfinished run is resumed next time.
-  (tmp_path / spec["runs"][1]["workdir"] / "results.json").write_text(
-      json.dumps({"status": "preempted", "steps_done": 3}))
+  adamw = next(r for r in spec["runs"] if r["optimizer"] == "adamw")
+  rundir.RunResults(status="preempted", steps_done=3).save(str(tmp_path / adamw["workdir"]))
   monkeypatch.setattr(train, "train_and_evaluate",
                       lambda c, w: calls.append(c.optimizer.name) or {"status": "preempted"})
   calls.clear()
   spec = runner.run_study(config, str(tmp_path), progress=False)
   assert calls == ["adamw"] and spec["stopped_early"]
+  assert runner.exit_code(spec) == runner.EXIT_PREEMPTED
+
+
+def test_runner_refuses_or_reruns_a_run_whose_config_changed(tmp_path, monkeypatch):
+  from configs import study as study_configs
+  from jaxopt_study import train
+  from jaxopt_study.study import runner
+
+  calls = []
+  monkeypatch.setattr(train, "train_and_evaluate", _fake_trainer(calls, lambda c: 3.0))
+  config = study_configs.get_config("tiny")
+  config.make_report = False
+  config.compilation_cache = False
+  runner.run_study(config, str(tmp_path), progress=False)
+  assert len(calls) == 5
+  # Logging cadence is not part of the trajectory: the finished runs are reused.
+  config.base.log_every = 5
+  calls.clear()
+  runner.run_study(config, str(tmp_path), progress=False)
+  assert calls == []
+  # A wider model is another run: refused, naming the run and the field, before any training.
+  config.base.model.d_model = 128
+  with pytest.raises(runner.ConfigChangedError,
+                     match=r"runs/base/sgd_momentum/lr=0.1/seed=0.*changed: model.d_model"):
+    runner.run_study(config, str(tmp_path), progress=False)
+  assert calls == []
+  # ... or trained again when asked, the old directory kept aside.
+  config.on_config_change = "rerun"
+  spec = runner.run_study(config, str(tmp_path), progress=False)
+  assert len(calls) == 5 and all(r["status"] == "completed" for r in spec["runs"])
+  assert len(list(tmp_path.glob("runs/base/*/lr=*/seed=0.replaced-*"))) == 5
+  saved = json.loads((tmp_path / "runs/base/adamw/lr=0.0006/seed=0/config.json").read_text())
+  assert saved["model"]["d_model"] == 128
+  # The report does not mistake the moved directories for runs.
+  assert len(loading.load_study(str(tmp_path)).runs) == 5
+
+
+def test_exit_codes():
+  from jaxopt_study.study import runner
+
+  def spec(*statuses, stopped=False):
+    return {"runs": [{"status": s} for s in statuses], "stopped_early": stopped}
+
+  assert runner.exit_code(spec("completed", "diverged", "failed")) == runner.EXIT_OK == 0
+  assert runner.exit_code(spec("diverged", "failed")) == runner.EXIT_NO_RUN_COMPLETED != 0
+  assert runner.exit_code(spec("failed")) == runner.EXIT_NO_RUN_COMPLETED
+  assert runner.exit_code(spec("completed", "pending", stopped=True)) == runner.EXIT_PREEMPTED
+  assert len({runner.EXIT_OK, runner.EXIT_NO_RUN_COMPLETED, runner.EXIT_CONFIG_CHANGED,
+              runner.EXIT_PREEMPTED}) == 4
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -1,14 +1,19 @@
-"""The study layer: many runs under identical conditions (runner), their aggregation and report.
+"""The study layer: many runs under one protocol (runner), their tables, checks and report.
 
-* :mod:`jaxopt_study.study.runner`: expands a study config (configs/study.py) into runs
-  (condition x optimizer x learning rate x seed) and trains them one after the other through
-  ``train.train_and_evaluate``, reusing finished runs and resuming interrupted ones.
-* :mod:`jaxopt_study.study.report`: reads the run directories (``results.json`` +
-  ``metrics.jsonl``), writes ``results/`` (tidy CSV/JSON), ``plots/`` and ``REPORT.md``.
-* :mod:`jaxopt_study.study.plots`: the matplotlib figures (Agg backend, PNG).
+Imports flow one way, top to bottom (each module imports only those above it):
 
-The report needs neither JAX nor the data pipeline, so it is importable on its own; the runner
-is imported lazily (it imports ``train`` and JAX).
+* :mod:`.loading`: a study on disk (``Run``, ``Study``, report ``Settings``, metrics.jsonl).
+* :mod:`.stats`: Student-t intervals of a mean over seeds and interval comparisons.
+* :mod:`.measures`: per-run measures (loss spikes, shift recovery, frequency losses).
+* :mod:`.tables`: the runs table, best-lr selection (also used by the runner), findings,
+  pairwise comparisons, the long-format scalars.
+* :mod:`.literature`: claims from the literature, agrees / disagrees / inconclusive.
+* :mod:`.plots`: the figures (from loading and tables).
+* :mod:`.report`: ``make_report``: results/, plots/, REPORT.md.
+* :mod:`.runner`: ``run_study``: expands configs/study.py into runs and trains them through
+  ``train.train_and_evaluate`` (imports JAX; imported lazily here).
+
+Nothing but the runner needs JAX or the data pipeline.
 """
 
 from jaxopt_study.study.report import make_report  # noqa: F401

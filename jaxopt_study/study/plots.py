@@ -1,9 +1,11 @@
-"""The study's figures (matplotlib, Agg backend, PNG).
+"""The study's figures (matplotlib, Agg backend, PNG), from the loaded study and its tables.
 
 Every figure function takes ``(study, best, runs, condition, path)``, writes a PNG at ``path``
 and returns a note (None, or what data was absent). A figure whose data is absent is still
 written, as a panel that says so; a figure that raises becomes such a panel too, so the report
-never stops on a plot. :func:`make_all` runs them all and returns :class:`Figure` records.
+never stops on a plot. :func:`make_all` runs them all and returns :class:`Figure` records. Every
+loss plot draws the data's reference losses (results.json ``baselines``: uniform, unigram,
+entropy floor) when the runs recorded them.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pandas as pd  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from jaxopt_study.study import report as R  # pylint: disable=wrong-import-position
+from jaxopt_study import rundir  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jaxopt_study.study import measures  # pylint: disable=wrong-import-position
+from jaxopt_study.study import tables  # pylint: disable=wrong-import-position
+from jaxopt_study.study.loading import Run, Study  # pylint: disable=wrong-import-position
 
 DPI = 90
 COLORS = {
@@ -61,15 +66,15 @@ def _save(fig, path: str) -> None:
   plt.close(fig)
 
 
-def _best_runs(study: R.Study, best: pd.DataFrame, cond: str, opt: str) -> list[R.Run]:
+def _best_runs(study: Study, best: pd.DataFrame, cond: str, opt: str) -> list[Run]:
   """Runs of (cond, opt) at its best lr that have metrics."""
-  lr = R.best_lr_of(best, cond, opt)
+  lr = tables.best_lr_of(best, cond, opt)
   if lr is None:
     return []
   return [r for r in study.select(cond, opt, lr) if r.metrics is not None and len(r.metrics)]
 
 
-def _seed_frame(runs: list[R.Run], name: str) -> pd.DataFrame:
+def _seed_frame(runs: list[Run], name: str) -> pd.DataFrame:
   """Columns = seeds, index = step, values of `name` (outer-aligned)."""
   cols = {}
   for r in runs:
@@ -91,7 +96,17 @@ def _mark_shifts(ax, shifts, scale: float = 1.0, label: bool = True) -> None:
                label="distribution shift" if (label and i == 0) else None)
 
 
-def _layer_cols(run: R.Run, base: str) -> list[tuple[str, str]]:
+BASELINE_STYLE = {"uniform": ":", "unigram": "--", "entropy_floor": "-."}
+
+
+def _baselines(ax, study: Study, cond: str) -> None:
+  """Horizontal lines at the data's reference losses (uniform, unigram, entropy floor)."""
+  for name, value in study.baselines(cond).items():
+    ax.axhline(value, color="0.35", lw=0.9, ls=BASELINE_STYLE.get(name, ":"),
+               label=f"{name.replace('_', ' ')} ({value:.2f})")
+
+
+def _layer_cols(run: Run, base: str) -> list[tuple[str, str]]:
   """(row label, column) for embedding, each layer, head of a metric family."""
   cols = run.columns(base)
   out = []
@@ -127,8 +142,8 @@ def loss_vs_tokens(study, best, runs, cond, path):
     mean, lo, hi = (_smooth(df.mean(axis=1).values, k), _smooth(df.min(axis=1).values, k),
                     _smooth(df.max(axis=1).values, k))
     c = _color(opt, i)
-    lr = R.best_lr_of(best, cond, opt)
-    ax.plot(x, mean, color=c, lw=1.5, label=f"{opt} (lr {R.lr_str(lr)}, {df.shape[1]} seeds)")
+    lr = tables.best_lr_of(best, cond, opt)
+    ax.plot(x, mean, color=c, lw=1.5, label=f"{opt} (lr {rundir.lr_str(lr)}, {df.shape[1]} seeds)")
     if df.shape[1] > 1:
       ax.fill_between(x, lo, hi, color=c, alpha=0.2, lw=0)
     ev = _seed_frame(rs, "eval/loss")
@@ -140,6 +155,7 @@ def loss_vs_tokens(study, best, runs, cond, path):
     _placeholder(path, f"Loss vs tokens ({cond})", "no train/loss in any run")
     return "no train/loss in any run"
   _mark_shifts(ax, shifts, tps or 1)
+  _baselines(ax, study, cond)
   ax.set_xlabel("tokens")
   ax.set_ylabel("train loss (smoothed; dots: eval loss)")
   ax.set_title(f"Loss vs tokens at each optimizer's best lr, seed range shaded ({cond})")
@@ -155,7 +171,8 @@ def lr_sweep(study, best, runs, cond, path):
     _placeholder(path, f"Learning-rate sweep ({cond})", "no runs")
     return "no runs"
   fig, ax = plt.subplots(figsize=(8, 4.5))
-  finite = pd.to_numeric(g["final_loss"], errors="coerce").dropna()
+  col = tables.SELECTION_COLUMN
+  finite = pd.to_numeric(g[col], errors="coerce").dropna()
   top = float(finite.max()) * 1.05 if len(finite) else 1.0
   bottom = float(finite.min()) * 0.97 if len(finite) else 0.0
   notes = []
@@ -165,9 +182,9 @@ def lr_sweep(study, best, runs, cond, path):
       continue
     c = _color(opt, i)
     done = go[go["status"] == "completed"]
-    agg = done.groupby("learning_rate")["final_loss"].mean().sort_index()
+    agg = done.groupby("learning_rate")[col].mean().sort_index()
     ax.plot(agg.index, agg.values, "-o", color=c, label=opt, ms=5)
-    ax.plot(done["learning_rate"], done["final_loss"], ".", color=c, alpha=0.5)
+    ax.plot(done["learning_rate"], done[col], ".", color=c, alpha=0.5)
     bad = go[go["status"].isin(("diverged", "failed"))]
     if len(bad):
       ax.plot(bad["learning_rate"], [top] * len(bad), "x", color=c, ms=10, mew=2)
@@ -176,12 +193,16 @@ def lr_sweep(study, best, runs, cond, path):
     if len(miss):
       ax.plot(miss["learning_rate"], [bottom] * len(miss), "^", color=c, mfc="none", ms=8)
       notes.append(f"{opt}: {len(miss)} missing/unfinished")
-    lr = R.best_lr_of(best, cond, opt)
+    lr = tables.best_lr_of(best, cond, opt)
     if lr is not None and lr in agg.index:
       ax.plot([lr], [agg[lr]], "*", color=c, ms=16, mec="k")
+      b = best[(best["condition"] == cond) & (best["optimizer"] == opt)]
+      if len(b) and not b["bracketed"].iloc[0]:
+        notes.append(f"{opt}: best lr not bracketed ({b['unbracketed_side'].iloc[0]})")
+  _baselines(ax, study, cond)
   ax.set_xscale("log")
   ax.set_xlabel("peak learning rate")
-  ax.set_ylabel("final loss (eval; train if no eval)")
+  ax.set_ylabel("final validation loss")
   ax.set_title(f"LR sweep ({cond}): mean over seeds; star = best; x (top) = diverged/failed; "
                "triangle (bottom) = missing", fontsize=9)
   ax.legend(fontsize=8)
@@ -237,7 +258,7 @@ def grad_sparsity_heatmap(study, best, runs, cond, path):
   return None
 
 
-def _bucket_cols(run: R.Run, base: str) -> list[tuple[int, str]]:
+def _bucket_cols(run: Run, base: str) -> list[tuple[int, str]]:
   return sorted((int(m.group(1)), c) for c in run.columns(base)
                 if (m := re.fullmatch(re.escape(base) + r"/freq_bucket=(\d+)", c)))
 
@@ -328,6 +349,8 @@ def drift_around_shifts(study, best, runs, cond, path):
       ax.plot(df.index.values, y, color=_color(opt, i), lw=1.2, label=opt)
       got += 1
     _mark_shifts(ax, shifts)
+    if name == "train/loss":
+      _baselines(ax, study, cond)
     ax.set_ylabel(label, fontsize=8)
     ax.grid(alpha=0.3)
     if not got:
@@ -499,23 +522,23 @@ def loss_by_frequency(study, best, runs, cond, path):
   fig, ax = plt.subplots(figsize=(8, 4))
   got = 0
   for i, opt in enumerate(study.optimizers):
-    lr = R.best_lr_of(best, cond, opt)
+    lr = tables.best_lr_of(best, cond, opt)
     if lr is None:
       continue
-    tabs = [r.results.get("eval_loss_by_frequency") for r in study.select(cond, opt, lr)
-            if r.status == "completed" and r.results.get("eval_loss_by_frequency")]
+    tabs = [r.results.eval_loss_by_frequency for r in study.select(cond, opt, lr)
+            if r.status == "completed" and r.results.eval_loss_by_frequency]
     if not tabs:
       continue
-    df = pd.DataFrame([{int(str(k).split("=")[-1]): float(v) for k, v in t.items()}
-                       for t in tabs]).sort_index(axis=1)
+    df = pd.DataFrame([[np.nan if v is None else float(v) for v in t] for t in tabs])
     ax.plot(df.columns, df.mean(axis=0).values, "-o", color=_color(opt, i), ms=4,
-            label=f"{opt} (lr {R.lr_str(lr)})")
+            label=f"{opt} (lr {rundir.lr_str(lr)})")
     got += 1
   if not got:
     plt.close(fig)
     _placeholder(path, f"Eval loss by token frequency ({cond})",
                  "no eval_loss_by_frequency in results.json")
     return "no eval_loss_by_frequency in results.json"
+  _baselines(ax, study, cond)
   ax.set_xlabel("target-token frequency bucket (0 = most frequent, last = rarest)")
   ax.set_ylabel("final eval loss")
   ax.set_title(f"Eval loss by token frequency at the best lr ({cond})", fontsize=9)
@@ -536,11 +559,11 @@ def heterogeneity_by_condition(study, best, runs, cond, path):
     common = set.intersection(*per.values()) if per and all(per.values()) else set()
     for c in conds:
       keys = common or per.get(c, set())
-      xs = [R.series_mean(r, name) for r in study.select(c, opt)
+      xs = [measures.series_mean(r, name) for r in study.select(c, opt)
             if (round(r.learning_rate, 12), r.seed) in keys]
-      m = R._mean(xs)  # pylint: disable=protected-access
-      if m is not None:
-        vals[(opt, c)] = m
+      xs = [x for x in xs if x is not None]
+      if xs:
+        vals[(opt, c)] = float(np.mean(xs))
   if not vals:
     _placeholder(path, "Gradient heterogeneity by condition", f"no {name} in any run")
     return f"no {name} in any run"
@@ -604,7 +627,7 @@ FIGURES: list[tuple[str, str, str, Callable, bool]] = [
 FIGURE_NAMES = [f[0] for f in FIGURES]
 
 
-def make_all(study: R.Study, best: pd.DataFrame, runs: pd.DataFrame,
+def make_all(study: Study, best: pd.DataFrame, runs: pd.DataFrame,
              plots_dir: str) -> list[Figure]:
   """Every figure of FIGURES (per condition where marked); failures become placeholders."""
   os.makedirs(plots_dir, exist_ok=True)

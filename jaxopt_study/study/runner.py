@@ -1,23 +1,40 @@
-"""Runs a study: every (condition, optimizer, learning rate, seed) through train.train_and_evaluate.
+"""Runs a study under the protocol: bracketed lr sweeps, then seeds at each best rate.
 
 ``run_study(study_config, workdir)`` expands ``configs/study.py``'s config into runs and trains
 them one after the other in this process, each in its own workdir
-``WORKDIR/runs/<condition>/<optimizer>/lr=<lr>/seed=<seed>``:
+``WORKDIR/runs/<condition>/<optimizer>/lr=<lr>/seed=<seed>`` (:mod:`jaxopt_study.rundir`).
 
-* identical conditions: a run's config is ``study.base`` + the condition's overrides + the
-  optimizer block of ``configs.default.OPTIMIZER_BLOCKS`` with the grid's learning rate + the
-  seed, and ``num_steps = token_budget // (batch_size * seq_len)``; ``config.seed`` fixes both
-  the initial parameters and the data order, so every optimizer of a (condition, seed) starts
-  from the same parameters and sees the same batches;
-* a run whose results.json says completed (all steps) or diverged is reused, an interrupted one
-  (preempted / running / no results.json but checkpoints) resumes from its checkpoint, and a run
-  that raises is recorded as ``status: failed`` with the error and does not stop the study
-  (re-run when ``retry_failed``);
-* ``WORKDIR/study.json`` describes the study (config, conditions with their shift steps and
-  token-frequency buckets, every run with its status) for the report.
+**Protocol** (every study follows it; a smoke test, ``config.report.smoke_test``, may use
+fewer points and seeds and is reported without verdicts):
 
+1. *Sweep*: for each (condition, optimizer), the learning rates ``learning_rates[opt] * m`` for
+   the multipliers ``lr_multipliers`` (at least :data:`MIN_GRID_POINTS`, log-spaced: one
+   constant ratio) with each of ``sweep_seeds``.
+2. *Bracket*: the best rate is chosen on the validation split (``tables.choose_lr``, the
+   report's rule). While it is on an edge of the grid, the grid is extended on that side by one
+   point (the same ratio), at most ``lr_grid_max_extensions`` points per side; the report says
+   when the optimum is still not bracketed.
+3. *Seeds*: every seed of ``seeds`` (at least :data:`MIN_SEEDS`) at the best rate; the report
+   gives final test-split numbers over them with 95% Student-t intervals.
+
+**Identical conditions**: a run's config is ``study.base`` + the condition's overrides + the
+optimizer's default block (``optimizers.default_config``) with ``optimizer_overrides`` and the
+grid's learning rate + the seed, and ``num_steps = token_budget // (batch_size * seq_len)``;
+``config.seed`` fixes both the initial parameters and the data order, so every optimizer of a
+(condition, seed) starts from the same parameters and sees the same batches.
+
+**Reuse**: a run whose results.json says completed (all steps) or diverged is reused, an
+interrupted one (preempted / running / checkpoints only) resumes, and a run that raises is
+recorded as ``status: failed`` with the error and does not stop the study (re-run when
+``retry_failed``). A run directory trained under a different config (its
+``rundir.config_fingerprint`` differs from the one the study would give it now) is never
+reused: the study stops with :class:`ConfigChangedError` naming the run and the changed fields,
+or, with ``on_config_change='rerun'``, moves the old directory aside and trains it again.
+
+``WORKDIR/study.json`` describes the study (config, protocol, conditions with their shift steps
+and token-frequency buckets, every run with its phase, status and fingerprint) for the report.
 A SIGTERM during a run checkpoints it (train.py) and stops the study; running the same command
-again continues where it stopped.
+again continues where it stopped. :func:`exit_code` maps the outcome to the process exit code.
 """
 
 from __future__ import annotations
@@ -26,6 +43,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import math
 import os
 import time
 import traceback
@@ -34,11 +52,26 @@ from typing import Any, Optional
 import ml_collections
 import numpy as np
 
+from jaxopt_study import optimizers
 from jaxopt_study import rundir
 from jaxopt_study import train
-from jaxopt_study.study import report as report_lib
+from jaxopt_study.study import loading
+from jaxopt_study.study import tables
 
-STUDY_FILE = report_lib.STUDY_FILE
+# Protocol minima (waived for a smoke test, config.report.smoke_test).
+MIN_GRID_POINTS = 5  # learning rates per optimizer before any extension
+MIN_SEEDS = 3  # seeds at each optimizer's best rate
+
+# Exit codes of scripts/run_study.py.
+EXIT_OK = 0  # at least one run completed (failed / diverged runs are findings, in the report)
+EXIT_NO_RUN_COMPLETED = 3  # every run failed or diverged
+EXIT_CONFIG_CHANGED = 4  # a run's config changed since it was trained (on_config_change=refuse)
+EXIT_PREEMPTED = 75  # SIGTERM: the running run checkpointed and the study stopped; re-run it
+                     # to continue (EX_TEMPFAIL, for schedulers that requeue)
+
+
+class ConfigChangedError(RuntimeError):
+  """A run directory holds a run trained under a different config than the study's now."""
 
 
 @dataclasses.dataclass
@@ -48,6 +81,7 @@ class RunSpec:
   learning_rate: float
   lr_multiplier: float
   seed: int
+  phase: str  # 'sweep', 'extension' or 'seeds'
   relpath: str
   config: ml_collections.ConfigDict
 
@@ -104,14 +138,9 @@ def num_steps_of(config: ml_collections.ConfigDict, token_budget: int) -> int:
 def run_config(study: ml_collections.ConfigDict, condition: str, optimizer: str, lr: float,
                seed: int) -> ml_collections.ConfigDict:
   """The full run config of one run of the study (see the module docstring)."""
-  from configs import default  # pylint: disable=g-import-not-at-top
-
-  if optimizer not in default.OPTIMIZER_BLOCKS:
-    raise ValueError(f"config.optimizers: unknown optimizer {optimizer!r}; valid: "
-                     f"{sorted(default.OPTIMIZER_BLOCKS)}")
   config = study.base.copy_and_resolve_references()
   with config.unlocked():
-    config.optimizer = default.OPTIMIZER_BLOCKS[optimizer]()
+    config.optimizer = optimizers.default_config(optimizer)
     overrides = study.optimizer_overrides.get(optimizer) if "optimizer_overrides" in study else None
     if overrides:
       apply_overrides(config.optimizer, flatten_overrides(overrides),
@@ -124,35 +153,101 @@ def run_config(study: ml_collections.ConfigDict, condition: str, optimizer: str,
   return config
 
 
-def expand(study: ml_collections.ConfigDict) -> list[RunSpec]:
-  """Every run of the study, in the order they are trained (condition, optimizer, lr, seed)."""
+def grid_ratio(multipliers) -> Optional[float]:
+  """The constant ratio of a log-spaced grid (None for a single point)."""
+  m = [float(x) for x in multipliers]
+  return m[1] / m[0] if len(m) > 1 else None
+
+
+def validate(study: ml_collections.ConfigDict) -> None:
+  """Errors naming the field and the fix, before anything trains."""
   if not study.conditions:
     raise ValueError("config.conditions is empty: a study needs at least one condition.")
-  only = tuple(study.get("only_conditions", ()) or ())
-  unknown = [c for c in only if c not in study.conditions]
+  unknown = [c for c in tuple(study.only_conditions or ()) if c not in study.conditions]
   if unknown:
     raise ValueError(f"config.only_conditions={unknown} not in config.conditions "
                      f"{list(study.conditions)}")
-  runs = []
-  for cond, cinfo in study.conditions.items():
-    if only and cond not in only:
-      continue
-    mults = tuple(cinfo.get("lr_multipliers", ()) or ()) or tuple(study.lr_multipliers)
-    seeds = tuple(cinfo.get("seeds", ()) or ()) or tuple(study.seeds)
-    for opt in study.optimizers:
-      if opt not in study.learning_rates:
-        raise ValueError(f"config.learning_rates has no entry for optimizer {opt!r}")
-      for mult in mults:
-        lr = round_lr(study.learning_rates[opt] * mult)
-        for seed in seeds:
-          cfg = run_config(study, cond, opt, lr, seed)
-          runs.append(RunSpec(cond, opt, lr, float(mult), int(seed),
-                              rundir.run_relpath(cond, opt, lr, seed), cfg))
+  for opt in study.optimizers:
+    if opt not in optimizers.NAMES:
+      raise ValueError(f"config.optimizers: unknown optimizer {opt!r}; valid: "
+                       f"{list(optimizers.NAMES)}")
+    if opt not in study.learning_rates:
+      raise ValueError(f"config.learning_rates has no entry for optimizer {opt!r}")
+  mults = [float(m) for m in study.lr_multipliers]
+  if not mults or any(m <= 0 for m in mults):
+    raise ValueError(f"config.lr_multipliers={tuple(mults)} must be positive numbers")
+  ratio = grid_ratio(mults)
+  if ratio is not None and (ratio <= 1 or any(
+      not math.isclose(b / a, ratio, rel_tol=1e-3) for a, b in zip(mults, mults[1:]))):
+    raise ValueError(f"config.lr_multipliers={tuple(mults)} must increase by one constant "
+                     "ratio (log-spaced), e.g. (1/9, 1/3, 1, 3, 9)")
+  if not study.sweep_seeds or not study.seeds:
+    raise ValueError("config.sweep_seeds and config.seeds need at least one seed each")
+  if study.on_config_change not in ("refuse", "rerun"):
+    raise ValueError(f"config.on_config_change={study.on_config_change!r}; valid: 'refuse', "
+                     "'rerun'")
+  if int(study.lr_grid_max_extensions) < 0:
+    raise ValueError("config.lr_grid_max_extensions must be >= 0")
+  if not study.report.smoke_test:
+    if len(mults) < MIN_GRID_POINTS:
+      raise ValueError(
+          f"config.lr_multipliers has {len(mults)} points; the protocol needs >= "
+          f"{MIN_GRID_POINTS} log-spaced points, e.g. (1/9, 1/3, 1, 3, 9) (or set "
+          "config.report.smoke_test=True: a report without verdicts)")
+    if len(study.seeds) < MIN_SEEDS:
+      raise ValueError(
+          f"config.seeds={tuple(study.seeds)}; the protocol needs >= {MIN_SEEDS} seeds at each "
+          "best rate, e.g. (0, 1, 2) (or set config.report.smoke_test=True)")
+
+
+def conditions_of(study: ml_collections.ConfigDict) -> list[str]:
+  only = tuple(study.only_conditions or ())
+  return [c for c in study.conditions if not only or c in only]
+
+
+def make_run(study, condition: str, optimizer: str, multiplier: float, seed: int,
+             phase: str) -> RunSpec:
+  lr = round_lr(study.learning_rates[optimizer] * multiplier)
+  return RunSpec(condition, optimizer, lr, float(multiplier), int(seed), phase,
+                 rundir.run_relpath(condition, optimizer, lr, seed),
+                 run_config(study, condition, optimizer, lr, seed))
+
+
+def expand(study: ml_collections.ConfigDict) -> list[RunSpec]:
+  """The sweep runs (condition x optimizer x lr multiplier x sweep seed), in training order.
+
+  Grid extensions and the seeds at each best rate depend on the results; :func:`run_study`
+  adds them as it goes.
+  """
+  validate(study)
+  runs = [make_run(study, cond, opt, mult, seed, "sweep")
+          for cond in conditions_of(study) for opt in study.optimizers
+          for mult in study.lr_multipliers for seed in study.sweep_seeds]
   keys = [r.relpath for r in runs]
   if len(set(keys)) != len(keys):
     raise ValueError("two runs of the study share a workdir (lr multipliers that round to the "
                      "same learning rate?)")
   return runs
+
+
+def next_multiplier(study, multipliers: list[float], records, extended: dict[str, int]
+                    ) -> Optional[float]:
+  """The grid point to add when the best lr of ``records`` is on an edge, else None.
+
+  Args:
+    study: the study config (lr_grid_max_extensions).
+    multipliers: the (sorted) grid so far.
+    records: (lr, status, validation loss) of the sweep runs.
+    extended: points added so far per side ('low', 'high'); updated.
+  """
+  ratio = grid_ratio(multipliers)
+  side = tables.unbracketed_side(tables.swept_lrs(records), tables.choose_lr(records))
+  if ratio is None or side not in ("low", "high"):
+    return None
+  if extended[side] >= int(study.lr_grid_max_extensions):
+    return None
+  extended[side] += 1
+  return multipliers[0] / ratio if side == "low" else multipliers[-1] * ratio
 
 
 # ----------------------------------------------------------------------------- study.json
@@ -211,7 +306,7 @@ def condition_info(study: ml_collections.ConfigDict, cond: str,
       "ln_position": config.model.ln_position,
       "tie_embeddings": bool(config.model.tie_embeddings),
       "num_steps": int(config.num_steps),
-      "shift_steps": report_lib.shift_steps_from_config(json.loads(config.to_json_best_effort())),
+      "shift_steps": loading.shift_steps_from_config(json.loads(config.to_json_best_effort())),
   }
   if syn is not None and config.data.name == "synthetic":
     info.update(zipf_exponent=syn.zipf_exponent, shift=syn.shift, shift_every=syn.shift_every,
@@ -220,94 +315,114 @@ def condition_info(study: ml_collections.ConfigDict, cond: str,
   return info
 
 
-def is_done(results: Optional[dict], num_steps: int) -> bool:
+def is_done(results: Optional[rundir.RunResults], num_steps: int) -> bool:
   """A run to reuse: completed with every step, or diverged (a finding, not retried)."""
-  if not results:
+  if results is None:
     return False
-  status = results.get("status")
-  if status == "diverged":
+  if results.status == "diverged":
     return True
-  return status == "completed" and results.get("steps_done") == num_steps
+  return results.status == "completed" and results.steps_done == num_steps
+
+
+def changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
+  """Dotted paths at which two config trees differ."""
+  if isinstance(old, dict) and isinstance(new, dict):
+    return [f for k in sorted(set(old) | set(new))
+            for f in changed_fields(old.get(k), new.get(k), f"{prefix}{k}.")]
+  return [] if old == new else [prefix.rstrip(".")]
+
+
+def exit_code(spec: dict) -> int:
+  """The process exit code of a study (the EXIT_* constants)."""
+  if spec.get("stopped_early"):
+    return EXIT_PREEMPTED
+  statuses = [r["status"] for r in spec.get("runs", [])]
+  if statuses and "completed" not in statuses:
+    return EXIT_NO_RUN_COMPLETED
+  return EXIT_OK
 
 
 # ----------------------------------------------------------------------------- the study
 
 
-def run_study(study: ml_collections.ConfigDict, workdir: str, *, command: Optional[str] = None,
-              progress: bool = True) -> dict:
-  """Trains every run of ``study`` under ``workdir``; returns the study.json dict.
+class _Runner:
+  """Trains RunSpecs one at a time, keeping study.json up to date."""
 
-  Args:
-    study: a configs/study.py config.
-    workdir: the study directory (created).
-    command: the command line that started the study (recorded in study.json and REPORT.md).
-    progress: show a tqdm progress bar.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  def __init__(self, study, workdir: str, spec: dict, previous: dict, progress: bool):
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  runs = expand(study)
-  if study.get("compilation_cache", False):
-    enable_compilation_cache()
-  study_path = os.path.join(workdir, STUDY_FILE)
-  previous = rundir.read_json(study_path) or {}
+    self.study, self.workdir, self.spec = study, workdir, spec
+    self.path = os.path.join(workdir, loading.STUDY_FILE)
+    self.prev_wall = {r.get("workdir"): r.get("wall_s") for r in previous.get("runs", [])}
+    self.entries: dict[str, dict] = {}
+    self.bar = tqdm(total=0, desc=f"study {study.name}", unit="run", disable=not progress)
+    self.stopped = False
 
-  first = {}
-  for r in runs:
-    first.setdefault(r.condition, r)
-  spec = {
-      "name": study.name,
-      "preset": study.get("preset"),
-      "command": command or previous.get("command"),
-      "created": previous.get("created") or datetime.datetime.now().isoformat(timespec="seconds"),
-      # When a run last trained (a re-run that reuses every run leaves it as it was).
-      "updated": previous.get("updated") or datetime.datetime.now().isoformat(timespec="seconds"),
-      "optimizers": list(study.optimizers),
-      "seeds": list(study.seeds),
-      "lr_multipliers": list(study.lr_multipliers),
-      "learning_rates": dict(study.learning_rates),
-      "token_budget": int(study.token_budget),
-      "num_steps": int(runs[0].config.num_steps),
-      "tokens_per_step": int(runs[0].config.batch_size * runs[0].config.seq_len),
-      "setup": _setup_summary(runs[0].config),
-      "conditions": {c: condition_info(study, c, r.config) for c, r in first.items()},
-      "report": study.report.to_dict() if "report" in study else {},
-      "config": json.loads(study.to_json_best_effort()),
-      "runs": [],
-  }
-  prev_runs = {r.get("workdir"): r for r in previous.get("runs", [])}
-  for r in runs:
-    rd = os.path.join(workdir, r.relpath)
-    res = rundir.read_json(os.path.join(rd, rundir.RESULTS))
-    spec["runs"].append({
-        "condition": r.condition, "optimizer": r.optimizer, "learning_rate": r.learning_rate,
-        "lr_multiplier": r.lr_multiplier, "seed": r.seed, "workdir": r.relpath,
-        "num_steps": int(r.config.num_steps),
-        "status": (res or {}).get("status", "pending"),
-        "wall_s": prev_runs.get(r.relpath, {}).get("wall_s"),
-    })
-  rundir.write_json(study_path, spec)
+  def entry(self, r: RunSpec) -> dict:
+    """The run's study.json entry (added, as pending, the first time)."""
+    if r.relpath not in self.entries:
+      res = rundir.RunResults.load(os.path.join(self.workdir, r.relpath))
+      e = {"condition": r.condition, "optimizer": r.optimizer, "learning_rate": r.learning_rate,
+           "lr_multiplier": r.lr_multiplier, "seed": r.seed, "phase": r.phase,
+           "workdir": r.relpath, "num_steps": int(r.config.num_steps),
+           "config_fingerprint": rundir.config_fingerprint(r.config),
+           "status": res.status if res and res.status else "pending",
+           "wall_s": self.prev_wall.get(r.relpath)}
+      self.entries[r.relpath] = e
+      self.spec["runs"].append(e)
+      self.bar.total += 1
+      self.bar.refresh()
+    return self.entries[r.relpath]
 
-  bar = tqdm(total=len(runs), desc=f"study {study.name}", unit="run", disable=not progress)
-  stopped = False
-  for i, r in enumerate(runs):
-    rd = os.path.join(workdir, r.relpath)
-    entry = spec["runs"][i]
-    res = rundir.read_json(os.path.join(rd, rundir.RESULTS))
+  def save(self) -> None:
+    self.spec["stopped_early"] = self.stopped
+    rundir.write_json(self.path, self.spec)
+
+  def check_config(self, r: RunSpec) -> Optional[rundir.RunResults]:
+    """The run's results if its directory was trained under r.config (module docstring)."""
+    rd = os.path.join(self.workdir, r.relpath)
+    res = rundir.RunResults.load(rd)
+    old_config = rundir.read_json(os.path.join(rd, rundir.CONFIG))
+    old = res.config_fingerprint if res else None
+    if old is None and old_config is not None:
+      old = rundir.config_fingerprint(old_config)
+    new = rundir.config_fingerprint(r.config)
+    if old is None or old == new:
+      return res
+    fields = (changed_fields(rundir.trajectory_config(old_config),
+                             rundir.trajectory_config(r.config)) if old_config else [])
+    what = (f"run {r.relpath}: its config changed since it was trained (config fingerprint "
+            f"{old[:12]} -> {new[:12]}; changed: {', '.join(fields) or 'unknown fields'})")
+    if self.study.on_config_change != "rerun":
+      raise ConfigChangedError(
+          f"{what}. Reusing it would mix two configs. Train it again with "
+          "--config.on_config_change=rerun (the old directory is kept beside it as "
+          f"'{os.path.basename(rd)}.replaced-{old[:8]}'), or use a new --workdir.")
+    dest, k = f"{rd}.replaced-{old[:8]}", 1
+    while os.path.exists(dest):
+      dest, k = f"{rd}.replaced-{old[:8]}-{k}", k + 1
+    os.replace(rd, dest)
+    logging.warning("%s: training it again; the old run is at %s", what, dest)
+    return None
+
+  def run(self, r: RunSpec) -> str:
+    """Trains (or reuses) one run; returns its status."""
+    import jax  # pylint: disable=g-import-not-at-top
+
+    entry = self.entry(r)
+    res = self.check_config(r)
     if is_done(res, r.config.num_steps) or (
-        res and res.get("status") == "failed" and not study.retry_failed):
-      entry["status"] = res["status"]
-      bar.update(1)
-      continue
-    bar.set_postfix_str(f"{r.condition}/{r.optimizer} lr={rundir.lr_str(r.learning_rate)} "
-                        f"seed={r.seed}")
+        res and res.status == "failed" and not self.study.retry_failed):
+      entry["status"] = res.status
+      self.bar.update(1)
+      return res.status
+    rd = os.path.join(self.workdir, r.relpath)
+    self.bar.set_postfix_str(f"{r.condition}/{r.optimizer} lr={rundir.lr_str(r.learning_rate)} "
+                             f"seed={r.seed} ({r.phase})")
     os.makedirs(rd, exist_ok=True)
-    if res and res.get("status") == "failed":  # clear the old failure before retrying
-      res = {k: v for k, v in res.items() if k not in ("error", "traceback")}
-      res["status"] = "running"
-      rundir.write_json(os.path.join(rd, rundir.RESULTS), res)
+    if res and res.status == "failed":  # clear the old failure before retrying
+      res.status, res.error, res.traceback = "running", None, None
+      res.save(rd)
     t0 = time.perf_counter()
     try:
       out = train.train_and_evaluate(r.config, rd)
@@ -316,27 +431,124 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *, command: Option
       raise
     except Exception as e:  # pylint: disable=broad-except
       logging.exception("run %s failed", r.relpath)
-      failed = dict(rundir.read_json(os.path.join(rd, rundir.RESULTS)) or {})
-      failed.update({
-          "optimizer": r.optimizer, "learning_rate": r.learning_rate, "seed": r.seed,
-          "num_steps": int(r.config.num_steps), "status": "failed",
-          "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
-      })
-      rundir.write_json(os.path.join(rd, rundir.RESULTS), failed)
+      failed = rundir.RunResults(
+          optimizer=r.optimizer, learning_rate=r.learning_rate, seed=r.seed,
+          num_steps=int(r.config.num_steps), status="failed",
+          config_fingerprint=rundir.config_fingerprint(r.config),
+          error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+      (rundir.RunResults.load(rd) or rundir.RunResults()).merge(failed).save(rd)
       entry["status"] = "failed"
     entry["wall_s"] = round(time.perf_counter() - t0, 1)
-    spec["updated"] = datetime.datetime.now().isoformat(timespec="seconds")
-    rundir.write_json(study_path, spec)
+    self.spec["updated"] = datetime.datetime.now().isoformat(timespec="seconds")
+    self.save()
     jax.clear_caches()  # each run compiles its own steps; free them
-    bar.update(1)
+    self.bar.update(1)
     if entry["status"] == "preempted":  # SIGTERM: the run checkpointed; stop the study too
       logging.warning("run %s preempted: stopping the study (re-run to continue)", r.relpath)
-      stopped = True
+      self.stopped = True
+    return entry["status"]
+
+  def records(self, condition: str, optimizer: str) -> list[tuple[float, str, Optional[float]]]:
+    """(lr, status, validation loss) of the sweep-seed runs of (condition, optimizer)."""
+    out = []
+    for e in self.spec["runs"]:
+      if (e["condition"], e["optimizer"]) != (condition, optimizer) or (
+          e["seed"] not in tuple(self.study.sweep_seeds)):
+        continue
+      res = rundir.RunResults.load(os.path.join(self.workdir, e["workdir"]))
+      if res is not None:
+        out.append((e["learning_rate"], res.status, res.final_eval_loss))
+    return out
+
+
+def run_study(study: ml_collections.ConfigDict, workdir: str, *, command: Optional[str] = None,
+              progress: bool = True) -> dict:
+  """Trains every run of ``study`` under ``workdir`` (module docstring); returns study.json.
+
+  Args:
+    study: a configs/study.py config.
+    workdir: the study directory (created).
+    command: the command line that started the study (recorded in study.json and REPORT.md).
+    progress: show a tqdm progress bar.
+
+  Raises:
+    ConfigChangedError: a run directory was trained under another config (and
+      ``study.on_config_change`` is 'refuse'); raised before anything trains when the run is
+      one of the sweep's.
+  """
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  sweep = expand(study)
+  if study.get("compilation_cache", False):
+    enable_compilation_cache()
+  previous = rundir.read_json(os.path.join(workdir, loading.STUDY_FILE)) or {}
+  now = datetime.datetime.now().isoformat(timespec="seconds")
+  first = {}
+  for r in sweep:
+    first.setdefault(r.condition, r)
+  spec = {
+      "name": study.name,
+      "preset": study.get("preset"),
+      "command": command or previous.get("command"),
+      "created": previous.get("created") or now,
+      # When a run last trained (a re-run that reuses every run leaves it as it was).
+      "updated": previous.get("updated") or now,
+      "optimizers": list(study.optimizers),
+      "lr_multipliers": list(study.lr_multipliers),
+      "learning_rates": dict(study.learning_rates),
+      "lr_grid_max_extensions": int(study.lr_grid_max_extensions),
+      "sweep_seeds": list(study.sweep_seeds),
+      "seeds": list(study.seeds),
+      "token_budget": int(study.token_budget),
+      "num_steps": int(sweep[0].config.num_steps),
+      "tokens_per_step": int(sweep[0].config.batch_size * sweep[0].config.seq_len),
+      "setup": _setup_summary(sweep[0].config),
+      "conditions": {c: condition_info(study, c, r.config) for c, r in first.items()},
+      "report": study.report.to_dict(),
+      "config": json.loads(study.to_json_best_effort()),
+      "runs": [],
+  }
+  runner = _Runner(study, workdir, spec, previous, progress)
+  for r in sweep:
+    if study.on_config_change == "refuse":  # refuse a changed config before anything trains
+      runner.check_config(r)
+    runner.entry(r)
+  runner.save()
+  for cond in conditions_of(study):
+    for opt in study.optimizers:
+      if not _sweep_and_seeds(study, runner, cond, opt):
+        break
+    if runner.stopped:
       break
-  bar.close()
-  spec["stopped_early"] = stopped
-  rundir.write_json(study_path, spec)
+  runner.bar.close()
+  runner.save()
   return spec
+
+
+def _sweep_and_seeds(study, runner: _Runner, cond: str, opt: str) -> bool:
+  """Steps 1-3 of the protocol for (cond, opt); False when the study was stopped."""
+  mults = sorted(float(m) for m in study.lr_multipliers)
+  todo, phase, extended = mults, "sweep", {"low": 0, "high": 0}
+  while todo:
+    for mult in todo:
+      for seed in study.sweep_seeds:
+        runner.run(make_run(study, cond, opt, mult, seed, phase))
+        if runner.stopped:
+          return False
+    new = next_multiplier(study, mults, runner.records(cond, opt), extended)
+    todo, phase = ([], phase) if new is None else ([new], "extension")
+    mults = sorted(mults + todo)
+  best = tables.choose_lr(runner.records(cond, opt))
+  if best is None:
+    return True  # nothing completed: no best rate, no seeds (the report says so)
+  mult = min(mults, key=lambda m: abs(math.log(round_lr(study.learning_rates[opt] * m) / best)))
+  for seed in study.seeds:
+    if seed in tuple(study.sweep_seeds):  # already trained at every grid point
+      continue
+    runner.run(make_run(study, cond, opt, mult, seed, "seeds"))
+    if runner.stopped:
+      return False
+  return True
 
 
 def enable_compilation_cache(path: Optional[str] = None) -> Optional[str]:
