@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-METRICS_FILE = "metrics.jsonl"  # Plain-JSON copy of every scalar (see JsonlWriter).
+from jaxopt_study import rundir
 
 
 def _clu():
@@ -153,7 +153,7 @@ def create_writer(workdir: str, *, just_logging: bool = False, backend: str = "a
     tb = clu[0].AsyncWriter(clu[0].SummaryWriter(workdir))
   else:
     tb = TensorboardXWriter(workdir)
-  return _Fanout([tb, ConsoleWriter(), JsonlWriter(os.path.join(workdir, METRICS_FILE))])
+  return _Fanout([tb, ConsoleWriter(), JsonlWriter(rundir.path(workdir, rundir.METRICS))])
 
 
 class _FallbackReportProgress:

@@ -6,14 +6,14 @@ import numpy as np
 import optax
 import pytest
 
-from configs import default
+from jaxopt_study import presets
 from jaxopt_study import optimizers
 
 LR = 0.01
 
 
 def _config(name, **overrides):
-  config = default.with_optimizer(name, "tiny")
+  config = presets.get_config("tiny", name)
   config.schedule.name, config.schedule.warmup_steps = "constant", 0
   config.optimizer.learning_rate = LR
   config.optimizer.clip_norm = 0.0
@@ -130,15 +130,31 @@ def test_weight_decay_mask():
 def test_schedule_warmup_cosine():
   config = _config("adamw")
   config.schedule.name, config.schedule.warmup_steps, config.num_steps = "cosine", 10, 110
-  s = optimizers.make_schedule(config)
-  np.testing.assert_allclose([s(0), s(5), s(10), s(110)], [0, LR / 2, LR, LR * config.schedule.min_lr_ratio], rtol=1e-5)
+  tx, learning_rate = optimizers.build(config, _params())
+  state = tx.init(_params())
+  rates = [learning_rate(state, t) for t in (0, 5, 10, 60, 110)]
+  # Linear warmup to the peak, then half-way down a cosine to min_lr_ratio at num_steps.
+  end = LR * config.schedule.min_lr_ratio
+  np.testing.assert_allclose(rates, [0, LR / 2, LR, (LR + end) / 2, end], rtol=1e-5)
 
 
 def test_unknown_optimizer_lists_valid_names():
   config = _config("adamw")
   config.optimizer.name = "adam_typo"
-  with pytest.raises(ValueError, match=r"config\.optimizer\.name.*adafactor.*adamw.*lion.*sgd_momentum.*signsgd"):
-    optimizers.build(config, _params())
+  with pytest.raises(ValueError, match=r"config\.optimizer\.name='adam_typo'.*valid") as e:
+    optimizers.validate(config)
+  assert all(name in str(e.value) for name in optimizers.NAMES)
+  with pytest.raises(ValueError, match="adam_typo"):
+    optimizers.default_config("adam_typo")
+
+
+@pytest.mark.parametrize("name", optimizers.NAMES)
+def test_default_config_is_valid_and_builds(name):
+  config = _config(name)
+  config.optimizer = optimizers.default_config(name)
+  optimizers.validate(config)
+  tx, _ = optimizers.build(config, _params())
+  assert np.all(np.isfinite(jax.tree.leaves(_run(tx, _params(), steps=2))[0]))
 
 
 @pytest.mark.parametrize("name", sorted(optimizers.OPTIMIZERS))

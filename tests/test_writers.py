@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
+from jaxopt_study import rundir
 from jaxopt_study import writers
 
 
@@ -37,7 +38,7 @@ def test_writer_backends(backend, tmp_path):
   assert scalars["train/loss"] == [(3, 2.5)]
   assert scalars["sparsity/zero_frac"] == [(3, 0.25)]
   assert tags["histograms"] or "aging/age_hist" in tags["tensors"]
-  rows = [json.loads(l) for l in open(tmp_path / writers.METRICS_FILE)]
+  rows = [json.loads(l) for l in open(tmp_path / rundir.METRICS)]
   assert rows == [{"step": 3, "train/loss": 2.5, "sparsity/zero_frac": 0.25}]
 
 
