@@ -68,3 +68,31 @@ def test_fallback_progress_reports_rate_and_eta():
   assert not p(5, t=0.5)
   assert p(20, t=2.0)
   assert rec.rows == [(20, {"steps_per_sec": 10.0})]
+
+
+class _Recorder:
+  def __init__(self):
+    self.scalars, self.hists = [], []
+
+  def write_scalars(self, step, scalars):
+    self.scalars.append((step, dict(scalars)))
+
+  def write_histograms(self, step, arrays):
+    self.hists.append((step, {k: np.asarray(v) for k, v in arrays.items()}))
+
+
+def test_metric_buffer_writes_every_buffered_step_once_and_keeps_the_last_finite_train():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  rec = _Recorder()
+  buf = writers.MetricBuffer(rec)
+  buf.add(1, {"train/loss": jnp.float32(3.0), "h": jnp.array([1.0, jnp.nan, 2.0])})
+  buf.add(2, {"train/loss": jnp.float32(2.0)})
+  buf.add(3, {"train/loss": jnp.float32(jnp.nan)})
+  assert rec.scalars == []  # nothing leaves the device before a flush
+  buf.flush()
+  assert [s for s, _ in rec.scalars] == [1, 2, 3]
+  assert buf.last_train == {"train/loss": 2.0}  # step 3 is not finite
+  assert rec.hists[0][0] == 1 and list(rec.hists[0][1]["h"]) == [1.0, 2.0]
+  buf.flush()
+  assert len(rec.scalars) == 3  # flushed entries are not written again
