@@ -195,6 +195,21 @@ def create_state(config, model, tx, mesh, token_frequencies, params_shape):
   return state, state_sh
 
 
+def initial_state(config, model, mesh, ds):
+  """``(state, state_shardings, tx, learning_rate)`` of run ``config``: its seed's parameters
+  and its peak learning rate in the optimizer state, sharded over ``mesh``."""
+  token_freq = np.zeros(model.cfg.vocab_size, np.float64)
+  token_freq[: ds.vocab_size] = ds.token_frequencies
+  # Abstract parameters (boxed with their logical axes): the optimizer's masks and the
+  # shardings come from them; the real ones are initialised once, already sharded.
+  params_shape = jax.eval_shape(
+      lambda k: model.init(k, jnp.zeros((1, config.seq_len), jnp.int32))["params"],
+      jax.random.PRNGKey(0),
+  )
+  tx, learning_rate = optimizers.build(config, nn.meta.unbox(params_shape))
+  return (*create_state(config, model, tx, mesh, token_freq, params_shape), tx, learning_rate)
+
+
 class Setup(NamedTuple):
   """What a run is made of, before its loop (also used by scripts/benchmark.py)."""
 
@@ -224,18 +239,9 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
       seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
       num_train_steps=config.num_steps,
   )
-  vocab = padded_vocab(ds.vocab_size, config.model.vocab_multiple)
-  model = gpt.GPT(gpt.from_config(config.model, vocab))
-  token_freq = np.zeros(vocab, np.float64)
-  token_freq[: ds.vocab_size] = ds.token_frequencies
-  # Abstract parameters (boxed with their logical axes): the optimizer's masks and the
-  # shardings come from them; the real ones are initialised once, already sharded.
-  params_shape = jax.eval_shape(
-      lambda k: model.init(k, jnp.zeros((1, config.seq_len), jnp.int32))["params"],
-      jax.random.PRNGKey(0),
-  )
-  tx, learning_rate = optimizers.build(config, nn.meta.unbox(params_shape))
-  state, state_sh = create_state(config, model, tx, mesh, token_freq, params_shape)
+  model = gpt.GPT(gpt.from_config(config.model, padded_vocab(ds.vocab_size,
+                                                            config.model.vocab_multiple)))
+  state, state_sh, tx, learning_rate = initial_state(config, model, mesh, ds)
   return Setup(mesh, ds, model, tx, learning_rate, state, state_sh, sharding.batch_sharding(mesh))
 
 
@@ -268,24 +274,33 @@ def compile_eval_step(config, s: Setup):
 # ------------------------------------------------------------------------------ the run
 
 
-def evaluate(eval_fn, state: TrainState, batches: Iterable[np.ndarray], batch_sharding) -> dict:
-  """Mean loss, perplexity and loss by target-token frequency over a finite set of batches.
-
-  Returns ``{"loss": float, "perplexity": float, "loss_by_frequency": [float | None, ...]}``
-  (the last only with the diagnostics' frequency buckets; None for a bucket with no tokens).
-  """
+def eval_totals(eval_fn, state: TrainState, batches: Iterable[np.ndarray], batch_sharding):
+  """``eval_step``'s sums over a finite set of batches, fetched to the host."""
   totals = None
   for local in batches:
     batch = jax.make_array_from_process_local_data(batch_sharding, local)
     out = eval_fn(state.params, batch, state.diag_state)
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-  totals = jax.device_get(totals)
+  return jax.device_get(totals)
+
+
+def summarize_eval(totals) -> dict:
+  """``{"loss", "perplexity", "loss_by_frequency": [float | None, ...]}`` from eval sums.
+
+  ``loss_by_frequency`` (only with the diagnostics' frequency buckets) has None for a bucket
+  with no target tokens.
+  """
   loss = float(totals["loss_sum"] / totals["tokens"])
   ev = {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0)))}
   if "freq_loss_sum" in totals:
     sums, counts = totals["freq_loss_sum"], totals["freq_tokens"]
     ev["loss_by_frequency"] = [float(l / n) if n > 0 else None for l, n in zip(sums, counts)]
   return ev
+
+
+def evaluate(eval_fn, state: TrainState, batches: Iterable[np.ndarray], batch_sharding) -> dict:
+  """Mean loss, perplexity and loss by target-token frequency (``summarize_eval``)."""
+  return summarize_eval(eval_totals(eval_fn, state, batches, batch_sharding))
 
 
 def eval_scalars(split: str, ev: dict) -> dict[str, float]:
@@ -296,6 +311,17 @@ def eval_scalars(split: str, ev: dict) -> dict[str, float]:
     if loss is not None:
       out[f"{prefix}/loss_by_frequency/freq_bucket={b:02d}"] = loss
   return out
+
+
+def start_results(config, state: TrainState, ds) -> rundir.RunResults:
+  """What a run's results.json says before it trains: its identity and starting point."""
+  return rundir.RunResults(
+      optimizer=config.optimizer.name, learning_rate=config.optimizer.learning_rate,
+      seed=config.seed, num_params=sum(x.size for x in jax.tree.leaves(state.params)),
+      num_steps=config.num_steps, tokens_per_step=config.batch_size * config.seq_len,
+      init_params_fingerprint=params_fingerprint(state.params), baselines=ds.baselines(),
+      config_fingerprint=rundir.config_fingerprint(config),
+  )
 
 
 def params_fingerprint(params) -> list[float]:
@@ -333,13 +359,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> rundi
     lock = stack.enter_context(rundir.Lock(workdir, enabled=is_main))
     rundir.check_same_trajectory(workdir, config)
     stack.enter_context(sharding.activate(s.mesh))
-    results = rundir.RunResults(
-        optimizer=config.optimizer.name, learning_rate=config.optimizer.learning_rate,
-        seed=config.seed, num_params=sum(x.size for x in jax.tree.leaves(state.params)),
-        num_steps=total, tokens_per_step=config.batch_size * config.seq_len,
-        init_params_fingerprint=params_fingerprint(state.params), baselines=ds.baselines(),
-        config_fingerprint=rundir.config_fingerprint(config),
-    )
+    results = start_results(config, state, ds)
     ckpt_dir = rundir.path(workdir, rundir.CHECKPOINTS)
     state = checkpointing.restore_latest(ckpt_dir, state) or state
     ckpt = stack.enter_context(contextlib.closing(
@@ -402,28 +422,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> rundi
       checkpointing.save(ckpt, int(state.step), state, force=True)
     ckpt.wait_until_finished()
 
-  results = _final_results(results, status, state, buffer, last_eval, speed)
+  diverged_at = int(state.diverged_at) if status == "diverged" else None
+  results = final_results(results, status=status, steps_done=int(state.step),
+                          diverged_at=diverged_at, last_train=buffer.last_train,
+                          last_eval=last_eval, tokens_per_second=speed.tokens_per_second)
+  return record_results(workdir, results, is_main)
+
+
+def final_results(results: rundir.RunResults, *, status: str, steps_done: int,
+                  diverged_at: int | None, last_train: dict, last_eval: dict,
+                  tokens_per_second: float | None) -> rundir.RunResults:
+  """This segment's results (``record_results`` merges them with earlier segments')."""
+  val = last_eval.get("validation", {})
+  return dataclasses.replace(
+      results, status=status, steps_done=steps_done,
+      tokens_seen=steps_done * results.tokens_per_step, diverged_at_step=diverged_at,
+      final_train_loss=last_train.get("train/loss"), final_eval_loss=val.get("loss"),
+      final_eval_perplexity=val.get("perplexity"),
+      final_eval_losses={split: ev["loss"] for split, ev in last_eval.items()},
+      eval_loss_by_frequency=val.get("loss_by_frequency", []),
+      tokens_per_second=tokens_per_second, devices=jax.device_count(),
+      platform=jax.devices()[0].platform,
+  )
+
+
+def record_results(workdir: str, results: rundir.RunResults, is_main: bool) -> rundir.RunResults:
+  """Merges ``results`` into what earlier segments of the run wrote, saves and returns them."""
   previous = rundir.RunResults.load(workdir)
   results = previous.merge(results) if previous else results
   if is_main:
     results.save(workdir)
-  logging.info("results: %s after %d steps; train loss %s, eval loss %s", results.status,
+  logging.info("%s: %s after %d steps; train loss %s, eval loss %s", workdir, results.status,
                results.steps_done, results.final_train_loss, results.final_eval_loss)
   return results
-
-
-def _final_results(results, status, state, buffer, last_eval, speed) -> rundir.RunResults:
-  """This segment's results (``RunResults.merge`` combines it with earlier segments')."""
-  val = last_eval.get("validation", {})
-  return dataclasses.replace(
-      results, status=status, steps_done=int(state.step),
-      tokens_seen=int(state.step) * results.tokens_per_step,
-      diverged_at_step=int(state.diverged_at) if status == "diverged" else None,
-      final_train_loss=buffer.last_train.get("train/loss"), final_eval_loss=val.get("loss"),
-      final_eval_perplexity=val.get("perplexity"),
-      final_eval_losses={split: ev["loss"] for split, ev in last_eval.items()},
-      eval_loss_by_frequency=val.get("loss_by_frequency", []),
-      tokens_per_second=speed.tokens_per_second, devices=jax.device_count(),
-      platform=jax.devices()[0].platform,
-  )
-

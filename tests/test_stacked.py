@@ -1,0 +1,66 @@
+"""K runs stacked in one vmapped step behave exactly like the same runs alone."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from jaxopt_study import rundir
+from jaxopt_study import stacked
+from jaxopt_study import train
+from tests.test_train import _ckpts, losses, tiny_config
+
+STEPS = 12
+RUNS = [{"optimizer.learning_rate": 1e-3, "seed": 0}, {"optimizer.learning_rate": 3e-3, "seed": 1}]
+
+
+def _config(**kw):
+  return tiny_config(num_steps=STEPS, eval_every=STEPS, **kw)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("stacked")
+  configs = [_config(**r) for r in RUNS]
+  stacked_dirs = [str(root / f"stacked{k}") for k in range(len(RUNS))]
+  alone_dirs = [str(root / f"alone{k}") for k in range(len(RUNS))]
+  stacked_results = stacked.train_stacked(configs, stacked_dirs)
+  alone_results = [train.train_and_evaluate(c, d) for c, d in zip(configs, alone_dirs)]
+  return stacked_dirs, stacked_results, alone_dirs, alone_results
+
+
+def test_a_stacked_run_equals_the_same_run_alone(runs):
+  stacked_dirs, stacked_results, alone_dirs, alone_results = runs
+  for sd, sr, ad, ar in zip(stacked_dirs, stacked_results, alone_dirs, alone_results):
+    assert sr.status == ar.status == "completed" and sr.steps_done == ar.steps_done == STEPS
+    assert sr.config_fingerprint == ar.config_fingerprint
+    assert sr.init_params_fingerprint == ar.init_params_fingerprint
+    for key in ("train/loss", "train/grad_norm", "eval/loss", "eval_test/loss"):
+      got, want = losses(sd, key), losses(ad, key)
+      assert got.keys() == want.keys() and got, key
+      np.testing.assert_allclose([got[s] for s in want], list(want.values()), rtol=2e-5,
+                                 err_msg=key)
+    np.testing.assert_allclose(sr.final_eval_loss, ar.final_eval_loss, rtol=2e-5)
+    assert _ckpts(sd) == _ckpts(ad)
+    assert rundir.RunResults.load(sd) == sr
+    assert json.load(open(os.path.join(sd, "config.json")))["seed"] == ar.seed
+  # The two runs really are different runs (seed and rate), not one run twice.
+  assert stacked_results[0].final_train_loss != stacked_results[1].final_train_loss
+
+
+def test_a_stacked_run_can_be_resumed_alone(runs):
+  """Checkpoints are saved unstacked: a run continues alone from its stacked checkpoint."""
+  stacked_dirs, _, alone_dirs, _ = runs
+  more = _config(**RUNS[1])
+  more.num_steps = STEPS + 4
+  with pytest.raises(rundir.ConfigChanged):  # num_steps is part of the trajectory (schedule)
+    train.train_and_evaluate(more, stacked_dirs[1])
+  again = train.train_and_evaluate(_config(**RUNS[1]), stacked_dirs[1])
+  assert again.status == "completed" and again.steps_done == STEPS
+
+
+def test_configs_that_differ_beyond_rate_and_seed_are_refused(tmp_path):
+  with pytest.raises(ValueError, match=r"differ in config\.model\.d_model"):
+    stacked.train_stacked([_config(), _config(**{"model.d_model": 64})],
+                          [str(tmp_path / "a"), str(tmp_path / "b")])
