@@ -29,8 +29,8 @@ import dataclasses
 
 import ml_collections
 
-from configs import default
 from jaxopt_study import optimizers
+from jaxopt_study import presets
 from jaxopt_study.study import loading
 
 PRESETS = ("tiny", "small", "wikitext103")
@@ -55,10 +55,10 @@ def get_config(preset=None) -> ml_collections.ConfigDict:
   c.name = preset  # Study name (report title); the workdir is given on the command line.
 
   # ---------------------------------------------------------------- the shared run config
-  # configs/default.py's preset; everything a run needs except the optimizer block, which the
+  # jaxopt_study/presets.py's preset; everything a run needs except the optimizer block, which the
   # runner sets from optimizers.default_config, and num_steps, set from token_budget.
   base_preset = {"tiny": "tiny", "small": "tiny", "wikitext103": "small"}[preset]
-  c.base = b = default.get_config(base_preset)
+  c.base = b = presets.get_config(base_preset)
   b.log_every = 1  # Every step's train loss: the spike rule needs a 128-step history.
   b.keep_checkpoints = 1  # One checkpoint per run is enough to resume (keeps the study small).
   # The report uses the global, per-kind and per-layer aggregates; per-tensor ('/param=') series

@@ -31,13 +31,17 @@ then completed from its last good checkpoint, records no divergence), as are ``e
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import re
+import socket
 import tempfile
+import time
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -49,10 +53,11 @@ CHECKPOINTS = "checkpoints"
 LOCK = "run.lock"
 
 # Dotted config paths that do not change the parameters a run trains (excluded from the
-# fingerprint): cadence of logging / eval / checkpoints, input prefetch, device mesh,
-# diagnostics (read-only over the train state) and where the token cache lives.
-NON_TRAJECTORY = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "prefetch",
-                  "mesh", "diagnostics", "data.cache_dir")
+# fingerprint): cadence of logging / syncs / eval / checkpoints, input prefetch, device mesh,
+# diagnostics (read-only over the train state), where the token cache lives, and fault
+# injection (it stands for a transient fault: a rerun without it must resume the same run).
+NON_TRAJECTORY = ("log_every", "sync_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+                  "prefetch", "mesh", "diagnostics", "data.cache_dir", "inject_nan_at_step")
 
 
 # ----------------------------------------------------------------------------- JSON files
@@ -222,13 +227,14 @@ class RunResults:
   def from_dict(cls, d: Mapping[str, Any]) -> "RunResults":
     """From a results.json dict; unknown keys are dropped.
 
-    An ``eval_loss_by_frequency`` written as {"00": loss, ...} (older runs) becomes the list.
+    An ``eval_loss_by_frequency`` written as {"00": loss, ...} (results.json files from before
+    the list) becomes the list.
     """
     names = {f.name for f in dataclasses.fields(cls)}
     kw = {k: v for k, v in d.items() if k in names}
     by_freq = kw.get("eval_loss_by_frequency")
     if isinstance(by_freq, Mapping):
-      idx = {int(str(k).rsplit("=", 1)[-1]): v for k, v in by_freq.items()}
+      idx = {int(k): v for k, v in by_freq.items()}
       kw["eval_loss_by_frequency"] = [idx.get(b) for b in range(max(idx, default=-1) + 1)]
     for k in ("final_eval_losses", "baselines", "eval_loss_by_frequency"):
       if kw.get(k) is None:
@@ -262,3 +268,139 @@ class RunResults:
     if later.status != "failed":
       out["error"], out["traceback"] = later.error, later.traceback
     return RunResults(**out)
+
+
+# ----------------------------------------------------------------------------- one owner
+
+
+def path(workdir: str, name: str) -> str:
+  return os.path.join(workdir, name)
+
+
+def write_config(workdir: str, config) -> None:
+  """workdir/config.json: the resolved run config (atomic)."""
+  write_json(path(workdir, CONFIG), _as_dict(config))
+
+
+class Locked(RuntimeError):
+  """Another live process is training in this workdir."""
+
+
+# A lock whose holder has not touched it for this long is stale even if its host is another
+# machine (the holder refreshes it at every host sync, see ``Lock.heartbeat``).
+STALE_AFTER_S = 3600.0
+
+
+class Lock:
+  """``workdir/run.lock``: one training process per workdir.
+
+  The file holds the holder's host and pid. It is stale, and taken over with a warning, when
+  its holder ran on this host and that pid is gone (a killed run), or when it has not been
+  refreshed for ``STALE_AFTER_S`` seconds. Otherwise a second process gets ``Locked`` before it
+  compiles or writes anything.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self._path, self._enabled = path(workdir, LOCK), enabled
+
+  def __enter__(self) -> "Lock":
+    if self._enabled:
+      me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+      while not self._create(me):
+        holder = read_json(self._path) or {}
+        if not self._stale(holder):
+          raise Locked(
+              f"{self._path} is held by pid {holder.get('pid')} on {holder.get('host')}: another "
+              "process is training in this workdir. Wait for it, or use another --workdir; if "
+              "that process is gone, delete the lock file."
+          )
+        logging.warning("taking over the stale lock %s (holder %s)", self._path, holder)
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(self._path)
+    return self
+
+  def _create(self, me) -> bool:
+    try:
+      fd = os.open(self._path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+      return False
+    with os.fdopen(fd, "w") as f:
+      json.dump(me, f)
+    return True
+
+  def _stale(self, holder) -> bool:
+    try:
+      age = time.time() - os.path.getmtime(self._path)
+    except FileNotFoundError:
+      return True
+    if age > STALE_AFTER_S:
+      return True
+    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+      try:
+        os.kill(holder["pid"], 0)
+      except ProcessLookupError:
+        return True
+      except PermissionError:  # alive, another user's
+        return False
+      return False
+    return not holder  # an unreadable lock file (half-written by a killed process)
+
+  def heartbeat(self) -> None:
+    if self._enabled:
+      with contextlib.suppress(FileNotFoundError):
+        os.utime(self._path)
+
+  def __exit__(self, *exc) -> None:
+    if self._enabled:
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(self._path)
+
+
+class ConfigChanged(ValueError):
+  """The workdir holds a run whose trajectory config differs from the one given."""
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_diff(old, new) -> dict[str, tuple]:
+  """{dotted field: (old, new)} over the trajectory fields that differ."""
+  a, b = (_flat(_canonical(trajectory_config(c))) for c in (old, new))
+  return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def check_same_trajectory(workdir: str, config) -> None:
+  """Raises ``ConfigChanged`` if ``workdir`` already holds a run of another trajectory config.
+
+  Resuming with a changed learning rate (say) would silently continue the old run under the
+  new name. The fix is a fresh workdir, or ``--restart`` (``move_aside``), which keeps the old
+  run's files under ``workdir/replaced-<time>/``.
+  """
+  old = read_json(path(workdir, CONFIG))
+  if old is None or config_fingerprint(old) == config_fingerprint(config):
+    return
+  diff = config_diff(old, config)
+  shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(diff.items())[:8])
+  raise ConfigChanged(
+      f"{workdir} holds a run with another config ({shown}). Resuming would mix two runs: use "
+      "a new --workdir, or pass --restart to move the old run aside and start fresh."
+  )
+
+
+def move_aside(workdir: str) -> Optional[str]:
+  """Moves everything in ``workdir`` into ``workdir/replaced-<UTC time>/``; returns that path."""
+  if not os.path.isdir(workdir) or not os.listdir(workdir):
+    return None
+  dest = path(workdir, time.strftime("replaced-%Y%m%dT%H%M%SZ", time.gmtime()))
+  os.makedirs(dest)
+  for name in os.listdir(workdir):
+    if not name.startswith("replaced-"):
+      os.replace(path(workdir, name), os.path.join(dest, name))
+  return dest

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from configs import default
+from jaxopt_study import presets
 from jaxopt_study import rundir
 
 
@@ -31,7 +31,7 @@ def test_write_json_is_atomic(tmp_path, monkeypatch):
 
 
 def test_config_fingerprint_covers_the_trajectory_only():
-  base = default.get_config("tiny")
+  base = presets.get_config("tiny")
   fp = rundir.config_fingerprint(base)
   assert len(fp) == 64 and int(fp, 16) >= 0
   assert rundir.config_fingerprint(base.copy_and_resolve_references()) == fp
