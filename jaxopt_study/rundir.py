@@ -227,13 +227,14 @@ class RunResults:
   def from_dict(cls, d: Mapping[str, Any]) -> "RunResults":
     """From a results.json dict; unknown keys are dropped.
 
-    An ``eval_loss_by_frequency`` written as {"00": loss, ...} (older runs) becomes the list.
+    An ``eval_loss_by_frequency`` written as {"00": loss, ...} (results.json files from before
+    the list) becomes the list.
     """
     names = {f.name for f in dataclasses.fields(cls)}
     kw = {k: v for k, v in d.items() if k in names}
     by_freq = kw.get("eval_loss_by_frequency")
     if isinstance(by_freq, Mapping):
-      idx = {int(str(k).rsplit("=", 1)[-1]): v for k, v in by_freq.items()}
+      idx = {int(k): v for k, v in by_freq.items()}
       kw["eval_loss_by_frequency"] = [idx.get(b) for b in range(max(idx, default=-1) + 1)]
     for k in ("final_eval_losses", "baselines", "eval_loss_by_frequency"):
       if kw.get(k) is None:

@@ -18,6 +18,7 @@ Exit codes (jaxopt_study.study.runner.EXIT_*):
   3   every run failed or diverged
   4   a run directory was trained under another config (--config.on_config_change=rerun
       trains it again; the message names the run and the changed fields)
+  5   another live process trains in one of the study's run directories
   75  preempted (SIGTERM): the running run checkpointed; run the same command to continue
 """
 
@@ -32,6 +33,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from jaxopt_study import rundir  # pylint: disable=g-import-not-at-top,wrong-import-position
 from jaxopt_study.study import report  # pylint: disable=g-import-not-at-top,wrong-import-position
 from jaxopt_study.study import runner  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -53,9 +55,10 @@ def main(argv):
   command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
   try:
     spec = runner.run_study(FLAGS.config, FLAGS.workdir, command=command)
-  except runner.ConfigChangedError as e:
+  except (rundir.ConfigChanged, rundir.Locked) as e:
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(runner.EXIT_CONFIG_CHANGED)
+    sys.exit(runner.EXIT_CONFIG_CHANGED if isinstance(e, rundir.ConfigChanged)
+             else runner.EXIT_LOCKED)
   counts = {}
   for r in spec["runs"]:
     counts[r["status"]] = counts.get(r["status"], 0) + 1

@@ -654,10 +654,10 @@ def test_runner_reuses_resumes_and_records_failures(tmp_path, monkeypatch):
   adamw = next(r for r in spec["runs"] if r["optimizer"] == "adamw")
   rundir.RunResults(status="preempted", steps_done=3).save(str(tmp_path / adamw["workdir"]))
   monkeypatch.setattr(train, "train_and_evaluate",
-                      lambda c, w: calls.append(c.optimizer.name) or {"status": "preempted"})
+                      _fake_trainer(calls, lambda c: 3.0, lambda c: "preempted"))
   calls.clear()
   spec = runner.run_study(config, str(tmp_path), progress=False)
-  assert calls == ["adamw"] and spec["stopped_early"]
+  assert [c[0] for c in calls] == ["adamw"] and spec["stopped_early"]
   assert runner.exit_code(spec) == runner.EXIT_PREEMPTED
 
 
@@ -680,19 +680,36 @@ def test_runner_refuses_or_reruns_a_run_whose_config_changed(tmp_path, monkeypat
   assert calls == []
   # A wider model is another run: refused, naming the run and the field, before any training.
   config.base.model.d_model = 128
-  with pytest.raises(runner.ConfigChangedError,
-                     match=r"runs/base/sgd_momentum/lr=0.1/seed=0.*changed: model.d_model"):
+  with pytest.raises(rundir.ConfigChanged,
+                     match=r"runs/base/sgd_momentum/lr=0.1/seed=0.*model.d_model: 64.0 -> 128"):
     runner.run_study(config, str(tmp_path), progress=False)
   assert calls == []
   # ... or trained again when asked, the old directory kept aside.
   config.on_config_change = "rerun"
   spec = runner.run_study(config, str(tmp_path), progress=False)
   assert len(calls) == 5 and all(r["status"] == "completed" for r in spec["runs"])
-  assert len(list(tmp_path.glob("runs/base/*/lr=*/seed=0.replaced-*"))) == 5
+  assert len(list(tmp_path.glob("runs/base/*/lr=*/seed=0/replaced-*/config.json"))) == 5
   saved = json.loads((tmp_path / "runs/base/adamw/lr=0.0006/seed=0/config.json").read_text())
   assert saved["model"]["d_model"] == 128
-  # The report does not mistake the moved directories for runs.
+  # The report does not mistake the moved runs for runs of the study.
   assert len(loading.load_study(str(tmp_path)).runs) == 5
+
+
+def test_runner_stops_on_a_locked_run_without_recording_a_failure(tmp_path, monkeypatch):
+  from configs import study as study_configs
+  from jaxopt_study import train
+  from jaxopt_study.study import runner
+
+  def locked(config, workdir):
+    raise rundir.Locked(f"{workdir}/run.lock is held by pid 1")
+
+  monkeypatch.setattr(train, "train_and_evaluate", locked)
+  config = study_configs.get_config("tiny")
+  config.make_report = False
+  config.compilation_cache = False
+  with pytest.raises(rundir.Locked):
+    runner.run_study(config, str(tmp_path), progress=False)
+  assert not list(tmp_path.glob("runs/*/*/*/*/results.json"))  # the other process's run
 
 
 def test_exit_codes():
@@ -706,7 +723,7 @@ def test_exit_codes():
   assert runner.exit_code(spec("failed")) == runner.EXIT_NO_RUN_COMPLETED
   assert runner.exit_code(spec("completed", "pending", stopped=True)) == runner.EXIT_PREEMPTED
   assert len({runner.EXIT_OK, runner.EXIT_NO_RUN_COMPLETED, runner.EXIT_CONFIG_CHANGED,
-              runner.EXIT_PREEMPTED}) == 4
+              runner.EXIT_LOCKED, runner.EXIT_PREEMPTED}) == 5
 
 
 # ----------------------------------------------------------------------------- end to end

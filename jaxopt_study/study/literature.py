@@ -40,8 +40,7 @@ def _check(claim, measured, verdict, reason) -> dict:
   return {"claim": claim, "measured": measured, "verdict": verdict, "reason": reason}
 
 
-def _unusable(best: pd.DataFrame, findings: pd.DataFrame, condition: str,
-              opt: str) -> Optional[str]:
+def _unusable(findings: pd.DataFrame, condition: str, opt: str) -> Optional[str]:
   """Why (condition, opt)'s best-lr numbers cannot enter a check; None when they can."""
   f = findings[(findings["condition"] == condition) & (findings["optimizer"] == opt)]
   if f.empty:
@@ -73,7 +72,7 @@ def adam_beats_sgd(study, runs, best, findings, condition) -> dict:
               ", ".join(f"{o} {cis[o].format()}" for o in opts) +
               f" vs sgd_momentum {cis['sgd_momentum'].format()}")
   for o in opts + ["sgd_momentum"]:
-    why = _unusable(best, findings, condition, o)
+    why = _unusable(findings, condition, o)
     if why:
       return _check(claim, measured, "inconclusive", why)
   verdicts = {o: stats.compare(cis[o], cis["sgd_momentum"]) for o in opts}
@@ -107,7 +106,7 @@ def lion_lr_ratio(study, runs, best, findings, condition) -> dict:
     measured = (f"best lr adamw {rundir.lr_str(lrs['adamw'])} / lion "
                 f"{rundir.lr_str(lrs['lion'])} = {ratio:.2f}x ({condition}, validation)")
   for o in ("adamw", "lion"):
-    why = _unusable(best, findings, condition, o)
+    why = _unusable(findings, condition, o)
     if why:
       return _check(claim, measured, "inconclusive", why)
   # Each optimum lies within half a grid step (in log lr) of its best lr, so the true ratio is
@@ -190,14 +189,11 @@ CHECKS = (adam_beats_sgd, lion_lr_ratio, post_ln_heterogeneity)
 def literature_checks(study: Study, runs: pd.DataFrame, best: pd.DataFrame,
                       findings: pd.DataFrame) -> list[dict]:
   """Every check of :data:`CHECKS` on the study's primary (first) condition."""
-  primary = study.conditions[0] if study.conditions else None
+  if not study.conditions:
+    return []
   out = []
   for check in CHECKS:
-    if primary is None:
-      c = check.__name__
-      out.append(_check(c, "–", "inconclusive", "no runs"))
-      continue
-    c = check(study, runs, best, findings, primary)
+    c = check(study, runs, best, findings, study.conditions[0])
     if study.settings.smoke_test:
       c = dict(c, verdict="inconclusive",
                reason="smoke test (a preset that exercises the machinery): no verdicts")

@@ -590,9 +590,10 @@ FIGURES: list[tuple[str, str, str, Callable, bool]] = [
      "the band spans the seeds, dots are eval losses, dotted lines mark distribution shifts.",
      loss_vs_tokens, True),
     ("lr_sweep", "Learning-rate sweep",
-     "Final loss against the peak learning rate (mean over seeds, dots per seed). Stars mark "
-     "the best rate; crosses at the top are diverged or failed runs; hollow triangles at the "
-     "bottom are missing or unfinished runs.", lr_sweep, True),
+     "Final validation loss (the selection loss) against the peak learning rate (mean over "
+     "seeds, dots per seed). Stars mark the best rate; crosses at the top are diverged or failed "
+     "runs; hollow triangles at the bottom are missing or unfinished runs; grey lines are the "
+     "data's reference losses.", lr_sweep, True),
     ("grad_sparsity_heatmap", "Per-layer gradient sparsity",
      "Share of gradient entries below 1e-3 of their tensor's rms, per layer (and token "
      "embedding / head) and step, at each optimizer's best learning rate.",

@@ -310,7 +310,7 @@ def comparisons_section(study: Study, comparisons: pd.DataFrame) -> list[str]:
           "2 seeds.", ""]
   for cond, g in comparisons.groupby("condition", sort=False):
     out += [f"### Condition `{cond}`", ""]
-    out.append(_md_table(["a", "b", "a", "b", "a vs b"],
+    out.append(_md_table(["a", "b", "final loss of a", "final loss of b", "a vs b"],
                          [[f"**{r['a']}**", f"**{r['b']}**", r["a_loss"], r["b_loss"],
                            f"**{r['verdict']}**"] for _, r in g.iterrows()]))
     out.append("")

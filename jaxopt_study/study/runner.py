@@ -28,8 +28,10 @@ interrupted one (preempted / running / checkpoints only) resumes, and a run that
 recorded as ``status: failed`` with the error and does not stop the study (re-run when
 ``retry_failed``). A run directory trained under a different config (its
 ``rundir.config_fingerprint`` differs from the one the study would give it now) is never
-reused: the study stops with :class:`ConfigChangedError` naming the run and the changed fields,
-or, with ``on_config_change='rerun'``, moves the old directory aside and trains it again.
+reused: the study stops with ``rundir.ConfigChanged`` naming the run and the changed fields,
+or, with ``on_config_change='rerun'``, moves the old run aside (``rundir.move_aside``) and
+trains it again. A run directory locked by another live process (``rundir.Locked``) stops the
+study: two studies are running in one workdir.
 
 ``WORKDIR/study.json`` describes the study (config, protocol, conditions with their shift steps
 and token-frequency buckets, every run with its phase, status and fingerprint) for the report.
@@ -66,12 +68,10 @@ MIN_SEEDS = 3  # seeds at each optimizer's best rate
 EXIT_OK = 0  # at least one run completed (failed / diverged runs are findings, in the report)
 EXIT_NO_RUN_COMPLETED = 3  # every run failed or diverged
 EXIT_CONFIG_CHANGED = 4  # a run's config changed since it was trained (on_config_change=refuse)
-EXIT_PREEMPTED = 75  # SIGTERM: the running run checkpointed and the study stopped; re-run it
-                     # to continue (EX_TEMPFAIL, for schedulers that requeue)
-
-
-class ConfigChangedError(RuntimeError):
-  """A run directory holds a run trained under a different config than the study's now."""
+EXIT_LOCKED = 5  # another live process trains in one of the study's run directories
+# SIGTERM: the running run checkpointed and the study stopped; run the same command again to
+# continue (EX_TEMPFAIL, for schedulers that requeue; the code main.py gives a preempted run).
+EXIT_PREEMPTED = 75
 
 
 @dataclasses.dataclass
@@ -324,14 +324,6 @@ def is_done(results: Optional[rundir.RunResults], num_steps: int) -> bool:
   return results.status == "completed" and results.steps_done == num_steps
 
 
-def changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
-  """Dotted paths at which two config trees differ."""
-  if isinstance(old, dict) and isinstance(new, dict):
-    return [f for k in sorted(set(old) | set(new))
-            for f in changed_fields(old.get(k), new.get(k), f"{prefix}{k}.")]
-  return [] if old == new else [prefix.rstrip(".")]
-
-
 def exit_code(spec: dict) -> int:
   """The process exit code of a study (the EXIT_* constants)."""
   if spec.get("stopped_early"):
@@ -381,28 +373,18 @@ class _Runner:
   def check_config(self, r: RunSpec) -> Optional[rundir.RunResults]:
     """The run's results if its directory was trained under r.config (module docstring)."""
     rd = os.path.join(self.workdir, r.relpath)
-    res = rundir.RunResults.load(rd)
-    old_config = rundir.read_json(os.path.join(rd, rundir.CONFIG))
-    old = res.config_fingerprint if res else None
-    if old is None and old_config is not None:
-      old = rundir.config_fingerprint(old_config)
-    new = rundir.config_fingerprint(r.config)
-    if old is None or old == new:
-      return res
-    fields = (changed_fields(rundir.trajectory_config(old_config),
-                             rundir.trajectory_config(r.config)) if old_config else [])
-    what = (f"run {r.relpath}: its config changed since it was trained (config fingerprint "
-            f"{old[:12]} -> {new[:12]}; changed: {', '.join(fields) or 'unknown fields'})")
+    old = rundir.read_json(rundir.path(rd, rundir.CONFIG))
+    if old is None or rundir.config_fingerprint(old) == rundir.config_fingerprint(r.config):
+      return rundir.RunResults.load(rd)
+    diff = ", ".join(f"{k}: {a!r} -> {b!r}"
+                     for k, (a, b) in rundir.config_diff(old, r.config).items())
+    what = f"run {r.relpath}: its config changed since it was trained ({diff})"
     if self.study.on_config_change != "rerun":
-      raise ConfigChangedError(
-          f"{what}. Reusing it would mix two configs. Train it again with "
-          "--config.on_config_change=rerun (the old directory is kept beside it as "
-          f"'{os.path.basename(rd)}.replaced-{old[:8]}'), or use a new --workdir.")
-    dest, k = f"{rd}.replaced-{old[:8]}", 1
-    while os.path.exists(dest):
-      dest, k = f"{rd}.replaced-{old[:8]}-{k}", k + 1
-    os.replace(rd, dest)
-    logging.warning("%s: training it again; the old run is at %s", what, dest)
+      raise rundir.ConfigChanged(
+          f"{what}. Reusing it would mix two configs: train it again with "
+          "--config.on_config_change=rerun (the old run is kept in its directory's "
+          "replaced-<time>/), or use a new --workdir.")
+    logging.warning("%s: training it again; the old run is at %s", what, rundir.move_aside(rd))
     return None
 
   def run(self, r: RunSpec) -> str:
@@ -425,10 +407,10 @@ class _Runner:
       res.save(rd)
     t0 = time.perf_counter()
     try:
-      out = train.train_and_evaluate(r.config, rd)
-      entry["status"] = out.get("status", "unknown")
-    except KeyboardInterrupt:
-      raise
+      train.train_and_evaluate(r.config, rd)
+      entry["status"] = (rundir.RunResults.load(rd) or rundir.RunResults()).status or "unknown"
+    except (KeyboardInterrupt, rundir.Locked, rundir.ConfigChanged):
+      raise  # not this run's failure: another process holds it, or it belongs to another config
     except Exception as e:  # pylint: disable=broad-except
       logging.exception("run %s failed", r.relpath)
       failed = rundir.RunResults(
@@ -472,9 +454,10 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *, command: Option
     progress: show a tqdm progress bar.
 
   Raises:
-    ConfigChangedError: a run directory was trained under another config (and
+    rundir.ConfigChanged: a run directory was trained under another config (and
       ``study.on_config_change`` is 'refuse'); raised before anything trains when the run is
       one of the sweep's.
+    rundir.Locked: another live process trains in one of the run directories.
   """
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
