@@ -116,7 +116,7 @@ def train_stacked(configs: Sequence[ml_collections.ConfigDict],
       writer_list.append(writers.create_writer(w, just_logging=not is_main))
       stack.callback(writer_list[-1].close)
       if start_step == 0:
-        writer_list[-1].write_hparams(train._flat_hparams(c.to_dict()))  # pylint: disable=protected-access
+        writer_list[-1].write_hparams(writers.hparams(c))
     buffers = [writers.MetricBuffer(w) for w in writer_list]
     speed = writers.Throughput(results[0].tokens_per_step)
     state_sh = _stacked_sharding(s.state_sharding)

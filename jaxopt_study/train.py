@@ -335,16 +335,6 @@ def itstime(step: int, every: int, total: int) -> bool:
   return step % every == 0 or step == total
 
 
-def _flat_hparams(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat_hparams(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-  return out
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> rundir.RunResults:
   """Trains (or resumes) the run described by ``config`` in ``workdir``; returns its results.
 
@@ -373,7 +363,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> rundi
     writer = writers.create_writer(workdir, just_logging=not is_main)
     stack.callback(writer.close)
     if start_step == 0:
-      writer.write_hparams(_flat_hparams(config.to_dict()))
+      writer.write_hparams(writers.hparams(config))
     buffer, speed = writers.MetricBuffer(writer), writers.Throughput(results.tokens_per_step)
     progress = writers.report_progress(total, writer)
     preemption = checkpointing.Preemption(ckpt)

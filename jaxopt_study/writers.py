@@ -193,6 +193,12 @@ def report_progress(num_train_steps: int, writer, every_secs: float = 60.0):
   )
 
 
+def hparams(config) -> dict[str, Any]:
+  """A config as TensorBoard hparams: {dotted.field: bool/int/float/str}."""
+  flat = rundir.flatten(config.to_dict())
+  return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat.items()}
+
+
 class MetricBuffer:
   """Per-step metrics kept on the device until the next host sync, then fetched in one go.
 
