@@ -2,7 +2,7 @@
 
   python scripts/analyze_checkpoint.py --workdir=runs/adamw_tiny
 
-Restores the checkpoint into the state ``train.setup`` builds from RUN/config.json, takes the
+Restores the latest checkpoint (jaxopt_study/restore.py) and RUN/config.json, takes the
 run's first validation batch, and computes (jaxopt_study/analysis/): token Jacobians of every
 block, usefulness (affine-replacement loss increase), causal (skip-one-block) and permutation
 (swap-two-blocks) scores.
