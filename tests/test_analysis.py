@@ -260,10 +260,10 @@ def test_permutation_scores_match_numpy_definition(batch):
 
 def test_analyze_checkpoint_end_to_end(tmp_path):
   config = default.with_optimizer("adamw", "tiny")
-  config.model.num_layers, config.model.d_model, config.model.num_heads = 3, 32, 4
-  config.model.max_len = config.seq_len = 16
-  config.batch_size, config.num_steps = 8, 4
-  config.data.vocab_size, config.data.eval_batches = 128, 2
+  config.model.num_layers, config.model.d_model, config.model.num_heads = 2, 16, 2
+  config.model.max_len = config.seq_len = 8
+  config.batch_size, config.num_steps = 4, 4
+  config.data.vocab_size, config.data.eval_batches = 64, 2
   config.schedule.warmup_steps = 2
   config.log_every = config.eval_every = config.checkpoint_every = 4
   config.diagnostics.enabled = False
@@ -278,11 +278,12 @@ def test_analyze_checkpoint_end_to_end(tmp_path):
   analyze_checkpoint.main([f"--workdir={workdir}", "--num_jacobian_tokens=4"])
   out = os.path.join(workdir, "analysis")
   res = json.load(open(os.path.join(out, "analysis.json")))
-  assert res["step"] == 4 and res["num_layers"] == 3 and res["fit_on_separate_batch"]
-  assert len(res["jacobian"]["identity_deviation"]) == 3 and res["jacobian"]["num_tokens"] == 4
+  assert res["step"] == 4 and res["num_layers"] == 2 and res["fit_on_separate_batch"]
+  assert res["batch_shape"] == [4, 8] and res["d_model"] == 16
+  assert len(res["jacobian"]["identity_deviation"]) == 2 and res["jacobian"]["num_tokens"] == 4
   assert 0.0 <= res["usefulness"]["share_useful"] <= 1.0
-  assert np.array(res["permutation"]["loss_change"]).shape == (3, 3)
+  assert np.array(res["permutation"]["loss_change"]).shape == (2, 2)
   assert res["causal"]["output_change"][0][0] is None and res["causal"]["output_change"][0][1] > 0
-  assert 0 < res["base_loss"] < 2 * np.log(128)
+  assert 0 < res["base_loss"] < 2 * np.log(64)
   for name in ("jacobian", "usefulness", "causal", "permutation"):
     assert os.path.getsize(os.path.join(out, f"{name}.png")) > 1000

@@ -59,7 +59,8 @@ def _gelu_new(x):
 def hf_gpt2_logits(export_dir, tokens):
   """GPT2LMHeadModel's forward in float64 NumPy from config.json + model.safetensors."""
   conf = json.load(open(os.path.join(export_dir, "config.json")))
-  w = {k: v.astype(np.float64) for k, v in load_file(os.path.join(export_dir, "model.safetensors")).items()}
+  tensors = load_file(os.path.join(export_dir, "model.safetensors"))
+  w = {k: v.astype(np.float64) for k, v in tensors.items()}
   assert conf["activation_function"] == "gelu_new" and conf["model_type"] == "gpt2"
   n_head, eps, (b, t) = conf["n_head"], conf["layer_norm_epsilon"], tokens.shape
   x = w["transformer.wte.weight"][tokens] + w["transformer.wpe.weight"][:t]

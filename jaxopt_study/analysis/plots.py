@@ -33,11 +33,12 @@ def jacobian(res, path):
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
   axes[0].plot(layers, jac["identity_deviation"], "o-")
   axes[0].set_title("||J - I||_F / ||I||_F")
+  root_d = np.sqrt(res["d_model"])
   for key in ("diag_norm", "offdiag_norm", "frobenius"):
-    axes[1].plot(layers, jac[key], "o-", label=key)
-  axes[1].plot(layers, np.asarray(jac["spectral"]) * np.sqrt(res["d_model"]), "o--",
-               label="spectral * sqrt(D)")
-  axes[1].set_title("token Jacobian norms")
+    axes[1].plot(layers, np.asarray(jac[key], float) / root_d, "o-", label=f"{key} / sqrt(D)")
+  axes[1].plot(layers, jac["spectral"], "o--", label="spectral")
+  axes[1].axhline(1.0, color="k", lw=0.5)
+  axes[1].set_title("token Jacobian norms (identity: 1, 0, 1, 1)")
   axes[1].legend(fontsize=8)
   for ax in axes:
     ax.set_xlabel("block")

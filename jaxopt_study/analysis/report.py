@@ -87,7 +87,8 @@ def analyze_run(workdir: str, *, num_jacobian_tokens: int = 32, max_rows: int = 
   parts = blocks_lib.gpt_parts(run.model_config)
   res = analyze(parts, run.params, batch, fit_batch, num_jacobian_tokens=num_jacobian_tokens,
                 seed=seed)
-  res.update(workdir=os.path.abspath(workdir), step=run.step, fit_on_separate_batch=second is not None)
+  res.update(workdir=os.path.abspath(workdir), step=run.step,
+             fit_on_separate_batch=second is not None)
   out_dir = os.path.join(workdir, DIRNAME)
   os.makedirs(out_dir, exist_ok=True)
   tmp = os.path.join(out_dir, FILENAME + ".tmp")
