@@ -11,7 +11,6 @@ process). Used by ``scripts/analyze_checkpoint.py`` and ``scripts/export_hf.py``
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, NamedTuple
 
@@ -20,9 +19,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from jaxopt_study import data as data_lib
+from jaxopt_study import rundir
 from jaxopt_study.models import gpt
-
-CONFIG, CHECKPOINTS = "config.json", "checkpoints"  # train.py's names in a workdir
 
 
 class RestoredRun(NamedTuple):
@@ -33,17 +31,18 @@ class RestoredRun(NamedTuple):
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, CONFIG)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: --workdir must be a training run's directory.")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  """The run's config.json as a ConfigDict."""
+  path = rundir.path(workdir, rundir.CONFIG)
+  config = rundir.read_json(path)
+  if config is None:
+    raise FileNotFoundError(f"{path} missing or unreadable: --workdir must be a training run.")
+  return ml_collections.ConfigDict(config)
 
 
 def load_run(workdir: str) -> RestoredRun:
   """The run's config, model config, and the parameters and step of its latest checkpoint."""
   config = load_config(workdir)
-  directory = os.path.abspath(os.path.join(workdir, CHECKPOINTS))
+  directory = os.path.abspath(rundir.path(workdir, rundir.CHECKPOINTS))
   mngr = ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler())
   try:
     step = mngr.latest_step() if os.path.isdir(directory) else None

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default
+from jaxopt_study import presets
 from jaxopt_study import train
 from jaxopt_study.analysis import blocks as blocks_lib
 from jaxopt_study.analysis import causal
@@ -259,7 +259,7 @@ def test_permutation_scores_match_numpy_definition(batch):
 
 
 def test_analyze_checkpoint_end_to_end(tmp_path):
-  config = default.with_optimizer("adamw", "tiny")
+  config = presets.get_config("tiny", "adamw")
   config.model.num_layers, config.model.d_model, config.model.num_heads = 2, 16, 2
   config.model.max_len = config.seq_len = 8
   config.batch_size, config.num_steps = 4, 4

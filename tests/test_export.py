@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from configs import default
 from jaxopt_study import checkpointing
 from jaxopt_study import export_hf
+from jaxopt_study import presets
 from jaxopt_study.models import gpt
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -134,7 +134,7 @@ def test_unrepresentable_models_are_refused_naming_the_field(field, overrides):
 
 def test_export_script_on_a_run_directory(tmp_path):
   """scripts/export_hf.py: config.json + an orbax checkpoint in a workdir -> HF directory."""
-  config = default.with_optimizer("adamw", "tiny")
+  config = presets.get_config("tiny", "adamw")
   config.model.num_layers, config.model.d_model, config.model.num_heads = 2, 16, 4
   config.model.max_len = config.seq_len = T
   config.data.vocab_size = V_DATA

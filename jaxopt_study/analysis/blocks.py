@@ -61,7 +61,7 @@ class ModelParts(NamedTuple):
 def gpt_parts(cfg: gpt.GPTConfig) -> ModelParts:
   """ModelParts of ``gpt.GPT(cfg)`` computing in the parameters' dtype (float32), no dropout."""
   cfg = dataclasses.replace(
-      cfg, dtype=cfg.param_dtype, dropout_rate=0.0, remat="none", attention_impl=None
+      cfg, dtype=cfg.param_dtype, dropout_rate=0.0, remat="none", attention_impl="xla"
   )
   block_module = gpt.Block(cfg)
   embed_mod = lambda n: nn.Embed(n, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype)

@@ -78,7 +78,7 @@ def analyze_run(workdir: str, *, num_jacobian_tokens: int = 32, max_rows: int = 
   max_rows: use at most this many sequences of the validation batch (0: all of it).
   """
   run = restore.load_run(workdir)
-  batches = iter(restore.load_dataset(run.config).eval_batches())
+  batches = iter(restore.load_dataset(run.config).eval_batches("validation"))
   batch = next(batches)
   second = next(batches, None)
   fit_batch = batch if second is None else second
