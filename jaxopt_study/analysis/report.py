@@ -8,7 +8,6 @@ on), and writes ``RUN/analysis/analysis.json`` and one PNG per score.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -17,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_study import restore
+from jaxopt_study import rundir
 from jaxopt_study.analysis import blocks as blocks_lib
 from jaxopt_study.analysis import causal as causal_lib
 from jaxopt_study.analysis import jacobian as jacobian_lib
@@ -91,9 +91,6 @@ def analyze_run(workdir: str, *, num_jacobian_tokens: int = 32, max_rows: int = 
              fit_on_separate_batch=second is not None)
   out_dir = os.path.join(workdir, DIRNAME)
   os.makedirs(out_dir, exist_ok=True)
-  tmp = os.path.join(out_dir, FILENAME + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(res, f, indent=2)
-  os.replace(tmp, os.path.join(out_dir, FILENAME))
+  rundir.write_json(os.path.join(out_dir, FILENAME), res)
   plots.make_all(res, out_dir)
   return res
