@@ -89,14 +89,13 @@ def gpt2_config(cfg: gpt.GPTConfig, *, vocab_size: int | None = None) -> dict:
   }
 
 
-def gpt2_state_dict(params, cfg: gpt.GPTConfig, *,
+def gpt2_state_dict(p, cfg: gpt.GPTConfig, *,
                     vocab_size: int | None = None) -> dict[str, np.ndarray]:
-  """HF GPT-2 tensors (float32 NumPy, C-contiguous) of our ``params`` (mapping in module doc)."""
+  """HF GPT-2 tensors (float32 NumPy, C-contiguous) of our params ``p`` (mapping in module doc)."""
   check_exportable(cfg)
   v = int(vocab_size or cfg.vocab_size)
   if not 0 < v <= cfg.vocab_size:
     raise ValueError(f"vocab_size={v} must be in [1, {cfg.vocab_size}] (the checkpoint's rows).")
-  p = params
   f32 = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))
   d = cfg.d_model
   out = {
