@@ -26,6 +26,7 @@ setuptools.setup(
         "matplotlib>=3.8",
         "numpy>=1.26",
         "pandas>=2.0",
+        "safetensors>=0.4",  # Hugging Face export (export_hf.py); small, no torch needed
         "tqdm>=4.66",
     ],
     extras_require={
