@@ -106,8 +106,8 @@ def _write_run(root, cond, opt, mult, seed, status="completed"):
       "steps_done": stop, "tokens_seen": stop * 64,
       "final_train_loss": float(loss[stop - 1]),
       "final_eval_loss": val if status == "completed" else None,
-      "final_eval_losses": ({"validation": val, "test": val + 0.02} if status == "completed"
-                            else {}),
+      "final_eval_losses": ({"validation": val, "test": val + 0.02, "current": val - 0.1,
+                             "past": val + 0.3} if status == "completed" else {}),
       "final_eval_perplexity": None,
       "eval_loss_by_frequency": [final - 1, final, final + 1,
                                  final + 2 + (1.0 if opt == "sgd_momentum" else 0.0)],
@@ -347,6 +347,9 @@ def test_aggregation_of_hand_made_runs(fake_report):
   assert fb.loc["adamw", "final_loss_ci95"] == pytest.approx(
       np.std(vals, ddof=1) * 4.302653 / math.sqrt(3), rel=1e-4)
   assert fb.loc["adamw", "final_loss_n"] == 3 and fb.loc["lion", "final_loss_n"] == 2
+  # The other eval splits (adaptation to the current topics, forgetting of past ones).
+  assert fb.loc["adamw", "final_past_loss"] - fb.loc["adamw", "final_current_loss"] == (
+      pytest.approx(0.4))
   assert fb.loc["sgd_momentum", "diverged"] == 1 and fb.loc["sgd_momentum", "diverged_lrs"] == 0.3
   assert fb.loc["signsgd", "failed"] == 1 and fb.loc["lion", "missing"] == 1
   assert fb.loc["adamw", "spikes_best_lr"] == 1  # the injected spike at step 200, seed 0
@@ -450,6 +453,7 @@ def test_report_has_every_figure_and_the_findings_table(fake_report):
   assert "**diverged**" in text and "**missing**" in text and "**failed**" in text
   assert "## Against the literature" in text and "## Comparisons" in text
   assert "unigram 6.000" in text  # the baselines
+  assert "| current / past loss |" in text
   assert "python scripts/run_study.py" in text
   assert "Smoke test" not in text
   # The post_ln condition has no shift: the drift figure says so instead of crashing.
