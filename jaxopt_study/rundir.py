@@ -363,11 +363,12 @@ class ConfigChanged(ValueError):
   """The workdir holds a run whose trajectory config differs from the one given."""
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
+def flatten(tree: dict, prefix: str = "") -> dict:
+  """{dotted.path: leaf} of a nested dict."""
   out = {}
   for k, v in tree.items():
     if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
+      out.update(flatten(v, f"{prefix}{k}."))
     else:
       out[f"{prefix}{k}"] = v
   return out
@@ -375,7 +376,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 def config_diff(old, new) -> dict[str, tuple]:
   """{dotted field: (old, new)} over the trajectory fields that differ."""
-  a, b = (_flat(_canonical(trajectory_config(c))) for c in (old, new))
+  a, b = (flatten(_canonical(trajectory_config(c))) for c in (old, new))
   return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 

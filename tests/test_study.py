@@ -617,6 +617,36 @@ def test_runner_extends_the_grid_until_bracketed(tmp_path, monkeypatch, optimum,
   assert calls == [] and len(again["runs"]) == len(spec["runs"])
 
 
+def test_runner_stacks_fresh_runs_and_resumes_started_ones_alone(tmp_path, monkeypatch):
+  from jaxopt_study import stacked
+  from jaxopt_study import train
+  from jaxopt_study.study import runner
+
+  config = _protocol_config()
+  config.stack_runs = 3
+  centre = config.learning_rates.adamw
+  calls, groups = [], []
+  one = _fake_trainer(calls, lambda c: 3.0 + math.log(c.optimizer.learning_rate / centre) ** 2)
+
+  def fake_stacked(configs, workdirs):
+    groups.append(sorted((c.optimizer.learning_rate, c.seed) for c in configs))
+    return [one(c, w) for c, w in zip(configs, workdirs)]
+
+  monkeypatch.setattr(train, "train_and_evaluate", one)
+  monkeypatch.setattr(stacked, "train_stacked", fake_stacked)
+  # A sweep run that was preempted earlier: it resumes alone (stacked runs share one step).
+  started = tmp_path / rundir.run_relpath("base", "adamw", centre * 3, 0)
+  started.mkdir(parents=True)
+  rundir.RunResults(status="preempted", steps_done=3).save(str(started))
+  spec = runner.run_study(config, str(tmp_path), progress=False)
+  assert len(calls) == 5 + 2  # 5 sweep runs (best x1: bracketed), 2 more seeds
+  lrs = sorted(runner.round_lr(centre * m) for m in (1 / 9, 1 / 3, 1.0, 9.0))
+  # Fresh sweep runs 3 at a time (the 4th alone), the started one alone, then the 2 new seeds.
+  assert groups == [[(lr, 0) for lr in lrs[:3]], [(centre, 1), (centre, 2)]]
+  assert all(r["status"] == "completed" for r in spec["runs"])
+  assert {r["stacked"] for r in spec["runs"]} == {1, 2, 3}
+
+
 def test_runner_reuses_resumes_and_records_failures(tmp_path, monkeypatch):
   from configs import study as study_configs
   from jaxopt_study import train

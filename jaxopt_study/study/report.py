@@ -1,4 +1,4 @@
-"""Writes a study's report: ``results/`` (tables and the compact archive), ``plots/``, ``REPORT.md``.
+"""Writes a study's report: ``results/`` (tables and the archive), ``plots/``, ``REPORT.md``.
 
 ``make_report(study_dir)`` loads the study (:mod:`.loading`), builds the tables
 (:mod:`.tables`), checks the literature (:mod:`.literature`), draws the figures (:mod:`.plots`)

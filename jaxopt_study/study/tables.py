@@ -100,9 +100,9 @@ def run_row(run: Run, study: Study) -> dict:
 
 def runs_table(study: Study) -> pd.DataFrame:
   rows = [run_row(r, study) for r in study.runs]
-  cols = list(dict.fromkeys(k for r in rows for k in r)) if rows else ["condition", "optimizer", "learning_rate",
-                                     "lr_multiplier", "seed", "status", SELECTION_COLUMN,
-                                     TEST_COLUMN]
+  cols = list(dict.fromkeys(k for r in rows for k in r)) if rows else [
+      "condition", "optimizer", "learning_rate", "lr_multiplier", "seed", "status",
+      SELECTION_COLUMN, TEST_COLUMN]
   df = pd.DataFrame(rows, columns=cols)
   if len(df):
     df["_c"] = df["condition"].map({c: i for i, c in enumerate(study.conditions)})
