@@ -439,7 +439,7 @@ def test_report_has_every_figure_and_the_findings_table(fake_report):
   root, path = fake_report
   text = pathlib.Path(path).read_text()
   for name in plots.FIGURE_NAMES:
-    if name == "heterogeneity_by_condition":
+    if name in plots.STUDY_FIGURES:
       files = [root / "plots" / f"{name}.png"]
     else:
       files = [root / "plots" / f"{name}__{c}.png" for c in ("base", "post_ln")]
@@ -458,6 +458,8 @@ def test_report_has_every_figure_and_the_findings_table(fake_report):
   assert "Smoke test" not in text
   # The post_ln condition has no shift: the drift figure says so instead of crashing.
   assert "no distribution shift" in text
+  gap = [sec for sec in text.split("### ") if "plots/gap_vs_heterogeneity.png" in sec][0]
+  assert "Data absent" not in gap  # two conditions with SGD, SignSGD, AdamW and the CV
 
 
 def test_report_regenerates_from_its_archive_alone(fake_report, tmp_path):
@@ -487,7 +489,7 @@ def test_report_with_no_diagnostics_and_no_study_json(tmp_path):
   assert "Data absent or partial" in text
   assert "recorded no test split" in text  # falls back to validation, and says so
   for name in plots.FIGURE_NAMES:
-    sfx = ".png" if name == "heterogeneity_by_condition" else "__base.png"
+    sfx = ".png" if name in plots.STUDY_FIGURES else "__base.png"
     assert (tmp_path / "plots" / f"{name}{sfx}").exists()
   # An empty study dir still produces a report.
   empty = tmp_path / "empty"
@@ -779,7 +781,7 @@ def test_quickstart_notebook_runs_a_tiny_study_end_to_end(tmp_path, monkeypatch)
   assert [r["status"] for r in spec["runs"]] == ["completed"] * 5, spec["runs"]
   text = (study_dir / "REPORT.md").read_text()
   for name in plots.FIGURE_NAMES:
-    rel = f"plots/{name}.png" if name == "heterogeneity_by_condition" else f"plots/{name}__base.png"
+    rel = f"plots/{name}.png" if name in plots.STUDY_FIGURES else f"plots/{name}__base.png"
     assert (study_dir / rel).stat().st_size > 1000 and f"]({rel})" in text
   assert "| optimizer | best lr | stability |" in text
   for opt in OPTS:

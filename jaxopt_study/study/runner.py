@@ -430,7 +430,7 @@ class _Runner:
     except Exception as e:  # pylint: disable=broad-except
       logging.exception("run(s) %s failed", ", ".join(r.relpath for r in group))
       errors = [(f"{type(e).__name__}: {e}", traceback.format_exc())] * len(group)
-    wall = round(time.perf_counter() - t0, 1)
+    wall = time.perf_counter() - t0
     for r, rd, err in zip(group, rds, errors):
       entry = self.entry(r)
       if err is not None:
@@ -441,7 +441,8 @@ class _Runner:
             error=err[0], traceback=err[1])
         (rundir.RunResults.load(rd) or rundir.RunResults()).merge(failed).save(rd)
       entry["status"] = (rundir.RunResults.load(rd) or rundir.RunResults()).status or "unknown"
-      entry["wall_s"], entry["stacked"] = wall, len(group)
+      # This run's share of the group's wall time (study.json sums to the study's).
+      entry["wall_s"], entry["stacked"] = round(wall / len(group), 1), len(group)
       if entry["status"] == "preempted":  # SIGTERM: the run checkpointed; stop the study too
         logging.warning("run %s preempted: stopping the study (re-run to continue)", r.relpath)
         self.stopped = True
