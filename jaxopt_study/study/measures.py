@@ -130,8 +130,6 @@ def test_loss(run: Run) -> Optional[float]:
   return finite(run.results.final_eval_losses.get("test"))
 
 
-test_loss.__test__ = False  # not a pytest test
-
 
 def tail_mean(run: Run, name: str, fraction: float = 0.25) -> Optional[float]:
   steps, vals = run.series(name)
