@@ -99,6 +99,10 @@ def get_config(preset=None) -> ml_collections.ConfigDict:
   # jax_compilation_cache/): runs that differ only in seed or learning rate share their compiled
   # steps (the peak rate lives in the optimizer state, optimizers.build).
   c.compilation_cache = True
+  # Train up to this many fresh runs of a sweep step (rates x seeds of one optimizer) at once in
+  # one vmapped step (jaxopt_study/stacked.py): small models fill a GPU this way. 1: one at a
+  # time (CPU: stacking only adds up the work).
+  c.stack_runs = 1
   c.make_report = True  # scripts/run_study.py writes the report after the runs.
 
   # ---------------------------------------------------------------- report (study/report.py)

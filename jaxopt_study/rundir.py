@@ -85,6 +85,9 @@ def write_json(path: str, obj) -> None:
   """
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from other readers
   try:
     with os.fdopen(fd, "w") as f:
       json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)

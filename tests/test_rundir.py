@@ -14,6 +14,9 @@ def test_write_json_is_atomic(tmp_path, monkeypatch):
   path = str(tmp_path / "results.json")
   rundir.write_json(path, {"a": np.float32(1.5), "b": np.int64(3), "c": np.arange(2)})
   assert json.loads(open(path).read()) == {"a": 1.5, "b": 3, "c": [0, 1]}
+  umask = os.umask(0)
+  os.umask(umask)
+  assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # like open(path, "w")
 
   def broken_dump(obj, f, **kw):  # dies half way through writing
     f.write('{"a": ')

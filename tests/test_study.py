@@ -106,8 +106,8 @@ def _write_run(root, cond, opt, mult, seed, status="completed"):
       "steps_done": stop, "tokens_seen": stop * 64,
       "final_train_loss": float(loss[stop - 1]),
       "final_eval_loss": val if status == "completed" else None,
-      "final_eval_losses": ({"validation": val, "test": val + 0.02} if status == "completed"
-                            else {}),
+      "final_eval_losses": ({"validation": val, "test": val + 0.02, "current": val - 0.1,
+                             "past": val + 0.3} if status == "completed" else {}),
       "final_eval_perplexity": None,
       "eval_loss_by_frequency": [final - 1, final, final + 1,
                                  final + 2 + (1.0 if opt == "sgd_momentum" else 0.0)],
@@ -347,6 +347,9 @@ def test_aggregation_of_hand_made_runs(fake_report):
   assert fb.loc["adamw", "final_loss_ci95"] == pytest.approx(
       np.std(vals, ddof=1) * 4.302653 / math.sqrt(3), rel=1e-4)
   assert fb.loc["adamw", "final_loss_n"] == 3 and fb.loc["lion", "final_loss_n"] == 2
+  # The other eval splits (adaptation to the current topics, forgetting of past ones).
+  assert fb.loc["adamw", "final_past_loss"] - fb.loc["adamw", "final_current_loss"] == (
+      pytest.approx(0.4))
   assert fb.loc["sgd_momentum", "diverged"] == 1 and fb.loc["sgd_momentum", "diverged_lrs"] == 0.3
   assert fb.loc["signsgd", "failed"] == 1 and fb.loc["lion", "missing"] == 1
   assert fb.loc["adamw", "spikes_best_lr"] == 1  # the injected spike at step 200, seed 0
@@ -436,7 +439,7 @@ def test_report_has_every_figure_and_the_findings_table(fake_report):
   root, path = fake_report
   text = pathlib.Path(path).read_text()
   for name in plots.FIGURE_NAMES:
-    if name == "heterogeneity_by_condition":
+    if name in plots.STUDY_FIGURES:
       files = [root / "plots" / f"{name}.png"]
     else:
       files = [root / "plots" / f"{name}__{c}.png" for c in ("base", "post_ln")]
@@ -450,10 +453,13 @@ def test_report_has_every_figure_and_the_findings_table(fake_report):
   assert "**diverged**" in text and "**missing**" in text and "**failed**" in text
   assert "## Against the literature" in text and "## Comparisons" in text
   assert "unigram 6.000" in text  # the baselines
+  assert "| current / past loss |" in text
   assert "python scripts/run_study.py" in text
   assert "Smoke test" not in text
   # The post_ln condition has no shift: the drift figure says so instead of crashing.
   assert "no distribution shift" in text
+  gap = [sec for sec in text.split("### ") if "plots/gap_vs_heterogeneity.png" in sec][0]
+  assert "Data absent" not in gap  # two conditions with SGD, SignSGD, AdamW and the CV
 
 
 def test_report_regenerates_from_its_archive_alone(fake_report, tmp_path):
@@ -483,7 +489,7 @@ def test_report_with_no_diagnostics_and_no_study_json(tmp_path):
   assert "Data absent or partial" in text
   assert "recorded no test split" in text  # falls back to validation, and says so
   for name in plots.FIGURE_NAMES:
-    sfx = ".png" if name == "heterogeneity_by_condition" else "__base.png"
+    sfx = ".png" if name in plots.STUDY_FIGURES else "__base.png"
     assert (tmp_path / "plots" / f"{name}{sfx}").exists()
   # An empty study dir still produces a report.
   empty = tmp_path / "empty"
@@ -611,6 +617,36 @@ def test_runner_extends_the_grid_until_bracketed(tmp_path, monkeypatch, optimum,
   calls.clear()  # a second invocation plans the same runs and trains none of them
   again = runner.run_study(config, str(tmp_path), progress=False)
   assert calls == [] and len(again["runs"]) == len(spec["runs"])
+
+
+def test_runner_stacks_fresh_runs_and_resumes_started_ones_alone(tmp_path, monkeypatch):
+  from jaxopt_study import stacked
+  from jaxopt_study import train
+  from jaxopt_study.study import runner
+
+  config = _protocol_config()
+  config.stack_runs = 3
+  centre = config.learning_rates.adamw
+  calls, groups = [], []
+  one = _fake_trainer(calls, lambda c: 3.0 + math.log(c.optimizer.learning_rate / centre) ** 2)
+
+  def fake_stacked(configs, workdirs):
+    groups.append(sorted((c.optimizer.learning_rate, c.seed) for c in configs))
+    return [one(c, w) for c, w in zip(configs, workdirs)]
+
+  monkeypatch.setattr(train, "train_and_evaluate", one)
+  monkeypatch.setattr(stacked, "train_stacked", fake_stacked)
+  # A sweep run that was preempted earlier: it resumes alone (stacked runs share one step).
+  started = tmp_path / rundir.run_relpath("base", "adamw", centre * 3, 0)
+  started.mkdir(parents=True)
+  rundir.RunResults(status="preempted", steps_done=3).save(str(started))
+  spec = runner.run_study(config, str(tmp_path), progress=False)
+  assert len(calls) == 5 + 2  # 5 sweep runs (best x1: bracketed), 2 more seeds
+  lrs = sorted(runner.round_lr(centre * m) for m in (1 / 9, 1 / 3, 1.0, 9.0))
+  # Fresh sweep runs 3 at a time (the 4th alone), the started one alone, then the 2 new seeds.
+  assert groups == [[(lr, 0) for lr in lrs[:3]], [(centre, 1), (centre, 2)]]
+  assert all(r["status"] == "completed" for r in spec["runs"])
+  assert {r["stacked"] for r in spec["runs"]} == {1, 2, 3}
 
 
 def test_runner_reuses_resumes_and_records_failures(tmp_path, monkeypatch):
@@ -745,7 +781,7 @@ def test_quickstart_notebook_runs_a_tiny_study_end_to_end(tmp_path, monkeypatch)
   assert [r["status"] for r in spec["runs"]] == ["completed"] * 5, spec["runs"]
   text = (study_dir / "REPORT.md").read_text()
   for name in plots.FIGURE_NAMES:
-    rel = f"plots/{name}.png" if name == "heterogeneity_by_condition" else f"plots/{name}__base.png"
+    rel = f"plots/{name}.png" if name in plots.STUDY_FIGURES else f"plots/{name}__base.png"
     assert (study_dir / rel).stat().st_size > 1000 and f"]({rel})" in text
   assert "| optimizer | best lr | stability |" in text
   for opt in OPTS:

@@ -115,21 +115,20 @@ def frequency_losses(by_bucket: Optional[Sequence[Optional[float]]], rare_bucket
   return float(np.mean(vals[:frequent_buckets])), float(np.mean(vals[-rare_buckets:]))
 
 
-def _finite(v) -> Optional[float]:
+def finite(v) -> Optional[float]:
+  """float(v), or None when v is None or not finite (a diverged number is no number)."""
   return float(v) if v is not None and math.isfinite(float(v)) else None
 
 
 def validation_loss(run: Run) -> Optional[float]:
   """The run's final validation loss (the selection loss); None when absent or non-finite."""
-  return _finite(run.results.final_eval_loss)
+  return finite(run.results.final_eval_loss)
 
 
 def test_loss(run: Run) -> Optional[float]:
   """The run's final test-split loss (the reported loss); None when absent or non-finite."""
-  return _finite(run.results.final_eval_losses.get("test"))
+  return finite(run.results.final_eval_losses.get("test"))
 
-
-test_loss.__test__ = False  # not a pytest test
 
 
 def tail_mean(run: Run, name: str, fraction: float = 0.25) -> Optional[float]:

@@ -583,6 +583,47 @@ def heterogeneity_by_condition(study, best, runs, cond, path):
   return None if len(conds) > 1 else "a single condition: nothing to compare against"
 
 
+def gap_vs_heterogeneity(study, best, runs, cond, path):
+  """Study-level: SGD's loss gap to SignSGD and to AdamW against the measured heterogeneity."""
+  col = tables.report_column(runs)
+  het = "heterogeneity/grad_norm_cv"
+  points = {}  # other optimizer -> [(heterogeneity, gap, gap half-width, condition)]
+  for c in study.conditions:
+    sgd = tables.best_lr_ci(runs, best, c, "sgd_momentum", col)
+    x = tables.best_lr_ci(runs, best, c, "sgd_momentum", het).mean if het in runs else None
+    if sgd.mean is None or x is None:
+      continue
+    for other in ("signsgd", "adamw"):
+      o = tables.best_lr_ci(runs, best, c, other, col)
+      if o.mean is not None:
+        # Half-widths add: a conservative interval of the difference of two means.
+        hw = (None if sgd.half_width is None or o.half_width is None
+              else sgd.half_width + o.half_width)
+        points.setdefault(other, []).append((x, sgd.mean - o.mean, hw, c))
+  if not points:
+    _placeholder(path, "Gap to SGD vs gradient heterogeneity",
+                 f"needs sgd_momentum and signsgd/adamw at a best lr, and {het}")
+    return "no condition with SGD, SignSGD/AdamW results and the heterogeneity metric"
+  fig, ax = plt.subplots(figsize=(7, 4.3))
+  for i, (other, pts) in enumerate(sorted(points.items())):
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    err = [p[2] if p[2] is not None else 0.0 for p in pts]
+    ax.errorbar(xs, ys, yerr=err, fmt="o", color=_color(other, i), capsize=3,
+                label=f"loss(sgd_momentum) - loss({other})")
+    for x, y, _, c in pts:
+      ax.annotate(c, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+  ax.axhline(0.0, color="k", lw=0.6)
+  ax.set_xlabel("SGD's mean CV of per-tensor ||g|| at its best lr")
+  ax.set_ylabel(f"final {'test' if col == tables.TEST_COLUMN else 'validation'} loss gap")
+  ax.set_title("SGD's gap to SignSGD / AdamW vs gradient heterogeneity (arXiv 2502.00213)",
+               fontsize=9)
+  ax.legend(fontsize=7)
+  ax.grid(alpha=0.3)
+  _save(fig, path)
+  n = len(next(iter(points.values())))
+  return None if n > 1 else "a single condition: no trend to read"
+
+
 # (name, title, caption, function, per condition?)
 FIGURES: list[tuple[str, str, str, Callable, bool]] = [
     ("loss_vs_tokens", "Loss vs tokens",
@@ -624,8 +665,14 @@ FIGURES: list[tuple[str, str, str, Callable, bool]] = [
      "Mean gradient-norm CV per optimizer under each condition (e.g. pre- vs post-LN), over "
      "runs with the same learning rate and seed in every condition.",
      heterogeneity_by_condition, False),
+    ("gap_vs_heterogeneity", "SGD's gap vs gradient heterogeneity",
+     "Per condition: final loss of SGD-momentum minus that of SignSGD and of AdamW at their "
+     "best learning rates (bars: sum of the two 95% t half-widths, a conservative interval of "
+     "the difference), against SGD's measured gradient-norm CV. Tomihari & Sato (2025) relate "
+     "a larger heterogeneity to a larger gap.", gap_vs_heterogeneity, False),
 ]
 FIGURE_NAMES = [f[0] for f in FIGURES]
+STUDY_FIGURES = [f[0] for f in FIGURES if not f[4]]  # one file, not one per condition
 
 
 def make_all(study: Study, best: pd.DataFrame, runs: pd.DataFrame,

@@ -1,4 +1,4 @@
-"""Writes a study's report: ``results/`` (tables and the compact archive), ``plots/``, ``REPORT.md``.
+"""Writes a study's report: ``results/`` (tables and the archive), ``plots/``, ``REPORT.md``.
 
 ``make_report(study_dir)`` loads the study (:mod:`.loading`), builds the tables
 (:mod:`.tables`), checks the literature (:mod:`.literature`), draws the figures (:mod:`.plots`)
@@ -188,12 +188,13 @@ def protocol_section(study: Study, runs: pd.DataFrame) -> list[str]:
   split = "test" if tables.report_column(runs) == tables.TEST_COLUMN else "validation"
   ext = study.spec.get("lr_grid_max_extensions")
   out = ["## Protocol", ""]
+  extension = ("the runner extends the grid on that side until it is (at most "
+               f"{ext} points per side)" if ext else "this study does not extend its grids")
   out.append(
       "The best learning rate of each (condition, optimizer) is the one with the lowest mean "
       "final **validation** loss over the sweep seeds (fewest diverged runs first). A best rate "
-      "on the edge of the grid is *not bracketed*: the runner extends the grid on that side "
-      + (f"(at most {ext} points per side) " if ext is not None else "")
-      + "until it is, and the tables say when it is not. Final numbers are on the "
+      f"on the edge of the grid is *not bracketed*: {extension}, and the tables say when it is "
+      "not. Final numbers are on the "
       f"**{split}** split over every completed seed at the best rate; every \"±\" is the "
       "half-width of a **95% Student-t interval** of the mean over those seeds (n given). Two "
       "optimizers are *different* only when their intervals are disjoint, otherwise they "
@@ -252,6 +253,11 @@ def findings_section(study: Study, findings: pd.DataFrame) -> list[str]:
       "seen). *Staleness*: median log(nu / short EMA of g^2), and share of the momentum's mass "
       f"on entries idle for at least H steps (last {100 * st.tail_fraction:g}% of training). "
       "Measures other than the losses are means over the seeds.")
+  splits = tables.other_split_columns(findings)
+  if splits:
+    out[-1] += (" *" + " / ".join(c[len("final_"):-len("_loss")] for c in splits) + " loss*: "
+                "the final loss on those eval splits (for the synthetic corpus: the current "
+                "topic mixture, adaptation, and past topics, forgetting).")
   out.append("")
   for cond in study.conditions:
     f = findings[findings["condition"] == cond] if len(findings) else findings
@@ -286,13 +292,16 @@ def findings_section(study: Study, findings: pd.DataFrame) -> list[str]:
                    f"{_fmt(r['spikes_best_lr'])} / {r['spikes_sweep']}",
                    _ci(r["final_loss"], r["final_loss_ci95"], r["final_loss_n"]),
                    _fmt(r["final_train_loss"]),
+                   *([" / ".join(_fmt(r[c]) for c in splits)] if splits else []),
                    f"{_fmt(r['rare_token_loss'])} / {_fmt(r['frequent_token_loss'])}",
                    rec, _fmt(r["shift_loss_jump"]),
                    _fmt(r["aging/log_staleness_q50"]), _fmt(r["aging/mu_mass_older_than_H"]),
                    _fmt(r["heterogeneity/grad_norm_cv"])])
     out.append(_md_table(
         ["optimizer", "best lr", "stability", "spikes (best lr / sweep)",
-         f"final {split} loss (95% t)", "final train loss", "rare / frequent loss",
+         f"final {split} loss (95% t)", "final train loss",
+         *([" / ".join(c[len("final_"):-len("_loss")] for c in splits) + " loss"]
+           if splits else []), "rare / frequent loss",
          "recovery steps", "shift loss jump", "nu staleness (log)", "mu mass idle >= H",
          "grad-norm CV"], rows))
     out.append("")

@@ -17,6 +17,10 @@ fewer points and seeds and is reported without verdicts):
 3. *Seeds*: every seed of ``seeds`` (at least :data:`MIN_SEEDS`) at the best rate; the report
    gives final test-split numbers over them with 95% Student-t intervals.
 
+**Many runs per device**: with ``stack_runs = K > 1``, the fresh runs of one step above (they
+differ only in learning rate and seed) train K at a time in one vmapped step
+(``stacked.train_stacked``), each in its own run directory exactly as if alone.
+
 **Identical conditions**: a run's config is ``study.base`` + the condition's overrides + the
 optimizer's default block (``optimizers.default_config``) with ``optimizer_overrides`` and the
 grid's learning rate + the seed, and ``num_steps = token_budget // (batch_size * seq_len)``;
@@ -56,6 +60,7 @@ import numpy as np
 
 from jaxopt_study import optimizers
 from jaxopt_study import rundir
+from jaxopt_study import stacked
 from jaxopt_study import train
 from jaxopt_study.study import loading
 from jaxopt_study.study import tables
@@ -87,19 +92,6 @@ class RunSpec:
 
 
 # ----------------------------------------------------------------------------- configs
-
-
-def flatten_overrides(tree, prefix: str = "") -> dict[str, Any]:
-  """{'model': {'ln_position': 'post'}} -> {'model.ln_position': 'post'}."""
-  if isinstance(tree, ml_collections.ConfigDict):
-    tree = tree.to_dict()
-  out = {}
-  for k, v in (tree or {}).items():
-    if isinstance(v, dict):
-      out.update(flatten_overrides(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any],
@@ -143,11 +135,11 @@ def run_config(study: ml_collections.ConfigDict, condition: str, optimizer: str,
     config.optimizer = optimizers.default_config(optimizer)
     overrides = study.optimizer_overrides.get(optimizer) if "optimizer_overrides" in study else None
     if overrides:
-      apply_overrides(config.optimizer, flatten_overrides(overrides),
+      apply_overrides(config.optimizer, rundir.flatten(overrides.to_dict()),
                       f"config.optimizer_overrides.{optimizer}")
     config.optimizer.learning_rate = float(lr)
     config.seed = int(seed)
-    apply_overrides(config, flatten_overrides(study.conditions[condition].overrides),
+    apply_overrides(config, rundir.flatten(study.conditions[condition].overrides.to_dict()),
                     f"config.conditions.{condition}.overrides")
     config.num_steps = num_steps_of(config, int(study.token_budget))
   return config
@@ -301,7 +293,7 @@ def condition_info(study: ml_collections.ConfigDict, cond: str,
   syn = config.data.get("synthetic", None)
   info = {
       "description": cinfo.get("description", ""),
-      "overrides": flatten_overrides(cinfo.overrides),
+      "overrides": rundir.flatten(cinfo.overrides.to_dict()),
       "data": config.data.name,
       "ln_position": config.model.ln_position,
       "tie_embeddings": bool(config.model.tie_embeddings),
@@ -387,48 +379,77 @@ class _Runner:
     logging.warning("%s: training it again; the old run is at %s", what, rundir.move_aside(rd))
     return None
 
-  def run(self, r: RunSpec) -> str:
-    """Trains (or reuses) one run; returns its status."""
+  def run(self, runs: list[RunSpec]) -> None:
+    """Trains (or reuses) ``runs``: fresh ones stacked ``stack_runs`` at a time, others alone.
+
+    A fresh run (no results, no checkpoint) can share one vmapped step with others of the same
+    phase (``stacked.train_stacked``: they differ only in learning rate and seed); a run with
+    progress resumes alone, since stacked runs must stand at the same step.
+    """
+    fresh, alone = [], []
+    for r in runs:
+      entry = self.entry(r)
+      res = self.check_config(r)
+      if is_done(res, r.config.num_steps) or (
+          res and res.status == "failed" and not self.study.retry_failed):
+        entry["status"] = res.status
+        self.bar.update(1)
+        continue
+      rd = os.path.join(self.workdir, r.relpath)
+      os.makedirs(rd, exist_ok=True)
+      if res and res.status == "failed":  # clear the old failure before retrying
+        res.status, res.error, res.traceback = "running", None, None
+        res.save(rd)
+      started = res is not None or os.path.exists(rundir.path(rd, rundir.CHECKPOINTS))
+      (alone if started else fresh).append(r)
+    k = max(1, int(self.study.stack_runs))
+    groups = [[r] for r in alone] + [fresh[i:i + k] for i in range(0, len(fresh), k)]
+    for group in groups:
+      if self.stopped:
+        return
+      self._train(group)
+
+  def _train(self, group: list[RunSpec]) -> None:
+    """Trains one run, or several stacked; records each run's status (failed on an error)."""
     import jax  # pylint: disable=g-import-not-at-top
 
-    entry = self.entry(r)
-    res = self.check_config(r)
-    if is_done(res, r.config.num_steps) or (
-        res and res.status == "failed" and not self.study.retry_failed):
-      entry["status"] = res.status
-      self.bar.update(1)
-      return res.status
-    rd = os.path.join(self.workdir, r.relpath)
-    self.bar.set_postfix_str(f"{r.condition}/{r.optimizer} lr={rundir.lr_str(r.learning_rate)} "
-                             f"seed={r.seed} ({r.phase})")
-    os.makedirs(rd, exist_ok=True)
-    if res and res.status == "failed":  # clear the old failure before retrying
-      res.status, res.error, res.traceback = "running", None, None
-      res.save(rd)
+    rds = [os.path.join(self.workdir, r.relpath) for r in group]
+    r0 = group[0]
+    lrs = ", ".join(rundir.lr_str(r.learning_rate) for r in group)
+    self.bar.set_postfix_str(f"{r0.condition}/{r0.optimizer} lr={lrs} "
+                             f"seed={', '.join(str(r.seed) for r in group)} ({r0.phase})")
     t0 = time.perf_counter()
     try:
-      train.train_and_evaluate(r.config, rd)
-      entry["status"] = (rundir.RunResults.load(rd) or rundir.RunResults()).status or "unknown"
+      if len(group) == 1:
+        train.train_and_evaluate(r0.config, rds[0])
+      else:
+        stacked.train_stacked([r.config for r in group], rds)
+      errors = [None] * len(group)
     except (KeyboardInterrupt, rundir.Locked, rundir.ConfigChanged):
       raise  # not this run's failure: another process holds it, or it belongs to another config
     except Exception as e:  # pylint: disable=broad-except
-      logging.exception("run %s failed", r.relpath)
-      failed = rundir.RunResults(
-          optimizer=r.optimizer, learning_rate=r.learning_rate, seed=r.seed,
-          num_steps=int(r.config.num_steps), status="failed",
-          config_fingerprint=rundir.config_fingerprint(r.config),
-          error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
-      (rundir.RunResults.load(rd) or rundir.RunResults()).merge(failed).save(rd)
-      entry["status"] = "failed"
-    entry["wall_s"] = round(time.perf_counter() - t0, 1)
+      logging.exception("run(s) %s failed", ", ".join(r.relpath for r in group))
+      errors = [(f"{type(e).__name__}: {e}", traceback.format_exc())] * len(group)
+    wall = time.perf_counter() - t0
+    for r, rd, err in zip(group, rds, errors):
+      entry = self.entry(r)
+      if err is not None:
+        failed = rundir.RunResults(
+            optimizer=r.optimizer, learning_rate=r.learning_rate, seed=r.seed,
+            num_steps=int(r.config.num_steps), status="failed",
+            config_fingerprint=rundir.config_fingerprint(r.config),
+            error=err[0], traceback=err[1])
+        (rundir.RunResults.load(rd) or rundir.RunResults()).merge(failed).save(rd)
+      entry["status"] = (rundir.RunResults.load(rd) or rundir.RunResults()).status or "unknown"
+      # This run's share of the group's wall time (study.json sums to the study's).
+      entry["wall_s"], entry["stacked"] = round(wall / len(group), 1), len(group)
+      if entry["status"] == "preempted":  # SIGTERM: the run checkpointed; stop the study too
+        logging.warning("run %s preempted: stopping the study (re-run to continue)", r.relpath)
+        self.stopped = True
     self.spec["updated"] = datetime.datetime.now().isoformat(timespec="seconds")
     self.save()
-    jax.clear_caches()  # each run compiles its own steps; free them
-    self.bar.update(1)
-    if entry["status"] == "preempted":  # SIGTERM: the run checkpointed; stop the study too
-      logging.warning("run %s preempted: stopping the study (re-run to continue)", r.relpath)
-      self.stopped = True
-    return entry["status"]
+    jax.clear_caches()  # each group compiles its own steps; free them
+    self.bar.update(len(group))
 
   def records(self, condition: str, optimizer: str) -> list[tuple[float, str, Optional[float]]]:
     """(lr, status, validation loss) of the sweep-seed runs of (condition, optimizer)."""
@@ -513,11 +534,10 @@ def _sweep_and_seeds(study, runner: _Runner, cond: str, opt: str) -> bool:
   mults = sorted(float(m) for m in study.lr_multipliers)
   todo, phase, extended = mults, "sweep", {"low": 0, "high": 0}
   while todo:
-    for mult in todo:
-      for seed in study.sweep_seeds:
-        runner.run(make_run(study, cond, opt, mult, seed, phase))
-        if runner.stopped:
-          return False
+    runner.run([make_run(study, cond, opt, mult, seed, phase)
+                for mult in todo for seed in study.sweep_seeds])
+    if runner.stopped:
+      return False
     new = next_multiplier(study, mults, runner.records(cond, opt), extended)
     todo, phase = ([], phase) if new is None else ([new], "extension")
     mults = sorted(mults + todo)
@@ -525,13 +545,10 @@ def _sweep_and_seeds(study, runner: _Runner, cond: str, opt: str) -> bool:
   if best is None:
     return True  # nothing completed: no best rate, no seeds (the report says so)
   mult = min(mults, key=lambda m: abs(math.log(round_lr(study.learning_rates[opt] * m) / best)))
-  for seed in study.seeds:
-    if seed in tuple(study.sweep_seeds):  # already trained at every grid point
-      continue
-    runner.run(make_run(study, cond, opt, mult, seed, "seeds"))
-    if runner.stopped:
-      return False
-  return True
+  # The sweep seeds are already trained at every grid point.
+  runner.run([make_run(study, cond, opt, mult, seed, "seeds") for seed in study.seeds
+              if seed not in tuple(study.sweep_seeds)])
+  return not runner.stopped
 
 
 def enable_compilation_cache(path: Optional[str] = None) -> Optional[str]:

@@ -30,6 +30,19 @@ SELECTION_COLUMN = "final_eval_loss"  # validation split
 TEST_COLUMN = "final_test_loss"
 
 
+def split_column(split: str) -> str:
+  """runs.csv's column of the final loss on an eval split other than validation."""
+  return f"final_{split}_loss"
+
+
+def other_split_columns(df: pd.DataFrame) -> list[str]:
+  """Columns of the eval splits besides validation and test (e.g. the synthetic corpus's
+  'current' and 'past' topics: adaptation and forgetting)."""
+  return [c for c in df.columns if c.startswith("final_") and c.endswith("_loss")
+          and c[len("final_"):-len("_loss")] and  # not findings' own 'final_loss'
+          c not in (SELECTION_COLUMN, TEST_COLUMN, "final_train_loss")]
+
+
 # ----------------------------------------------------------------------------- runs
 
 
@@ -51,6 +64,9 @@ def run_row(run: Run, study: Study) -> dict:
       "num_params": res.num_params, "error": res.error,
       "config_fingerprint": res.config_fingerprint,
   }
+  for split, loss in sorted(res.final_eval_losses.items()):
+    if split not in ("validation", "test"):
+      row[split_column(split)] = measures.finite(loss)
   steps, loss = run.series("train/loss")
   spikes = measures.count_loss_spikes(steps, loss, st.spike_window, st.spike_sigma,
                                       st.spike_min_history)
@@ -84,9 +100,9 @@ def run_row(run: Run, study: Study) -> dict:
 
 def runs_table(study: Study) -> pd.DataFrame:
   rows = [run_row(r, study) for r in study.runs]
-  cols = list(rows[0]) if rows else ["condition", "optimizer", "learning_rate",
-                                     "lr_multiplier", "seed", "status", SELECTION_COLUMN,
-                                     TEST_COLUMN]
+  cols = list(dict.fromkeys(k for r in rows for k in r)) if rows else [
+      "condition", "optimizer", "learning_rate", "lr_multiplier", "seed", "status",
+      SELECTION_COLUMN, TEST_COLUMN]
   df = pd.DataFrame(rows, columns=cols)
   if len(df):
     df["_c"] = df["condition"].map({c: i for i, c in enumerate(study.conditions)})
@@ -269,7 +285,7 @@ def findings_table(runs: pd.DataFrame, best: pd.DataFrame) -> pd.DataFrame:
                      ("recovery_steps_mean", "recovery_steps"),
                      ("shift_loss_jump_mean", "shift_loss_jump"),
                      *[(m, m) for m in measures.STALENESS_METRICS +
-                       measures.HETEROGENEITY_METRICS]):
+                       measures.HETEROGENEITY_METRICS + other_split_columns(runs)]):
       row[new] = _mean(done[col]) if col in done else None
     row["shifts_seen"] = int(done["shifts_seen"].fillna(0).sum()) if len(done) else 0
     row["shifts_recovered"] = int(done["shifts_recovered"].fillna(0).sum()) if len(done) else 0
