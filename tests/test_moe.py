@@ -173,6 +173,13 @@ def test_bad_moe_config_names_the_field(field, value):
     gpt.from_config(m, 32)
 
 
+def test_a_config_saved_before_moe_existed_builds_the_dense_model():
+  import ml_collections
+  old = ml_collections.ConfigDict({k: v for k, v in _model_config().items()
+                                   if k != "num_experts" and not k.startswith("moe_")})
+  assert gpt.from_config(old, 32) == gpt.from_config(_model_config(), 32)
+
+
 def test_moe_every_places_experts_and_remat_keeps_the_statistics():
   m = _model_config(num_experts=4, moe_top_k=2, moe_every=2)
   tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 8), 0, 32)
@@ -280,3 +287,38 @@ def test_expert_family_is_absent_for_a_dense_model():
   cfg = _diag_cfg()
   m, _ = D.update(params, params, params, None, D.init(params, cfg), 0, cfg, mode="full")
   assert "experts" in D.FAMILIES and not any(k.startswith("experts/") for k in m)
+
+
+def test_train_step_adds_the_aux_loss_and_logs_load_and_expert_metrics():
+  import functools
+  from jaxopt_study import optimizers
+  from jaxopt_study import train
+  config = presets.get_config("tiny", "adamw")
+  m = config.model
+  m.num_layers, m.d_model, m.num_heads, m.max_len = 2, 16, 2, 8
+  m.num_experts, m.moe_top_k = 4, 2
+  config.seq_len, config.diagnostics.every = 8, 1
+  dc = config.diagnostics  # only what this test reads: a fast compile
+  for family in D.FAMILIES:
+    dc[family] = family == "experts"
+  model = gpt.GPT(gpt.from_config(m, 32))
+  batch = jax.random.randint(jax.random.PRNGKey(0), (2, 9), 0, 32)
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), batch[:, :-1])["params"])
+  tx, lr = optimizers.build(config, params)
+  opt_state = tx.init(params)
+  state = train.TrainState(step=jnp.int32(0), params=params, opt_state=opt_state,
+                           diag_state=D.init(params, config.diagnostics, opt_state=opt_state),
+                           rng=jax.random.PRNGKey(1), diverged_at=jnp.int32(-1))
+  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, learning_rate=lr,
+                                   diag_config=config.diagnostics, diag_mode="full", nan_step=-1))
+  _, metrics = step(state, batch)
+  logits, stats = moe.apply(model, params, batch[:, :-1])
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+  np.testing.assert_allclose(metrics["train/loss"], ce, rtol=1e-5)  # the LM loss, without aux
+  np.testing.assert_allclose(metrics["train/moe_aux_loss"], moe.aux_loss(stats), rtol=1e-5)
+  for layer in range(2):
+    load = [float(metrics[f"moe/load/layer={layer:02d}/expert={e:02d}"]) for e in range(4)]
+    np.testing.assert_allclose(sum(load), 1.0, rtol=1e-6)
+  diag = metrics["diagnostics"].to_numpy()
+  assert {f"experts/got_grad/layer={l:02d}/expert={e:02d}" for l in range(2) for e in range(4)} \
+      <= set(diag)

@@ -260,7 +260,7 @@ def from_config(model_config, vocab_size: int) -> GPTConfig:
         f"config.model.num_heads={m.num_heads} is not divisible by config.model.num_kv_heads="
         f"{num_kv_heads}; grouped-query attention needs num_heads % num_kv_heads == 0."
     )
-  _check_moe(m)
+  moe = _moe_fields(m)
   if m.attention_impl not in (None, "xla", "cudnn"):
     raise ValueError(
         f"config.model.attention_impl={m.attention_impl!r}; valid: None, 'xla', 'cudnn'"
@@ -279,30 +279,30 @@ def from_config(model_config, vocab_size: int) -> GPTConfig:
       dtype=_DTYPES[m.dtype],
       attention_impl=m.attention_impl,
       remat=m.remat,
-      num_experts=m.num_experts,
-      moe_top_k=m.moe_top_k,
-      moe_capacity_factor=m.moe_capacity_factor,
-      moe_every=m.moe_every,
-      moe_aux_loss_coef=m.moe_aux_loss_coef,
+      **moe,
   )
 
 
-def _check_moe(m) -> None:
-  """The mixture-of-experts fields of ``config.model`` (models/moe.py)."""
-  if not isinstance(m.num_experts, int) or m.num_experts < 0:
-    raise ValueError(f"config.model.num_experts={m.num_experts!r} must be an integer >= 0 "
-                     "(0: dense MLP).")
-  if not m.num_experts:
-    return
-  if m.moe_top_k not in moe_lib.TOP_K or m.moe_top_k > m.num_experts:
-    raise ValueError(f"config.model.moe_top_k={m.moe_top_k!r}; valid: {moe_lib.TOP_K}, at most "
-                     f"config.model.num_experts={m.num_experts}.")
-  if not m.moe_capacity_factor > 0:
-    raise ValueError(f"config.model.moe_capacity_factor={m.moe_capacity_factor!r} must be > 0 "
-                     f"({m.num_experts / m.moe_top_k:g} = num_experts / moe_top_k drops no token).")
-  if not m.moe_aux_loss_coef >= 0:
-    raise ValueError(f"config.model.moe_aux_loss_coef={m.moe_aux_loss_coef!r} must be >= 0.")
-  if not isinstance(m.moe_every, int) or not 1 <= m.moe_every <= m.num_layers:
-    raise ValueError(f"config.model.moe_every={m.moe_every!r} must be an integer in [1, "
+def _moe_fields(m) -> dict[str, Any]:
+  """The checked mixture-of-experts fields of ``config.model`` (models/moe.py); a config saved
+  before they existed (an older run's config.json) gets the dense defaults."""
+  names = ("num_experts", "moe_top_k", "moe_capacity_factor", "moe_every", "moe_aux_loss_coef")
+  moe = {n: m.get(n, GPTConfig.__dataclass_fields__[n].default) for n in names}
+  e, k, cf, every, coef = (moe[n] for n in names)
+  if not isinstance(e, int) or e < 0:
+    raise ValueError(f"config.model.num_experts={e!r} must be an integer >= 0 (0: dense MLP).")
+  if not e:
+    return moe
+  if k not in moe_lib.TOP_K or k > e:
+    raise ValueError(f"config.model.moe_top_k={k!r}; valid: {moe_lib.TOP_K}, at most "
+                     f"config.model.num_experts={e}.")
+  if not cf > 0:
+    raise ValueError(f"config.model.moe_capacity_factor={cf!r} must be > 0 "
+                     f"({e / k:g} = num_experts / moe_top_k drops no token).")
+  if not coef >= 0:
+    raise ValueError(f"config.model.moe_aux_loss_coef={coef!r} must be >= 0.")
+  if not isinstance(every, int) or not 1 <= every <= m.num_layers:
+    raise ValueError(f"config.model.moe_every={every!r} must be an integer in [1, "
                      f"config.model.num_layers={m.num_layers}] (block i is MoE iff "
                      "i % moe_every == moe_every - 1).")
+  return moe
