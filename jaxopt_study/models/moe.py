@@ -40,7 +40,14 @@ capacity; sums to 1, 1/E when balanced) and ``dropped_frac`` (share of assignmen
 capacity). :func:`apply` runs a GPT and returns them; a dense model returns ``{}``. Sowing into a
 collection that ``apply`` does not mark mutable is a no-op, so eval and inference pay nothing.
 
-Parameters (logical axes in brackets; ``sharding.py`` maps 'expert' onto the mesh)::
+Sharding: the expert weights are stored split by whole experts over the ``fsdp`` mesh axis
+(``sharding.LOGICAL_RULES``: 'expert' -> fsdp), with their optimizer and diagnostic state, and
+gathered for the computation like any FSDP weight; the slots [E, G, C, D] stay split over the
+batch like their tokens. (True expert parallelism would move tokens to experts with an
+all-to-all; XLA's SPMD partitioner does not derive one from these einsums and would replicate
+the slots instead.) A 2 x 2 (data x fsdp) mesh of 4 CPU devices gives the 1-device losses.
+
+Parameters (logical axes in brackets)::
 
   mlp/router/kernel        [D, E]     ('embed', 'expert')
   mlp/experts/fc/kernel    [E, D, F]  ('expert', 'embed', 'mlp')
@@ -65,6 +72,9 @@ import jax.numpy as jnp
 # The flax variable collection the MoE layers sow their statistics into.
 COLLECTION = "moe"
 TOP_K = (1, 2)
+# Logical axes of the experts' activations [E, G, C, D] (names of models/gpt.py; unlisted names
+# are replicated).
+_SLOTS = ("activation_expert", "activation_batch", "activation_capacity", "activation_embed")
 
 
 def capacity(group_size: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
@@ -149,6 +159,9 @@ class ExpertProjection(nn.Module):
     bias = self.param("bias", nn.with_logical_partitioning(
         nn.initializers.zeros, (self.axes[0], self.axes[2])), (self.shape[0], self.shape[2]),
         self.param_dtype)
+    # Gathered whole for the computation (FSDP: stored split over 'expert', used replicated).
+    kernel = nn.with_logical_constraint(kernel, (_SLOTS[0], None, None))
+    bias = nn.with_logical_constraint(bias, (_SLOTS[0], None))
     y = jnp.einsum("egca,eab->egcb", x.astype(self.dtype), kernel.astype(self.dtype))
     return y + bias.astype(self.dtype)[:, None, None, :]
 
@@ -191,7 +204,10 @@ class MoEMLP(nn.Module):
     self.sow(COLLECTION, "dropped_frac", r.dropped_frac)
 
     h = jnp.einsum("gsec,gsd->egcd", r.dispatch.astype(cfg.dtype), x.astype(cfg.dtype))
+    # Slots stay split like their tokens (see the module docstring's sharding note).
+    h = nn.with_logical_constraint(h, _SLOTS)
     h = _Experts(cfg, name="experts")(h)  # [E, G, C, D]
+    h = nn.with_logical_constraint(h, _SLOTS)
     y = jnp.einsum("gsec,egcd->gsd", r.combine.astype(cfg.dtype), h)  # [B, T, D]
     return nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
 
