@@ -322,3 +322,46 @@ def test_train_step_adds_the_aux_loss_and_logs_load_and_expert_metrics():
   diag = metrics["diagnostics"].to_numpy()
   assert {f"experts/got_grad/layer={l:02d}/expert={e:02d}" for l in range(2) for e in range(4)} \
       <= set(diag)
+
+
+_MESH_SCRIPT = r"""
+import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
+from jax.sharding import NamedSharding, PartitionSpec as P
+from jaxopt_study import presets, sharding
+from jaxopt_study.models import gpt, moe
+m = presets.get_config("tiny").model
+m.num_layers, m.d_model, m.num_heads, m.max_len, m.num_experts, m.moe_top_k = 2, 16, 2, 8, 4, 2
+model = gpt.GPT(gpt.from_config(m, 32))
+batch = jax.random.randint(jax.random.PRNGKey(0), (8, 9), 0, 32)
+boxed = model.init(jax.random.PRNGKey(0), batch[:, :-1])["params"]
+params = nn.meta.unbox(boxed)
+def loss(p, b):
+  logits, st = moe.apply(model, p, b[:, :-1])
+  ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), b[:, 1:, None], -1))
+  return ce + 0.01 * moe.aux_loss(st)
+ref = jax.jit(jax.value_and_grad(loss))(params, batch)
+import ml_collections
+mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 2, "fsdp": 2}))
+shard = sharding.param_shardings(boxed, mesh)
+assert shard["block_0"]["mlp"]["experts"]["fc"]["kernel"].spec == P("fsdp", None, None)
+with sharding.activate(mesh):
+  got = jax.jit(jax.value_and_grad(loss), in_shardings=(shard, sharding.batch_sharding(mesh)))(
+      jax.device_put(params, shard), batch)
+np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
+for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(ref[1])):
+  np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+print("OK")
+"""
+
+
+def test_experts_split_over_a_2x2_mesh_give_the_1_device_loss_and_gradients():
+  import os
+  import pathlib
+  import subprocess
+  import sys
+  root = pathlib.Path(__file__).resolve().parents[1]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             PYTHONPATH=str(root))
+  out = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], env=env, cwd=root,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
