@@ -5,8 +5,9 @@ the embedding row of a token absent from the batch; this family reports for expe
 :mod:`.sparsity` and :mod:`.aging` report for embedding rows. Absent for a dense model.
 
 Expert tensors are those of kind ``moe_expert`` (:data:`.paths.KIND_RULES`:
-``.../mlp/experts/...``), each ``[E, ...]`` with the expert on axis 0. Expert (l, e) is the union of the e-th slices of
-layer l's expert tensors (fc and proj kernels and biases), N_le entries. Notation as in
+``.../mlp/experts/...``), each ``[E, ...]`` with the expert on axis 0. Expert (l, e) is the
+union of the e-th slices of layer l's expert tensors (fc and proj kernels and biases), N_le
+entries. Notation as in
 :mod:`.sparsity` / :mod:`.aging`: ``a = |g_t| > active_threshold``, per-entry count c, raw EMA of
 the active indicator r (decay d_u = update_ema_decay), age = t - last active step (t + 1 if
 never), second moment v (before this step's update), s = raw EMA of g^2 (decay d_s =
