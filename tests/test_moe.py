@@ -316,6 +316,14 @@ def test_train_step_adds_the_aux_loss_and_logs_load_and_expert_metrics():
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
   np.testing.assert_allclose(metrics["train/loss"], ce, rtol=1e-5)  # the LM loss, without aux
   np.testing.assert_allclose(metrics["train/moe_aux_loss"], moe.aux_loss(stats), rtol=1e-5)
+
+  def objective(p, coef):
+    lg, st = moe.apply(model, p, batch[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(lg, batch[:, 1:]).mean() + \
+        coef * moe.aux_loss(st)
+  norm = lambda coef: float(optax.tree.norm(jax.grad(objective)(params, coef)))
+  np.testing.assert_allclose(metrics["train/grad_norm"], norm(0.01), rtol=1e-5)  # with the aux
+  assert abs(norm(0.01) - norm(0.0)) > 1e-4 * norm(0.0)  # ... which the test can tell apart
   for layer in range(2):
     load = [float(metrics[f"moe/load/layer={layer:02d}/expert={e:02d}"]) for e in range(4)]
     np.testing.assert_allclose(sum(load), 1.0, rtol=1e-6)
