@@ -47,6 +47,15 @@ def get_config(preset: str | None = None, optimizer: str = "adamw") -> ml_collec
   m.attention_impl = "xla"  # 'xla', or 'cudnn' for flash attention on GPU (see models/gpt.py).
   m.remat = "none"  # 'none' | 'dots' | 'full': recompute activations to save memory.
   m.vocab_multiple = 64  # Pad the embedding/vocab to a multiple of this (matmul-friendly).
+  # Mixture of experts (models/moe.py): 0 = dense MLP. E experts of width mlp_ratio * d_model,
+  # so top-1 routing keeps the active parameters of the dense model.
+  m.num_experts = 0
+  m.moe_top_k = 1  # Experts per token: 1 (Switch) or 2 (GShard, gates renormalised).
+  # Slots per expert and sequence = ceil(factor * top_k * seq_len / num_experts); tokens over
+  # capacity get a zero MLP output (residual only). 1.25: Switch's training value.
+  m.moe_capacity_factor = 1.25
+  m.moe_every = 1  # MoE MLP in blocks i with i % moe_every == moe_every - 1 (2: every other).
+  m.moe_aux_loss_coef = 0.01  # Load-balancing loss weight (Switch's alpha = 0.01).
 
   # ------------------------------------------------------------------ data (data/)
   config.data = data_lib.default_config()  # Source, tokenizer, cache; fields documented there.

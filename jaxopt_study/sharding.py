@@ -30,6 +30,12 @@ LOGICAL_RULES = (
     ("activation_batch", ("data", "fsdp")),
     ("activation_length", None),
     ("activation_embed", None),
+    # MoE expert weights [E, ...] are split by whole experts over fsdp (expert parallelism's
+    # layout; same 1/fsdp memory as splitting 'embed'), and one expert's entries, which the
+    # per-expert diagnostics reduce over, stay on one device. Listed before 'embed': flax gives
+    # a mesh axis to the first matching rule, so those tensors' 'embed' stays unsplit. With
+    # num_experts not divisible by fsdp the expert axis cannot be split (_fits): replicated.
+    ("expert", "fsdp"),
     ("embed", "fsdp"),
     ("vocab", None),
     ("length", None),

@@ -36,6 +36,7 @@ from jaxopt_study import rundir
 from jaxopt_study import sharding
 from jaxopt_study import writers
 from jaxopt_study.models import gpt
+from jaxopt_study.models import moe
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -71,12 +72,13 @@ def train_step(state: TrainState, batch, *, model, tx, learning_rate, diag_confi
   dropout_rng = jax.random.fold_in(state.rng, state.step)
 
   def loss_fn(params):
-    logits = model.apply(
-        {"params": params}, inputs, deterministic=False, rngs={"dropout": dropout_rng}
-    )  # [B, T, V]
-    return cross_entropy(logits, targets).mean()
+    logits, moe_stats = moe.apply(
+        model, params, inputs, deterministic=False, rngs={"dropout": dropout_rng}
+    )  # [B, T, V]; moe_stats: {} for a dense model
+    loss = cross_entropy(logits, targets).mean()
+    return loss + model.cfg.moe_aux_loss_coef * moe.aux_loss(moe_stats), (loss, moe_stats)
 
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  (_, (loss, moe_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   if nan_step >= 0:
     loss = jnp.where(state.step == nan_step, jnp.nan, loss)
     grads = jax.tree.map(lambda g: jnp.where(state.step == nan_step, jnp.nan, g), grads)
@@ -90,6 +92,7 @@ def train_step(state: TrainState, batch, *, model, tx, learning_rate, diag_confi
       "train/param_norm": optax.tree.norm(params),
       "train/learning_rate": learning_rate(state.opt_state, state.step),
   }
+  metrics.update(moe.train_metrics(moe_stats, full=diag_mode == "full"))  # MoE: aux, load
   diag_state = state.diag_state
   if diag_mode is not None:
     # The optimizer state *before* this update: cos(g_t, m_{t-1}) asks whether the momentum

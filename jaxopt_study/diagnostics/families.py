@@ -13,6 +13,7 @@ from typing import Callable
 from jaxopt_study.diagnostics import aging
 from jaxopt_study.diagnostics import context
 from jaxopt_study.diagnostics import drift
+from jaxopt_study.diagnostics import experts
 from jaxopt_study.diagnostics import heterogeneity
 from jaxopt_study.diagnostics import norms
 from jaxopt_study.diagnostics import sign
@@ -25,4 +26,5 @@ FAMILIES: dict[str, Callable[[context.Context], None]] = {
     "norms": norms.compute,
     "heterogeneity": heterogeneity.compute,
     "sign": sign.compute,
+    "experts": experts.compute,
 }

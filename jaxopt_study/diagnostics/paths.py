@@ -23,6 +23,8 @@ KIND_RULES: list[tuple[str, str]] = [
     (r"(^|/)wpe(/|$)", "position_embedding"),
     (r"(^|/)ln_[^/]*(/|$)", "norm"),
     (r"(^|/)attn(/|$)", "attention"),
+    (r"(^|/)mlp/experts(/|$)", "moe_expert"),  # models/moe.py; before 'mlp', their parent
+    (r"(^|/)mlp/router(/|$)", "moe_router"),
     (r"(^|/)mlp(/|$)", "mlp"),
     (r"(^|/)lm_head(/|$)", "head"),
 ]

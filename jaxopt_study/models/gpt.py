@@ -9,6 +9,8 @@ What matters for the study, and why each option exists:
   embedding-gradient sparsity is invisible. Untied (default here) keeps the input embedding's
   gradient exactly zero on rows of tokens absent from the batch.
 * ``num_kv_heads``: grouped-query attention (num_kv_heads < num_heads), multi-query at 1.
+* ``num_experts``: a mixture-of-experts MLP (models/moe.py) in every ``moe_every``-th block;
+  each expert is an explicit source of sparse gradients.
 * Parameters are float32; ``dtype`` is the compute dtype (bfloat16 on accelerators).
 * Attention goes through ``jax.nn.dot_product_attention`` so cuDNN flash attention is used on
   GPU (``attention_impl='cudnn'``) and XLA's elsewhere.
@@ -27,6 +29,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from jaxopt_study.models import moe as moe_lib
 
 Dtype = Any
 
@@ -53,10 +57,19 @@ class GPTConfig:
   attention_impl: str | None = None  # None: XLA picks; 'cudnn': flash attention on GPU.
   remat: str = "none"  # 'none' | 'full' | 'dots' (save matmul outputs only)
   init_std: float = 0.02
+  # Mixture of experts (models/moe.py); num_experts = 0: dense MLP in every block.
+  num_experts: int = 0
+  moe_top_k: int = 1
+  moe_capacity_factor: float = 1.25
+  moe_every: int = 1  # block i has the MoE MLP iff i % moe_every == moe_every - 1
+  moe_aux_loss_coef: float = 0.01  # read by train.train_step, not by the model
 
   @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
+
+  def is_moe_block(self, i: int) -> bool:
+    return self.num_experts > 0 and i % self.moe_every == self.moe_every - 1
 
 
 _INIT = nn.initializers.normal
@@ -144,15 +157,19 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-  """One transformer block; pre-LN: x + f(LN(x)); post-LN: LN(x + f(x))."""
+  """One transformer block; pre-LN: x + f(LN(x)); post-LN: LN(x + f(x)).
+
+  ``moe``: the MLP is a mixture of experts (models/moe.py) instead of the dense one.
+  """
 
   cfg: GPTConfig
+  moe: bool = False
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
     cfg = self.cfg
     attn = CausalSelfAttention(cfg, name="attn")
-    mlp = MLP(cfg, name="mlp")
+    mlp = moe_lib.MoEMLP(cfg, name="mlp") if self.moe else MLP(cfg, name="mlp")
     ln_attn, ln_mlp = _layer_norm("ln_attn", cfg), _layer_norm("ln_mlp", cfg)
     if cfg.ln_position == "pre":
       x = x + attn(ln_attn(x), deterministic=deterministic)
@@ -204,7 +221,7 @@ class GPT(nn.Module):
     if cfg.remat != "none":
       block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], static_argnums=(2,))
     for i in range(cfg.num_layers):
-      x = block(cfg, name=f"block_{i}")(x, deterministic)
+      x = block(cfg, moe=cfg.is_moe_block(i), name=f"block_{i}")(x, deterministic)
 
     if cfg.ln_position == "pre":
       x = _layer_norm("ln_f", cfg)(x)
@@ -243,6 +260,7 @@ def from_config(model_config, vocab_size: int) -> GPTConfig:
         f"config.model.num_heads={m.num_heads} is not divisible by config.model.num_kv_heads="
         f"{num_kv_heads}; grouped-query attention needs num_heads % num_kv_heads == 0."
     )
+  moe = _moe_fields(m)
   if m.attention_impl not in (None, "xla", "cudnn"):
     raise ValueError(
         f"config.model.attention_impl={m.attention_impl!r}; valid: None, 'xla', 'cudnn'"
@@ -261,4 +279,30 @@ def from_config(model_config, vocab_size: int) -> GPTConfig:
       dtype=_DTYPES[m.dtype],
       attention_impl=m.attention_impl,
       remat=m.remat,
+      **moe,
   )
+
+
+def _moe_fields(m) -> dict[str, Any]:
+  """The checked mixture-of-experts fields of ``config.model`` (models/moe.py); a config saved
+  before they existed (an older run's config.json) gets the dense defaults."""
+  names = ("num_experts", "moe_top_k", "moe_capacity_factor", "moe_every", "moe_aux_loss_coef")
+  moe = {n: m.get(n, GPTConfig.__dataclass_fields__[n].default) for n in names}
+  e, k, cf, every, coef = (moe[n] for n in names)
+  if not isinstance(e, int) or e < 0:
+    raise ValueError(f"config.model.num_experts={e!r} must be an integer >= 0 (0: dense MLP).")
+  if not e:
+    return moe
+  if k not in moe_lib.TOP_K or k > e:
+    raise ValueError(f"config.model.moe_top_k={k!r}; valid: {moe_lib.TOP_K}, at most "
+                     f"config.model.num_experts={e}.")
+  if not cf > 0:
+    raise ValueError(f"config.model.moe_capacity_factor={cf!r} must be > 0 "
+                     f"({e / k:g} = num_experts / moe_top_k drops no token).")
+  if not coef >= 0:
+    raise ValueError(f"config.model.moe_aux_loss_coef={coef!r} must be >= 0.")
+  if not isinstance(every, int) or not 1 <= every <= m.num_layers:
+    raise ValueError(f"config.model.moe_every={every!r} must be an integer in [1, "
+                     f"config.model.num_layers={m.num_layers}] (block i is MoE iff "
+                     "i % moe_every == moe_every - 1).")
+  return moe
