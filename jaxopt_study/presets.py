@@ -89,6 +89,14 @@ def get_config(preset: str | None = None, optimizer: str = "adamw") -> ml_collec
   # ------------------------------------------------------------------ diagnostics/
   config.diagnostics = diagnostics_lib.default_config()  # Families, cadence; documented there.
 
+  # ------------------------------------------------------------------ probes (probes.py)
+  # Measured on a fixed probe batch at every full diagnostics step (diagnostics.every).
+  config.probes = p = ml_collections.ConfigDict()
+  p.enabled = True  # Depth variance, weight sparsity, attention entropy/top-k mass.
+  p.num_sequences = 8  # Probe batch: the first N windows of the first validation batch.
+  p.thresholds = (0.01, 0.1)  # weights/small_frac_<tau>: share of |w| <= tau * rms(w).
+  p.top_k = (1, 4)  # attention/top<k>_mass: attention mass on the k largest keys.
+
   if preset == "small":
     m.num_layers, m.d_model, m.num_heads, m.max_len = 6, 256, 8, 256
     config.seq_len, config.batch_size, config.num_steps = 256, 64, 2000

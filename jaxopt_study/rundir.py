@@ -54,10 +54,11 @@ LOCK = "run.lock"
 
 # Dotted config paths that do not change the parameters a run trains (excluded from the
 # fingerprint): cadence of logging / syncs / eval / checkpoints, input prefetch, device mesh,
-# diagnostics (read-only over the train state), where the token cache lives, and fault
+# diagnostics and probes (read-only over the train state), where the token cache lives, and fault
 # injection (it stands for a transient fault: a rerun without it must resume the same run).
 NON_TRAJECTORY = ("log_every", "sync_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-                  "prefetch", "mesh", "diagnostics", "data.cache_dir", "inject_nan_at_step")
+                  "prefetch", "mesh", "diagnostics", "probes", "data.cache_dir",
+                  "inject_nan_at_step")
 
 
 # ----------------------------------------------------------------------------- JSON files

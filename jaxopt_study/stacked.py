@@ -123,6 +123,7 @@ def train_stacked(configs: Sequence[ml_collections.ConfigDict],
     batch_sh = NamedSharding(s.mesh, P(None, *s.batch_sharding.spec))
     state = jax.device_put(_stack(states), state_sh)
     train_fn, eval_fn = _compile(config, s, state_sh, batch_sh)
+    probe = train.probe_batch(config, s.dataset)
     preemption = checkpointing.Preemption(ckpts[0])
     stack.callback(preemption.close)
     batches = data_lib.prefetch_to_device(
@@ -159,6 +160,10 @@ def train_stacked(configs: Sequence[ml_collections.ConfigDict],
         state, metrics = train_fn(mode)(state, next(batches)[1])
       if train.itstime(step, config.log_every, total) or "diagnostics" in metrics:
         pending.append((step, metrics))
+      if mode == "full" and probe is not None:  # each run on run 0's probe batch
+        for k in sorted(live):
+          buffers[k].add(step, train.measure_probes(config, s.model, _index(state.params, k),
+                                                    probe))
       if train.itstime(step, config.sync_every, total):
         sync(step)
         if not live:

@@ -32,6 +32,7 @@ from jaxopt_study import checkpointing
 from jaxopt_study import data as data_lib
 from jaxopt_study import diagnostics
 from jaxopt_study import optimizers
+from jaxopt_study import probes
 from jaxopt_study import rundir
 from jaxopt_study import sharding
 from jaxopt_study import writers
@@ -333,6 +334,20 @@ def params_fingerprint(params) -> list[float]:
   return [float(x) for x in jax.device_get(fp(params))]
 
 
+def probe_batch(config, ds):
+  """The fixed probe tokens of ``probes.measure`` (None when probes are off)."""
+  if not (config.probes.enabled and config.diagnostics.enabled):
+    return None
+  return probes.probe_tokens(next(iter(ds.eval_batches("validation"))),
+                             config.probes.num_sequences)
+
+
+def measure_probes(config, model, params, probe) -> dict:
+  """Probe metrics as a metric-buffer entry (device arrays; written at the next sync)."""
+  return {"diagnostics": probes.measure(model, params, probe, thresholds=config.probes.thresholds,
+                                        top_k=config.probes.top_k)}
+
+
 def itstime(step: int, every: int, total: int) -> bool:
   """The one periodic-action rule (big_vision's ``itstime``): every ``every`` steps and at the end."""
   return step % every == 0 or step == total
@@ -375,6 +390,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> rundi
                                           config.prefetch)
     stack.callback(batches.close)
     train_fn, eval_fn = compile_train_step(config, s), compile_eval_step(config, s)
+    probe = probe_batch(config, ds)
 
     def sync(step) -> bool:
       """Host sync: writes the buffered metrics; True once the run has diverged."""
@@ -394,6 +410,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> rundi
         state, metrics = train_fn(mode)(state, next(batches)[1])
       if itstime(step, config.log_every, total) or "diagnostics" in metrics:
         buffer.add(step, metrics)
+      if mode == "full" and probe is not None:
+        buffer.add(step, measure_probes(config, s.model, state.params, probe))
       progress(step)
       if itstime(step, config.sync_every, total) and (diverged := sync(step)):
         break

@@ -6,14 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default
+from jaxopt_study import presets
 from jaxopt_study.models import gpt
 
 V, T = 96, 12
 
 
 def _model(**overrides):
-  m = default.get_config("tiny").model
+  m = presets.get_config("tiny").model
   m.num_layers, m.d_model, m.num_heads, m.max_len = 2, 32, 4, 16
   for k, v in overrides.items():
     m[k] = v

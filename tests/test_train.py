@@ -78,6 +78,8 @@ def test_run_writes_everything(reference_run):
   evals = losses(workdir, "eval/loss")
   assert set(evals) == {12, 24} and evals[24] == results.final_eval_loss
   assert set(losses(workdir, "eval_test/loss")) == {12, 24}
+  # Probes at every full diagnostics step (steps 0, 4, ... are logged as steps done 1, 5, ...).
+  assert set(losses(workdir, "depth/log_var_slope")) == set(range(1, STEPS + 1, 4))
 
 
 def _ckpts(workdir):
