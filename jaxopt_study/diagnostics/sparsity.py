@@ -59,7 +59,9 @@ def compute(ctx: context.Context):
   ctx.emit("sparsity/update_freq_ema_mean",
            lambda g: None if g.ema is None else (red(ema(g)), size(g)), context.safe_div)
   ctx.emit_quantiles("sparsity/update_freq_ema", ema)
-  ctx.emit("sparsity/active_frac_window", lambda g: (red(g.age < cfg.window), size(g)),
+  # age <= t: active at some step 0..t (a never-active entry has age t + 1).
+  window = lambda age: (age < cfg.window) & (age <= ctx.step)
+  ctx.emit("sparsity/active_frac_window", lambda g: (red(window(g.age)), size(g)),
            context.safe_div)
 
   for r in ctx.rows:
@@ -67,7 +69,7 @@ def compute(ctx: context.Context):
     g = r.group.g[0].reshape(r.group.shape[0], -1)
     zero_rows = jnp.all(g == 0, axis=1).astype(jnp.float32)
     row_age = jnp.min(r.group.age[0].reshape(g.shape[0], -1), axis=1)
-    active_w = (row_age < cfg.window).astype(jnp.float32)
+    active_w = window(row_age).astype(jnp.float32)
     stats = [("zero_frac", zero_rows, False), ("active_frac_window", active_w, False)]
     if r.count is not None:
       stats.append(("update_freq", r.count.astype(jnp.float32) / nf, True))
