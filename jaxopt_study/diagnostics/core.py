@@ -315,7 +315,8 @@ def state_bytes_per_param(cfg, has_second_moment: bool = True) -> dict[str, floa
   """Bytes of diag_state per parameter entry, per state leaf, and 'total'.
 
   Small leaves are extra and not per parameter: 8 bytes per parameter tensor (drift energy
-  EMAs), 4 bytes per parameter tensor (heterogeneity at initialisation), 8 bytes per token-embedding row (row counters), 4 bytes per vocab entry (bucket table).
+  EMAs), 4 bytes per parameter tensor (heterogeneity at initialisation), 8 bytes per
+  token-embedding row (row counters), 4 bytes per vocab entry (bucket table).
   """
   if not cfg.enabled:
     return {"total": 0.0}

@@ -1,8 +1,9 @@
 r"""Sparsity family: how many gradient entries / embedding rows are touched, and how often.
 
 Notation: tensor b with N_b entries, gradient g_t at step t, ``a_t = |g_t| > active_threshold``
-(elementwise; default threshold 0: any non-zero gradient), n = number of steps observed so far
-(including t), ``rms_b = sqrt(mean(g_b^2))``.
+(elementwise; default threshold 0: any non-zero gradient), n = number of update() calls so far
+including this one (n = t + 1 when the diagnostics run from step 0: every mode but 'off' updates
+the counters), ``rms_b = sqrt(mean(g_b^2))``.
 
 * ``sparsity/zero_frac``            = #{g == 0} / N.
 * ``sparsity/small_frac``           = #{|g| <= rel_threshold * rms_b} / N (each entry judged
@@ -11,8 +12,8 @@ Notation: tensor b with N_b entries, gradient g_t at step t, ``a_t = |g_t| > act
   ``sparsity/update_freq_q<Q>`` its quantiles (global, per kind).
 * ``sparsity/update_freq_ema_mean`` = mean_entries e_hat, e_k = d e_{k-1} + (1-d) a_k,
   e_hat = e_t / (1 - d^n), d = update_ema_decay; ``..._ema_q<Q>`` its quantiles.
-* ``sparsity/active_frac_window``   = #{entries active at least once in steps t-W+1..t} / N
-  (= #{age < W}; W = window).
+* ``sparsity/active_frac_window``   = #{entries active at least once in steps max(0, t-W+1)..t}
+  / N (W = window); an entry never active is not counted, also in the first W steps.
 
 Token-embedding rows (each ``(V, D)`` tensor of kind ``token_embedding``; a row is active at a
 step iff any of its entries is active):
@@ -20,7 +21,7 @@ step iff any of its entries is active):
 * ``sparsity/emb_row_zero_frac``    = #{rows whose gradient is all exactly zero at t} / V.
 * ``sparsity/emb_row_update_freq_mean`` / ``_q<Q>`` = row count / n;
   ``sparsity/emb_row_update_freq_ema_mean`` / ``_q<Q>`` (bias-corrected EMA of row activity);
-  ``sparsity/emb_row_active_frac_window`` = #{rows active in the last W steps} / V.
+  ``sparsity/emb_row_active_frac_window`` = #{rows active in steps max(0, t-W+1)..t} / V.
 * With a token-frequency bucket table (``init(..., token_frequencies=...)``), the per-bucket
   means of those four row statistics (00 = most frequent tokens):
   ``sparsity/emb_row_zero_frac/freq_bucket=BB``, ``sparsity/emb_row_active_frac_window/...``,
