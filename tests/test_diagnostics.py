@@ -344,21 +344,15 @@ def test_kind_and_layer_rules():
   assert D.paths.kind_of("block_2/router/kernel", rules) == "router"
 
 
-def test_config_every_field_commented():
-  import inspect
-  from jaxopt_study.diagnostics import config as config_lib
-  src = inspect.getsource(config_lib.default_config).splitlines()
-  cfg = D.default_config()
-  for i, line in enumerate(src):
-    s = line.strip()
-    if s.startswith("c.") and "=" in s:
-      assert "#" in s or src[i - 1].strip().startswith("#"), f"uncommented field: {s}"
-  for f in D.FAMILIES:
-    assert cfg[f] is True
-  for f in ("enabled", "every", "window", "horizon", "num_freq_buckets", "histogram_size",
-            "active_threshold", "rel_threshold", "update_ema_decay", "sq_ema_decay",
-            "energy_short_decay", "energy_long_decay", "quantiles"):
-    assert f in cfg
+def test_family_switches_come_from_the_registry():
+  """Each FAMILIES entry is a config switch that removes exactly its own metrics."""
+  params = j({p: x for p, x in rand(0).items() if p in ("wte/embedding", "lm_head/kernel")})
+  grads = jax.tree.map(lambda x: x + 1.0, params)
+  prefixes = lambda cfg: {k.split("/")[0] for k in D.update(
+      params, grads, grads, None, D.init(params, cfg, TOKEN_FREQ), 0, cfg, mode="full")[0]}
+  assert prefixes(make_cfg()) == set(D.FAMILIES)
+  for name in D.FAMILIES:
+    assert prefixes(make_cfg(**{name: False})) == set(D.FAMILIES) - {name}, name
 
 
 def test_modes():
