@@ -481,17 +481,19 @@ def study_tx(name, params, **optimizer_overrides):
 
 
 def run_steps(params, grads, cfg, tx=None, token_freq=None):
-  """Runs update() in mode 'full' on each gradient in turn; returns the last metrics (numpy)."""
+  """Runs update() in mode 'full' on each gradient in turn; returns each step's metrics (numpy)."""
   params = j(params)
   opt_state = tx.init(params) if tx is not None else None
   st = D.init(params, cfg, token_freq, opt_state=opt_state)
+  out = []
   for t, g in enumerate(grads):
     g = j(g)
     u, new_opt_state = tx.update(g, opt_state, params) if tx is not None else (g, None)
     m, st = D.update(params, g, u, opt_state, st, t, cfg, mode="full")
+    out.append(m.to_numpy())
     if tx is not None:
       params, opt_state = optax.apply_updates(params, u), new_opt_state
-  return m.to_numpy()
+  return out
 
 
 def test_window_excludes_never_active_entries():
@@ -500,7 +502,7 @@ def test_window_excludes_never_active_entries():
   params = {"w": np.zeros(4, np.float32), "wte/embedding": np.zeros((4, 2), np.float32)}
   grads = [{"w": np.array([1.0, 0, 0, 0], np.float32),
             "wte/embedding": np.array([[1.0, 1.0], [0, 0], [0, 0], [0, 0]], np.float32)}] * 3
-  m = run_steps(params, grads, cfg)
+  m = run_steps(params, grads, cfg)[-1]
   assert m["sparsity/active_frac_window/param=w"] == 0.25
   assert m["sparsity/active_frac_window"] == 3 / 12
   assert m["sparsity/emb_row_active_frac_window"] == 0.25
@@ -512,7 +514,7 @@ def test_quantiles_interpolate_like_numpy():
   n, zeros = 404_480, 364_032
   g = np.zeros(n, np.float32)
   g[zeros:] = 1.0
-  m = run_steps({"w": np.zeros(n, np.float32)}, [{"w": g}], make_cfg(every=1))
+  m = run_steps({"w": np.zeros(n, np.float32)}, [{"w": g}], make_cfg(every=1))[-1]
   active = (g != 0).astype(np.float64)
   assert np.quantile(active, 0.9) == pytest.approx(0.1)
   for q in (0.1, 0.5, 0.9):
@@ -534,7 +536,7 @@ def test_staleness_excludes_never_updated_entries(name):
   g1 = np.array([[2, 2], [2, 2], [2, 2], [0, 0]], np.float32)
   tx, o = study_tx(name, j(params))
   cfg = make_cfg(every=1, sq_ema_decay=0.9)
-  m = run_steps(params, [{"wte/embedding": g0}, {"wte/embedding": g1}], cfg, tx)
+  m = run_steps(params, [{"wte/embedding": g0}, {"wte/embedding": g1}], cfg, tx)[-1]
   v0 = (1 - o.b2) if name == "adamw" else 1.0
   s_hat = (0.9 * 0.1 * 1.0 + 0.1 * 4.0) / (1 - 0.81)
   expect = np.log(v0) - np.log(s_hat)
@@ -544,6 +546,24 @@ def test_staleness_excludes_never_updated_entries(name):
     np.testing.assert_allclose(m[f"aging/log_staleness_q{100 * q:g}"], expect, rtol=1e-5)
   # The histogram sample holds the included entries only: no NaN.
   np.testing.assert_allclose(m["aging/log_staleness_hist"], expect, rtol=1e-5)
+
+
+def test_idle_staleness_growth_rate():
+  """An Adam entry idle after step 0: log(nu_{t-1} / s_hat_t) grows by log(b2 / d) only late.
+
+  nu_{t-1} = b2^(t-1) (1 - b2) g_0^2 and s_hat_t = d^t (1 - d) g_0^2 / (1 - d^(t+1)), so from
+  step t to t + 1 the growth is log(b2 / d) + log((1 - d^(t+2)) / (1 - d^(t+1))).
+  """
+  tx, o = study_tx("adamw", j({"w": np.zeros(1, np.float32)}))
+  d = 0.9
+  grads = [{"w": np.array([1.0 if t == 0 else 0.0], np.float32)} for t in range(40)]
+  cfg = make_cfg(every=1, sq_ema_decay=d)
+  stale = [float(m["aging/log_staleness_mean"])
+           for m in run_steps({"w": np.zeros(1, np.float32)}, grads, cfg, tx)]
+  growth = lambda t: np.log(o.b2 / d) + np.log((1 - d ** (t + 2)) / (1 - d ** (t + 1)))
+  np.testing.assert_allclose(stale[7] - stale[6], growth(6), rtol=1e-3)   # 0.142
+  np.testing.assert_allclose(stale[39] - stale[38], growth(38), rtol=2e-2)
+  assert abs(growth(38) - np.log(o.b2 / d)) < 0.005                      # 0.054
 
 
 # ----------------------------------------------------------------------------------------------
@@ -587,7 +607,7 @@ def test_idle_entries_movement(name, overrides, expect):
   tx, o = study_tx(name, j(params), **overrides)
   cfg = make_cfg(every=1, num_freq_buckets=2)
   m = run_steps(params, [{"wte/embedding": g0}, {"wte/embedding": g1}], cfg, tx,
-                token_freq=np.array([4.0, 3.0, 2.0, 1.0]))
+                token_freq=np.array([4.0, 3.0, 2.0, 1.0]))[-1]
   idle_u, active_u = expect(o)
   check = lambda k, v: np.testing.assert_allclose(m[k], v, rtol=1e-5, atol=1e-9, err_msg=k)
   # 6 idle entries (2 moving by idle_u, 4 by 0), 2 active entries moving by active_u.
@@ -629,7 +649,7 @@ def test_sign_descent_agreement(name, overrides, expect):
   g1 = {p: np.ones((4, 2), np.float32) for p in params}
   g1["block_0/mlp/kernel"][0] = -0.5
   tx, o = study_tx(name, j(params), **overrides)
-  m = run_steps(params, [g0, g1], make_cfg(every=1), tx)
+  m = run_steps(params, [g0, g1], make_cfg(every=1), tx)[-1]
   turned_agree, likeness = expect(o)
   layer0 = (6 + 2 * turned_agree) / 8
   np.testing.assert_allclose(m["sign/descent_agree_frac/layer=00"], layer0)
@@ -648,10 +668,9 @@ def test_heterogeneity_at_init():
            for norms in (norms0, norms1, norms1)]  # |g_b| = n (4 entries of n / 2)
   cfg = make_cfg(every=1)
   cv0 = np.sqrt(np.mean((norms0 - 7 / 3) ** 2)) / (7 / 3)  # population std / mean
-  m = run_steps(params, grads[:1], cfg)
-  np.testing.assert_allclose(m["heterogeneity/grad_norm_cv"], cv0, rtol=1e-5)
-  np.testing.assert_allclose(m["heterogeneity/grad_norm_cv_at_init"], cv0, rtol=1e-5)
-  m = run_steps(params, grads, cfg)
+  first, *_, m = run_steps(params, grads, cfg)
+  np.testing.assert_allclose(first["heterogeneity/grad_norm_cv"], cv0, rtol=1e-5)
+  np.testing.assert_allclose(first["heterogeneity/grad_norm_cv_at_init"], cv0, rtol=1e-5)
   np.testing.assert_allclose(m["heterogeneity/grad_norm_cv"], 0.0, atol=1e-6)
   np.testing.assert_allclose(m["heterogeneity/grad_norm_cv_at_init"], cv0, rtol=1e-5)
   np.testing.assert_allclose(m["heterogeneity/grad_norm_max_min_at_init"], 4.0, rtol=1e-6)
