@@ -14,7 +14,9 @@ import numpy as np
 import optax
 import pytest
 
+from configs import default
 from jaxopt_study import diagnostics as D
+from jaxopt_study import optimizers
 
 SHAPES = {
     "wte/embedding": (300, 8),
@@ -55,7 +57,7 @@ def from_tree(t):
 def make_cfg(**kw):
   cfg = D.default_config()
   cfg.quantile_sample_size = 10 ** 7   # exact quantiles on these small trees
-  cfg.histogram_size = 10 ** 6         # histogram = every sample
+  cfg.histogram_size = 20_000         # the largest allowed
   cfg.window = 3
   cfg.horizon = 2
   cfg.num_freq_buckets = 10
@@ -87,11 +89,14 @@ class Ref:
     self.rema = np.zeros(V)
     self.prev_g = self.prev_sign = None
     self.prev_step = None
+    self.grad_norms_at_step0 = None
 
   def step(self, t, P, G, U, M=None, Vm=None, mode="full"):
     c = self.cfg
     self.n += 1
     act = {p: np.abs(G[p]) > c.active_threshold for p in PATHS}
+    # Entries with a gradient at some earlier step (the optimizer's v_{t-1} holds one).
+    self.had_grad = {p: self.last[p] >= 0 for p in PATHS}
     for p in PATHS:
       self.last[p] = np.where(act[p], t, self.last[p])
       self.cnt[p] = self.cnt[p] + act[p]
@@ -136,7 +141,10 @@ class Ref:
         for q, v in zip(qs, vals):
           out[f"{name}_q{100 * q:g}{sfx}"] = v
       if hist:
-        out[name + "_hist"] = ("sorted", np.sort(cat(d, ms)))
+        x = cat(d, ms)  # histogram: K evenly spaced quantiles of the non-NaN entries
+        k = min(c.histogram_size, x.size)
+        out[name + "_hist"] = (np.nanquantile(x, (np.arange(k) + 0.5) / k)
+                               if np.any(~np.isnan(x)) else np.full(k, np.nan))
 
     def rowquant(name, x):
       for q, v in zip(qs, np.quantile(x, qs)):
@@ -166,11 +174,14 @@ class Ref:
     quant("sparsity/update_freq", freq, hist=True)
     add("sparsity/update_freq_ema_mean", frac(ema))
     quant("sparsity/update_freq_ema", ema)
-    add("sparsity/active_frac_window", frac({p: age[p] < c.window for p in PATHS}))
+    first_in_window = max(0, t - c.window + 1)
+    add("sparsity/active_frac_window",
+        frac({p: self.last[p] >= first_in_window for p in PATHS}))
     gw = G["wte/embedding"]
     row_age = age["wte/embedding"].min(axis=1).astype(np.float64)
     rows = {"zero_frac": np.all(gw == 0, axis=1).astype(float),
-            "active_frac_window": (row_age < c.window).astype(float)}
+            "active_frac_window": (self.last["wte/embedding"].max(axis=1)
+                                   >= first_in_window).astype(float)}
     for k, x in rows.items():
       out[f"sparsity/emb_row_{k}"] = x.mean()
       buckets(f"sparsity/emb_row_{k}", x)
@@ -207,15 +218,11 @@ class Ref:
       ls = {}
       for p in vp:
         with np.errstate(divide="ignore", invalid="ignore"):
-          ls[p] = np.where((Vm[p] > 0) & (sh[p] > 0), np.log(Vm[p]) - np.log(sh[p]), np.nan)
+          ls[p] = np.where(self.had_grad[p] & (Vm[p] > 0) & (sh[p] > 0),
+                           np.log(Vm[p]) - np.log(sh[p]), np.nan)
       add("aging/log_staleness_mean", lambda ms: sdiv(np.nansum(cat(ls, ms)),
                                                        np.sum(~np.isnan(cat(ls, ms)))), vp)
       quant("aging/log_staleness", ls, vp, hist=True)
-      add("aging/nu_mass_older_than_H",
-          lambda ms: sdiv(np.sum(cat(Vm, ms) * (cat(age, ms) >= h)), np.sum(cat(Vm, ms))), vp)
-    if M:
-      add("aging/mu_mass_older_than_H", lambda ms: sdiv(np.sum(
-          cat(M, ms) ** 2 * (cat(age, ms) >= h)), np.sum(cat(M, ms) ** 2)), sorted(M))
     out["aging/emb_row_age_mean"] = row_age.mean()
     out["aging/emb_row_frac_older_than_H"] = np.mean(row_age >= h)
     rowquant("aging/emb_row_age", row_age)
@@ -224,7 +231,7 @@ class Ref:
     if "wte/embedding" in Vm:
       vm = Vm["wte/embedding"].mean(axis=1)
       sm = sh["wte/embedding"].mean(axis=1)
-      ok = (vm > 0) & (sm > 0)
+      ok = self.had_grad["wte/embedding"].any(axis=1) & (vm > 0) & (sm > 0)
       x = np.where(ok, np.log(np.where(ok, vm, 1)) - np.log(np.where(ok, sm, 1)), 0.0)
       out["aging/emb_row_log_staleness_mean"] = x[ok].mean() if ok.any() else np.nan
       buckets("aging/emb_row_log_staleness_mean", x, ok)
@@ -241,13 +248,18 @@ class Ref:
     gn = {p: np.linalg.norm(G[p]) for p in PATHS}
     un = {p: np.linalg.norm(U[p]) for p in PATHS}
     st = {p: (un[p] / gn[p] if gn[p] > 0 else np.nan) for p in PATHS}
+    if t == 0:
+      self.grad_norms_at_step0 = gn
+    g0 = self.grad_norms_at_step0 or {p: np.nan for p in PATHS}
     for sfx, ms in [("", PATHS)] + [(f"/kind={k}", [p for p in PATHS if KIND[p] == k])
                                     for k in sorted(set(KIND.values()))]:
-      for name, d in (("grad_norm", gn), ("update_norm", un), ("step_size", st)):
+      for name, d in (("grad_norm", gn), ("update_norm", un), ("step_size", st),
+                      ("grad_norm_at_init", g0)):
         x = np.array([d[p] for p in ms])
         x = x[np.isfinite(x) & (x > 0)]
-        out[f"heterogeneity/{name}_cv{sfx}"] = x.std() / x.mean() if x.size else np.nan
-        out[f"heterogeneity/{name}_max_min{sfx}"] = x.max() / x.min() if x.size else np.nan
+        base, at = name.partition("_at_init")[:2]
+        out[f"heterogeneity/{base}_cv{at}{sfx}"] = x.std() / x.mean() if x.size else np.nan
+        out[f"heterogeneity/{base}_max_min{at}{sfx}"] = x.max() / x.min() if x.size else np.nan
 
     # sign
     add("sign/update_flip_frac", nanif(lambda ms: flipfrac(cat(U, ms), cat(self.prev_sign, ms))))
@@ -257,6 +269,28 @@ class Ref:
       nz = g != 0
       return sdiv(np.sum(nz & (np.sign(u) == -np.sign(g))), np.sum(nz))
     add("sign/descent_agree_frac", agree)
+    add("sign/update_sign_likeness", lambda ms: sdiv(
+        np.sum(np.abs(cat(U, ms))), np.sqrt(cat(U, ms).size * np.sum(cat(U, ms) ** 2))))
+
+    # idle: entries with g == 0 (active_threshold 0)
+    idle = {p: G[p] == 0 for p in PATHS}
+    add("idle/update_sq_share", lambda ms: sdiv(np.sum(cat(U, ms) ** 2 * cat(idle, ms)),
+                                                np.sum(cat(U, ms) ** 2)))
+    add("idle/update_abs_mean_idle", lambda ms: sdiv(np.sum(np.abs(cat(U, ms)) * cat(idle, ms)),
+                                                     np.sum(cat(idle, ms))))
+    add("idle/update_abs_mean_active", lambda ms: sdiv(
+        np.sum(np.abs(cat(U, ms)) * (1 - cat(idle, ms))), np.sum(1 - cat(idle, ms))))
+    if self.bucket is not None:
+      uw, iw = U["wte/embedding"], idle["wte/embedding"]
+      for b in range(c.num_freq_buckets):
+        rows = self.bucket == b
+        u, i = uw[rows], iw[rows]
+        out[f"idle/emb_update_sq_share/freq_bucket={b:02d}"] = sdiv(np.sum(u[i] ** 2),
+                                                                    np.sum(u ** 2))
+        out[f"idle/emb_update_abs_mean_idle/freq_bucket={b:02d}"] = (
+            np.abs(u[i]).mean() if i.any() else np.nan)
+        out[f"idle/emb_update_abs_mean_active/freq_bucket={b:02d}"] = (
+            np.abs(u[~i]).mean() if (~i).any() else np.nan)
     return out
 
 
@@ -272,9 +306,9 @@ def assert_metrics_match(got, ref, rtol=2e-4, atol=2e-5):
   assert set(got) == set(ref), (sorted(set(got) - set(ref)), sorted(set(ref) - set(got)))
   for k, r in ref.items():
     g = got[k]
-    if isinstance(r, tuple):  # histogram: every sample, compare as multisets
+    if k.endswith("_hist"):
       assert g.ndim == 1, k
-      np.testing.assert_allclose(np.sort(g), r[1], rtol=rtol, atol=atol, err_msg=k)
+      np.testing.assert_allclose(g, r, rtol=rtol, atol=atol, equal_nan=True, err_msg=k)
     else:
       assert g.shape == (), k
       np.testing.assert_allclose(g, r, rtol=rtol, atol=atol, equal_nan=True, err_msg=k)
@@ -310,21 +344,15 @@ def test_kind_and_layer_rules():
   assert D.paths.kind_of("block_2/router/kernel", rules) == "router"
 
 
-def test_config_every_field_commented():
-  import inspect
-  from jaxopt_study.diagnostics import config as config_lib
-  src = inspect.getsource(config_lib.default_config).splitlines()
-  cfg = D.default_config()
-  for i, line in enumerate(src):
-    s = line.strip()
-    if s.startswith("c.") and "=" in s:
-      assert "#" in s or src[i - 1].strip().startswith("#"), f"uncommented field: {s}"
-  for f in D.FAMILIES:
-    assert cfg[f] is True
-  for f in ("enabled", "every", "window", "horizon", "num_freq_buckets", "histogram_size",
-            "active_threshold", "rel_threshold", "update_ema_decay", "sq_ema_decay",
-            "energy_short_decay", "energy_long_decay", "quantiles"):
-    assert f in cfg
+def test_family_switches_come_from_the_registry():
+  """Each FAMILIES entry is a config switch that removes exactly its own metrics."""
+  params = j({p: x for p, x in rand(0).items() if p in ("wte/embedding", "lm_head/kernel")})
+  grads = jax.tree.map(lambda x: x + 1.0, params)
+  prefixes = lambda cfg: {k.split("/")[0] for k in D.update(
+      params, grads, grads, None, D.init(params, cfg, TOKEN_FREQ), 0, cfg, mode="full")[0]}
+  assert prefixes(make_cfg()) == set(D.FAMILIES)
+  for name in D.FAMILIES:
+    assert prefixes(make_cfg(**{name: False})) == set(D.FAMILIES) - {name}, name
 
 
 def test_modes():
@@ -349,7 +377,8 @@ def test_state_bytes_and_families_off():
   bpp = D.state_bytes_per_param(cfg)
   assert bpp["total"] == 21.0
   st = D.init(params, cfg, TOKEN_FREQ)
-  small = 4 * 2 + 4 * len(PATHS) * 2 + V * 8 + V * 4  # counters, energy EMAs, rows, buckets
+  # counters, energy EMAs, grad norms at init, rows, buckets
+  small = 4 * 2 + 4 * len(PATHS) * 3 + V * 8 + V * 4
   assert D.state_nbytes(st) == bpp["total"] * nparams + small
   # No second moment (SGD): sq_ema not allocated.
   st = D.init(params, cfg, opt_state=optax.sgd(0.1, momentum=0.9).init(params))
@@ -364,7 +393,7 @@ def test_state_bytes_and_families_off():
   assert D.state_bytes_per_param(off)["total"] == 0.0
   g = j(rand(1))
   m, _ = D.update(params, g, g, None, st, 0, off, mode="full")
-  assert {k.split("/")[0] for k in m} == {"norms", "heterogeneity"}
+  assert {k.split("/")[0] for k in m} == {"norms", "heterogeneity", "idle"}
   disabled = D.default_config()
   disabled.enabled = False
   st = D.init(params, disabled)
@@ -436,6 +465,217 @@ def test_hand_built_sequence_known_answers():
       close(m["heterogeneity/step_size_cv"], 0.0, atol=1e-5)  # SGD: 0.1
       for k, v in m.items():
         assert v.ndim in (0, 1), k
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 9 defects, each on a hand-built case with a known answer
+# ----------------------------------------------------------------------------------------------
+def study_tx(name, params, **optimizer_overrides):
+  """The study's optimizer ``name`` (optimizers.build), constant lr 0.1, no clipping/decay."""
+  c = default.with_optimizer(name, "tiny")
+  c.schedule.name, c.schedule.warmup_steps = "constant", 0
+  c.optimizer.learning_rate, c.optimizer.clip_norm, c.optimizer.weight_decay = 0.1, 0.0, 0.0
+  for k, v in optimizer_overrides.items():
+    c.optimizer[k] = v
+  return optimizers.build(c, params)[0], c.optimizer
+
+
+def run_steps(params, grads, cfg, tx=None, token_freq=None):
+  """Runs update() in mode 'full' on each gradient in turn; returns each step's metrics (numpy)."""
+  params = j(params)
+  opt_state = tx.init(params) if tx is not None else None
+  st = D.init(params, cfg, token_freq, opt_state=opt_state)
+  out = []
+  for t, g in enumerate(grads):
+    g = j(g)
+    u, new_opt_state = tx.update(g, opt_state, params) if tx is not None else (g, None)
+    m, st = D.update(params, g, u, opt_state, st, t, cfg, mode="full")
+    out.append(m.to_numpy())
+    if tx is not None:
+      params, opt_state = optax.apply_updates(params, u), new_opt_state
+  return out
+
+
+def test_window_excludes_never_active_entries():
+  # 4-entry tensor and a 4-row embedding; only entry / row 0 ever receives a gradient.
+  cfg = make_cfg(every=1, window=100)
+  params = {"w": np.zeros(4, np.float32), "wte/embedding": np.zeros((4, 2), np.float32)}
+  grads = [{"w": np.array([1.0, 0, 0, 0], np.float32),
+            "wte/embedding": np.array([[1.0, 1.0], [0, 0], [0, 0], [0, 0]], np.float32)}] * 3
+  m = run_steps(params, grads, cfg)[-1]
+  assert m["sparsity/active_frac_window/param=w"] == 0.25
+  assert m["sparsity/active_frac_window"] == 3 / 12
+  assert m["sparsity/emb_row_active_frac_window"] == 0.25
+
+
+def test_quantiles_interpolate_like_numpy():
+  # 404,480 indicators, 364,032 zeros: position 0.9 * 404,479 = 364,031.1 lies between the
+  # last 0 and the first 1, so q90 = 0.1 exactly (float32 positions gave 0.09375).
+  n, zeros = 404_480, 364_032
+  g = np.zeros(n, np.float32)
+  g[zeros:] = 1.0
+  m = run_steps({"w": np.zeros(n, np.float32)}, [{"w": g}], make_cfg(every=1))[-1]
+  active = (g != 0).astype(np.float64)
+  assert np.quantile(active, 0.9) == pytest.approx(0.1)
+  for q in (0.1, 0.5, 0.9):
+    np.testing.assert_allclose(m[f"sparsity/update_freq_q{100 * q:g}"], np.quantile(active, q),
+                               rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor"])
+def test_staleness_excludes_never_updated_entries(name):
+  """Row 2 gets its first gradient at step 1: no optimizer's v_0 holds a gradient of it.
+
+  Adam's nu there is exactly 0; Adafactor's is its 1e-30 floor. Both must exclude it (and rows
+  never active), so both average over rows 0 and 1 only: v_0 = (1 - b2) g_0^2 for Adam,
+  g_0^2 + 1e-30 for Adafactor (its decay at the first step is 1 - 1^-0.8 = 0), and
+  s_hat_1 = (0.9 * 0.1 g_0^2 + 0.1 g_1^2) / (1 - 0.9^2) with g_0 = 1, g_1 = 2.
+  """
+  params = {"wte/embedding": np.zeros((4, 2), np.float32)}
+  g0 = np.array([[1, 1], [1, 1], [0, 0], [0, 0]], np.float32)
+  g1 = np.array([[2, 2], [2, 2], [2, 2], [0, 0]], np.float32)
+  tx, o = study_tx(name, j(params))
+  cfg = make_cfg(every=1, sq_ema_decay=0.9)
+  m = run_steps(params, [{"wte/embedding": g0}, {"wte/embedding": g1}], cfg, tx)[-1]
+  v0 = (1 - o.b2) if name == "adamw" else 1.0
+  s_hat = (0.9 * 0.1 * 1.0 + 0.1 * 4.0) / (1 - 0.81)
+  expect = np.log(v0) - np.log(s_hat)
+  np.testing.assert_allclose(m["aging/log_staleness_mean"], expect, rtol=1e-5)
+  np.testing.assert_allclose(m["aging/emb_row_log_staleness_mean"], expect, rtol=1e-5)
+  for q in (0.1, 0.5, 0.9):
+    np.testing.assert_allclose(m[f"aging/log_staleness_q{100 * q:g}"], expect, rtol=1e-5)
+  # The histogram sample holds the included entries only: no NaN.
+  np.testing.assert_allclose(m["aging/log_staleness_hist"], expect, rtol=1e-5)
+
+
+def test_idle_staleness_growth_rate():
+  """An Adam entry idle after step 0: log(nu_{t-1} / s_hat_t) grows by log(b2 / d) only late.
+
+  nu_{t-1} = b2^(t-1) (1 - b2) g_0^2 and s_hat_t = d^t (1 - d) g_0^2 / (1 - d^(t+1)), so from
+  step t to t + 1 the growth is log(b2 / d) + log((1 - d^(t+2)) / (1 - d^(t+1))).
+  """
+  tx, o = study_tx("adamw", j({"w": np.zeros(1, np.float32)}))
+  d = 0.9
+  grads = [{"w": np.array([1.0 if t == 0 else 0.0], np.float32)} for t in range(40)]
+  cfg = make_cfg(every=1, sq_ema_decay=d)
+  stale = [float(m["aging/log_staleness_mean"])
+           for m in run_steps({"w": np.zeros(1, np.float32)}, grads, cfg, tx)]
+  growth = lambda t: np.log(o.b2 / d) + np.log((1 - d ** (t + 2)) / (1 - d ** (t + 1)))
+  np.testing.assert_allclose(stale[7] - stale[6], growth(6), rtol=1e-3)   # 0.142
+  np.testing.assert_allclose(stale[39] - stale[38], growth(38), rtol=2e-2)
+  assert abs(growth(38) - np.log(o.b2 / d)) < 0.005                      # 0.054
+
+
+# ----------------------------------------------------------------------------------------------
+# New metrics: hand cases for every optimizer of the study (optimizers.build), lr = 0.1
+# ----------------------------------------------------------------------------------------------
+def _adam_step1(o, g0, g1):
+  """|u_1| of Adam (optax.scale_by_adam, bias-corrected) by hand, for scalars g0, g1."""
+  m = o.b1 * (1 - o.b1) * g0 + (1 - o.b1) * g1
+  v = o.b2 * (1 - o.b2) * g0 ** 2 + (1 - o.b2) * g1 ** 2
+  return 0.1 * abs(m / (1 - o.b1 ** 2)) / (np.sqrt(v / (1 - o.b2 ** 2)) + o.eps)
+
+
+# name, optimizer overrides, |u_1| of (an entry with g_0 = 1, g_1 = 0), (one with g_0 = g_1 = 1).
+IDLE_CASES = [
+    ("sgd_momentum", {"momentum": 0.9, "nesterov": False}, lambda o: (0.1 * 0.9, 0.1 * 1.9)),
+    ("sgd_momentum", {"momentum": 0.9, "nesterov": True},  # u = g + b (g + b m)
+     lambda o: (0.1 * 0.9 * 0.9, 0.1 * (1 + 0.9 * 1.9))),
+    ("sgd_momentum", {"momentum": 0.0, "nesterov": False}, lambda o: (0.0, 0.1)),
+    ("adamw", {}, lambda o: (_adam_step1(o, 1.0, 0.0), _adam_step1(o, 1.0, 1.0))),
+    ("lion", {}, lambda o: (0.1, 0.1)),   # sign(b1 (1 - b2) g_0 + (1 - b1) g_1) = 1: full lr
+    ("signsgd", {"momentum": 0.0}, lambda o: (0.0, 0.1)),
+    ("signsgd", {"momentum": 0.9}, lambda o: (0.1, 0.1)),   # signum: sign of the trace
+    # No momentum: u = 0 where g = 0. Active: g / sqrt(v) = 1, times the parameter scale
+    # max(rms(theta) = 0, 1e-3) and lr; the block RMS of u (0.5) is below the clipping 1.
+    ("adafactor", {"momentum": 0.0}, lambda o: (0.0, 0.1 * 1e-3)),
+]
+
+
+@pytest.mark.parametrize("name,overrides,expect", IDLE_CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(IDLE_CASES)])
+def test_idle_entries_movement(name, overrides, expect):
+  """4-token embedding (2 buckets: rows 0-1, rows 2-3), theta_0 = 0.
+
+  g_0 = 1 on rows 0 and 1; g_1 = 1 on row 0 only. At step 1 row 1 is idle after one gradient
+  (it moves only through a momentum), rows 2-3 never had one (no optimizer moves them: every
+  moment is 0 there), row 0 is active.
+  """
+  params = {"wte/embedding": np.zeros((4, 2), np.float32)}
+  g0 = np.array([[1, 1], [1, 1], [0, 0], [0, 0]], np.float32)
+  g1 = np.array([[1, 1], [0, 0], [0, 0], [0, 0]], np.float32)
+  tx, o = study_tx(name, j(params), **overrides)
+  cfg = make_cfg(every=1, num_freq_buckets=2)
+  m = run_steps(params, [{"wte/embedding": g0}, {"wte/embedding": g1}], cfg, tx,
+                token_freq=np.array([4.0, 3.0, 2.0, 1.0]))[-1]
+  idle_u, active_u = expect(o)
+  check = lambda k, v: np.testing.assert_allclose(m[k], v, rtol=1e-5, atol=1e-9, err_msg=k)
+  # 6 idle entries (2 moving by idle_u, 4 by 0), 2 active entries moving by active_u.
+  share = sdiv(2 * idle_u ** 2, 2 * idle_u ** 2 + 2 * active_u ** 2)
+  check("idle/update_sq_share", share)
+  check("idle/update_sq_share/kind=token_embedding", share)
+  check("idle/update_abs_mean_idle", 2 * idle_u / 6)
+  check("idle/update_abs_mean_active", active_u)
+  check("idle/emb_update_sq_share/freq_bucket=00", share)
+  check("idle/emb_update_abs_mean_idle/freq_bucket=00", idle_u)
+  check("idle/emb_update_abs_mean_active/freq_bucket=00", active_u)
+  assert np.isnan(m["idle/emb_update_sq_share/freq_bucket=01"])  # no update in bucket 01
+  check("idle/emb_update_abs_mean_idle/freq_bucket=01", 0.0)
+  assert np.isnan(m["idle/emb_update_abs_mean_active/freq_bucket=01"])  # no active entry
+
+
+# name, overrides, sign(u_1) = -sign(g_1) on the entries whose gradient turned (g_0 = 1,
+# g_1 = -0.5)? (every other entry has g_0 = g_1 = 1 and agrees), and sign-likeness at step 1.
+SIGN_CASES = [
+    ("sgd_momentum", {"momentum": 0.9, "nesterov": False},
+     lambda o: (-0.5 + 0.9 < 0, None)),                # m = g_1 + b g_0 = 0.4: still descends g_0
+    ("sgd_momentum", {"momentum": 0.9, "nesterov": True},
+     lambda o: (-0.5 + 0.9 * 0.4 < 0, None)),          # g_1 + b m = -0.14
+    ("sgd_momentum", {"momentum": 0.0, "nesterov": False}, lambda o: (True, None)),
+    ("adamw", {}, lambda o: (o.b1 * (1 - o.b1) - 0.5 * (1 - o.b1) < 0, None)),
+    ("lion", {}, lambda o: (o.b1 * (1 - o.b2) - 0.5 * (1 - o.b1) < 0, 1.0)),
+    ("signsgd", {"momentum": 0.0}, lambda o: (True, 1.0)),
+    ("adafactor", {"momentum": 0.0}, lambda o: (True, None)),
+]
+
+
+@pytest.mark.parametrize("name,overrides,expect", SIGN_CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(SIGN_CASES)])
+def test_sign_descent_agreement(name, overrides, expect):
+  """Two layers; in layer 0 the first 2 of 8 entries turn their gradient at step 1."""
+  params = {"block_0/mlp/kernel": np.zeros((4, 2), np.float32),
+            "block_1/mlp/kernel": np.zeros((4, 2), np.float32)}
+  g0 = {p: np.ones((4, 2), np.float32) for p in params}
+  g1 = {p: np.ones((4, 2), np.float32) for p in params}
+  g1["block_0/mlp/kernel"][0] = -0.5
+  tx, o = study_tx(name, j(params), **overrides)
+  m = run_steps(params, [g0, g1], make_cfg(every=1), tx)[-1]
+  turned_agree, likeness = expect(o)
+  layer0 = (6 + 2 * turned_agree) / 8
+  np.testing.assert_allclose(m["sign/descent_agree_frac/layer=00"], layer0)
+  np.testing.assert_allclose(m["sign/descent_agree_frac/layer=01"], 1.0)
+  np.testing.assert_allclose(m["sign/descent_agree_frac"], (layer0 + 1) / 2)
+  if likeness is not None:  # a pure sign step
+    np.testing.assert_allclose(m["sign/update_sign_likeness/layer=00"], likeness, rtol=1e-6)
+
+
+def test_heterogeneity_at_init():
+  """The grad-norm spread of g_0 is kept and reported at every later full step."""
+  params = {"a/kernel": np.zeros(4, np.float32), "b/kernel": np.zeros(4, np.float32),
+            "c/kernel": np.zeros(4, np.float32)}
+  norms0, norms1 = np.array([1.0, 2.0, 4.0]), np.array([3.0, 3.0, 3.0])
+  grads = [{p: np.full(4, n / 2, np.float32) for p, n in zip(sorted(params), norms)}
+           for norms in (norms0, norms1, norms1)]  # |g_b| = n (4 entries of n / 2)
+  cfg = make_cfg(every=1)
+  cv0 = np.sqrt(np.mean((norms0 - 7 / 3) ** 2)) / (7 / 3)  # population std / mean
+  first, *_, m = run_steps(params, grads, cfg)
+  np.testing.assert_allclose(first["heterogeneity/grad_norm_cv"], cv0, rtol=1e-5)
+  np.testing.assert_allclose(first["heterogeneity/grad_norm_cv_at_init"], cv0, rtol=1e-5)
+  np.testing.assert_allclose(m["heterogeneity/grad_norm_cv"], 0.0, atol=1e-6)
+  np.testing.assert_allclose(m["heterogeneity/grad_norm_cv_at_init"], cv0, rtol=1e-5)
+  np.testing.assert_allclose(m["heterogeneity/grad_norm_max_min_at_init"], 4.0, rtol=1e-6)
+  np.testing.assert_allclose(m["heterogeneity/grad_norm_max_min_at_init/kind=other"], 4.0,
+                             rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------

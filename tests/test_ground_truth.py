@@ -89,7 +89,7 @@ def test_shift_drops_cos_grad_momentum_and_raises_energy_ratio(shifted_run):
   assert energy_after.max() > 1.3 * energy_before.max(), (energy_before, energy_after)
 
 
-FAMILIES = ("sparsity/", "drift/", "aging/", "norms/", "heterogeneity/", "sign/")
+FAMILIES = ("sparsity/", "drift/", "aging/", "norms/", "heterogeneity/", "sign/", "idle/")
 
 
 @pytest.mark.parametrize("optimizer", ["sgd_momentum", "adamw", "adafactor", "lion", "signsgd"])
@@ -100,6 +100,18 @@ def test_every_optimizer_writes_every_family(optimizer, tmp_path, shifted_run):
   names = {k for r in _series(str(tmp_path)).values() for k in r}
   for family in FAMILIES:
     assert any(n.startswith(family) for n in names), (optimizer, family)
+  # The metrics the study reports by name: heterogeneity at initialisation, sign descent per
+  # layer, idle movement per token-frequency bucket.
+  for name in ("heterogeneity/grad_norm_cv_at_init", "sign/descent_agree_frac/kind=attention",
+               "sign/update_sign_likeness", "idle/update_sq_share/kind=token_embedding",
+               "idle/emb_update_abs_mean_idle/freq_bucket=09"):
+    assert name in names, (optimizer, name)
+  # Heterogeneity at initialisation is the model's (same theta_0, same first batch), not the
+  # optimizer's: every optimizer reports AdamW's value.
+  at_init = lambda series: [r["heterogeneity/grad_norm_cv_at_init"] for r in series.values()
+                            if "heterogeneity/grad_norm_cv_at_init" in r]
+  np.testing.assert_allclose(at_init(_series(str(tmp_path))), at_init(shifted_run[0])[0],
+                             rtol=1e-5)
   assert any(n.startswith("eval/loss_by_frequency") for n in names)
   # The second-moment staleness exists exactly for optimizers that keep one.
   has_nu = any(n.startswith("aging/log_staleness") for n in names)

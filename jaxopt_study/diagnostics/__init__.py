@@ -32,12 +32,14 @@ thousands; thousands of scalar outputs make XLA compile for minutes). Call
 
 Metric names: ``family/metric`` (global aggregate over all tensors), ``.../kind=<kind>``,
 ``.../layer=<NN>``, ``.../param=<path>``, ``..._q<Q>`` quantile scalars, ``..._hist`` 1-d
-histogram samples (<= cfg.histogram_size), ``.../freq_bucket=<BB>`` token-frequency buckets
+histogram samples (<= cfg.histogram_size entries), ``.../freq_bucket=<BB>`` token-frequency buckets
 (00 = most frequent). Values: 0-d (scalars) or 1-d float32 arrays. Families (registry
 :data:`FAMILIES`) and their formulas: :mod:`.sparsity`, :mod:`.drift`, :mod:`.aging`,
-:mod:`.norms`, :mod:`.heterogeneity`, :mod:`.sign`; token-frequency buckets: :mod:`.frequency`;
-what a family computes in: :mod:`.context`; moments: :mod:`.opt_state`; kinds/layers:
-:mod:`.paths` (``KIND_RULES`` is overridable).
+:mod:`.norms`, :mod:`.heterogeneity`, :mod:`.sign`, :mod:`.idle`; token-frequency buckets:
+:mod:`.frequency`; what a family computes in: :mod:`.context`; moments: :mod:`.opt_state`;
+kinds/layers: :mod:`.paths` (``KIND_RULES`` is overridable). Histogram samples are evenly
+spaced quantiles of the included entries (:mod:`.context`). Entries that never received a
+gradient: age t + 1, inactive in every window, excluded from the staleness (see each family).
 
 Adding a metric:
 
@@ -65,10 +67,12 @@ prev_sign          1      sign (int8)
 total              21     (17 for SGD / Lion / SignSGD when init gets their opt_state)
 =================  =====  ==========================================================
 
-plus small replicated leaves: 8 B per parameter tensor (energy EMAs), 8 B per token-embedding
-row (row count and EMA), 4 B per vocab entry (bucket table). Per-step traffic of a 'counters'
-step: read g once, read+write last_active, update_count, update_ema, sq_ema (32 B/param); a
-'prev' step also writes prev_grad and prev_sign (5 B/param).
+plus small replicated leaves: 8 B per parameter tensor (energy EMAs), 4 B per parameter tensor
+(heterogeneity: gradient norms at step 0, written by the full step at step 0 only), 8 B per
+token-embedding row (row count and EMA), 4 B per vocab entry (bucket table). Per-step traffic of
+a 'counters' step: read g once, read+write last_active, update_count, update_ema, sq_ema
+(32 B/param); a 'prev' step also writes prev_grad and prev_sign (5 B/param). Everything else
+(the idle family, quantiles and histograms included) runs on full steps only.
 """
 
 from jaxopt_study.diagnostics import paths

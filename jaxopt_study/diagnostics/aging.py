@@ -1,33 +1,47 @@
-r"""Second-moment (and momentum) aging family.
+r"""Second-moment aging family: how old the entries' last gradients are, and how far the
+optimizer's second moment lags the current gradient scale.
 
 Per entry, ``last_t`` = the last step <= t at which the entry was active (``|g| >
-active_threshold``; -1 if never), ``age_t = t - last_t`` (0 = received a gradient now). v = the
-optimizer's second moment *before* this step's update (``nu``; Adafactor: the full-shape
-reconstruction from ``v_row``/``v_col``, or ``v`` for unfactored tensors), m = its first moment,
-``s_t = d s_{t-1} + (1-d) g_t^2`` with d = sq_ema_decay, ``s_hat = s_t / (1 - d^n)``.
+active_threshold``; -1 if never), ``age_t = t - last_t`` (0 = received a gradient now; an entry
+never active has age t + 1, i.e. it counts as last active just before step 0). v = the
+optimizer's second moment *before* this step's update, v_{t-1} (Adam's ``nu``; Adafactor: the
+full-shape reconstruction from ``v_row``/``v_col``, or ``v`` for unfactored tensors);
+``s_t = d s_{t-1} + (1-d) g_t^2`` (s_{-1} = 0) with d = sq_ema_decay, ``s_hat = s_t / (1 - d^n)``,
+n = number of update() calls including this one.
 
-* ``aging/age_mean``, ``aging/age_q<Q>`` (global, per kind), ``aging/age_hist`` (1-d sample).
-* ``aging/frac_older_than_H`` = #{age >= H} / N.
-* ``aging/log_staleness_mean`` / ``_q<Q>`` / ``_hist`` = log(v / s_hat) over entries with v > 0
-  and s > 0: how far the optimizer's second moment lags the current gradient scale (> 0: v
-  remembers larger, older gradients; an inactive entry's log-staleness grows by
-  log(b2 / d) per step for Adam). Raw optax ``nu`` is not bias-corrected: early in training
-  (t << 1/(1-b2)) the value includes log(1 - b2^t). Absent without a second moment.
-* ``aging/nu_mass_older_than_H`` = sum_{age >= H} v / sum v: share of the second moment's mass
-  held by entries whose every contributing gradient is at least H steps old. (Entries with a
-  recent gradient also keep some old mass; this counts only the certainly-old part, a lower
-  bound of the share of v coming from gradients older than H steps.)
-* ``aging/mu_mass_older_than_H`` = sum_{age >= H} m^2 / sum m^2: the same for momentum, for every
-  optimizer with a first moment.
+* ``aging/age_mean``, ``aging/age_q<Q>`` (global, per kind), ``aging/age_hist``.
+* ``aging/frac_older_than_H`` = #{age >= H} / N (never-active entries count once t >= H - 1).
+* ``aging/log_staleness_mean`` / ``_q<Q>`` / ``_hist`` = log(v / s_hat) over the entries that were
+  active at some step before t (so v_{t-1} holds at least one of their gradients) and have
+  v > 0 and s > 0. The rule is the same for every optimizer: an entry whose first gradient is
+  g_t, or that never had one, is excluded, whether its v is exactly 0 (Adam's nu) or an epsilon
+  floor (Adafactor adds 1e-30 to g^2, so its v is never 0 and log(1e-30 / s) ~ -65 would
+  otherwise dominate the mean). > 0: v remembers larger, older gradients. Absent without a
+  second moment. Raw optax ``nu`` is not bias-corrected: early in training (t << 1/(1-b2)) the
+  value includes log(1 - b2^t).
+
+  Growth while idle: for an entry inactive since step a (Adam, nu decaying by exactly b2 per
+  step), log(v / s_hat) grows from call n to n + 1 by
+  ``log(b2 / d) + log((1 - d^(n+1)) / (1 - d^n))``: the second term, from s_hat's bias
+  correction, makes the growth log(b2 / d) only once d^n << 1 - d. For d = 0.9, b2 = 0.95
+  (log(b2/d) = 0.054): 0.142 at n = 7, 0.068 at n = 20, within 0.005 of 0.054 from n = 30.
+  Adafactor's decay 1 - t^-0.8 varies with t, so its idle growth has no constant rate.
 
 Token-embedding rows (age of a row = min over its entries; v and s_hat row means):
 
 * ``aging/emb_row_age_mean``, ``aging/emb_row_age_q<Q>``, ``aging/emb_row_frac_older_than_H``;
-* ``aging/emb_row_log_staleness_mean`` = mean over rows of log(mean_row v / mean_row s_hat)
-  (for Adafactor, mean_row v of a (V, D) embedding is exactly ``v_col``);
+* ``aging/emb_row_log_staleness_mean`` = mean over rows of log(mean_row v / mean_row s_hat) over
+  the rows with an active entry at some step before t and mean_row v > 0, mean_row s > 0 (for
+  Adafactor, mean_row v of a (V, D) embedding is exactly ``v_col``);
 * per token-frequency bucket means: ``aging/emb_row_age_mean/freq_bucket=BB``,
   ``aging/emb_row_frac_older_than_H/freq_bucket=BB``,
-  ``aging/emb_row_log_staleness_mean/freq_bucket=BB``.
+  ``aging/emb_row_log_staleness_mean/freq_bucket=BB`` (NaN for a bucket without such rows).
+
+(The former ``aging/nu_mass_older_than_H`` / ``mu_mass_older_than_H`` are gone: they summed
+the moment over entries idle >= H steps, a loose lower bound of the share of the moment from
+gradients older than H. The exact share, b^(H-1) m_{t-H} / m_{t-1} for an EMA m of decay b,
+needs the optimizer's decay, which optax keeps out of its state, and does not exist for
+Adafactor's factored, step-dependent v.)
 """
 
 from __future__ import annotations
@@ -42,7 +56,8 @@ def compute(ctx: context.Context):
   red = context.red
   h = int(cfg.horizon)
   size = lambda g: jnp.full((g.n,), g.size, jnp.float32)
-  ctx.emit("aging/age_mean", lambda g: (red(g.age.astype(jnp.float32)), size(g)), context.safe_div)
+  ctx.emit("aging/age_mean", lambda g: (red(g.age.astype(jnp.float32)), size(g)),
+           context.safe_div)
   ctx.emit_quantiles("aging/age", lambda g: g.age, hist=True)
   ctx.emit("aging/frac_older_than_H", lambda g: (red(g.age >= h), size(g)), context.safe_div)
 
@@ -51,21 +66,15 @@ def compute(ctx: context.Context):
   def log_stale(g):
     if g.v is None or g.s is None:
       return None
-    ok = (g.v > 0) & (g.s > 0)
+    ok = g.seen & (g.v > 0) & (g.s > 0)
     return jnp.where(ok, jnp.log(jnp.where(ok, g.v, 1.0))
                      - jnp.log(jnp.where(ok, g.s / s_bc, 1.0)), jnp.nan)
-  ctx.emit("aging/log_staleness_mean",
-           lambda g: None if log_stale(g) is None else (
-               red(jnp.nan_to_num(log_stale(g), nan=0.0)), red(~jnp.isnan(log_stale(g)))),
-           context.safe_div)
+
+  def log_stale_sums(g):
+    x = log_stale(g)
+    return None if x is None else (red(jnp.nan_to_num(x, nan=0.0)), red(~jnp.isnan(x)))
+  ctx.emit("aging/log_staleness_mean", log_stale_sums, context.safe_div)
   ctx.emit_quantiles("aging/log_staleness", log_stale, hist=True)
-  ctx.emit("aging/nu_mass_older_than_H",
-           lambda g: None if g.v is None else (red(jnp.where(g.age >= h, g.v, 0.0)), red(g.v)),
-           context.safe_div)
-  ctx.emit("aging/mu_mass_older_than_H",
-           lambda g: None if g.m is None else (
-               red(jnp.where(g.age >= h, jnp.square(g.m), 0.0)), red(jnp.square(g.m))),
-           context.safe_div)
 
   for r in ctx.rows:
     sfx = f"/param={r.path}" if len(ctx.rows) > 1 else ""
@@ -82,7 +91,7 @@ def compute(ctx: context.Context):
     if grp.v is not None and grp.s is not None:
       vm = jnp.mean(grp.v[0].reshape(v, -1), axis=1)
       sm = jnp.mean(grp.s[0].reshape(v, -1), axis=1) / s_bc
-      ok = (vm > 0) & (sm > 0)
+      ok = jnp.any(grp.seen[0].reshape(v, -1), axis=1) & (vm > 0) & (sm > 0)
       x = jnp.log(jnp.where(ok, vm, 1.0)) - jnp.log(jnp.where(ok, sm, 1.0))
       ctx.add_scalar("aging/emb_row_log_staleness_mean" + sfx,
                      context.safe_div(jnp.sum(jnp.where(ok, x, 0.0)), jnp.sum(ok)))

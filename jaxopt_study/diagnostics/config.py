@@ -20,7 +20,8 @@ def default_config() -> ml_collections.ConfigDict:
   # embedding rows; drift: cos(g_t, g_{t-1}), cos(g_t, m_{t-1}), relative change, energy ratio;
   # aging: entry ages, second-moment staleness; norms: |theta|, |g|, |u|, |u|/|theta|;
   # heterogeneity: CV and max/min over parameter blocks (arXiv 2502.00213); sign: update-sign
-  # flips, sign(u) vs -sign(g) agreement.
+  # flips, sign(u) vs -sign(g) agreement, sign-likeness of u; idle: movement of entries whose
+  # gradient is zero this step (update share and mean |u| on idle vs active entries).
   for name in FAMILIES:
     c[name] = True
   # Token-frequency bucket table (needs token_frequencies at init): per-bucket embedding-row
@@ -62,7 +63,8 @@ def default_config() -> ml_collections.ConfigDict:
   # --- quantiles / histograms ---
   c.quantiles = (0.1, 0.5, 0.9)     # reported as scalars '<name>_q10', '_q50', '_q90'
   c.quantile_sample_size = 65536    # quantiles use a strided subsample of <= this (+#tensors)
-  c.histogram_size = 1024           # 1-d histogram-sample metrics have <= this many entries
+  # 1-d histogram samples: this many evenly spaced quantiles of the entries (<= 23170).
+  c.histogram_size = 1024
 
   # --- storage ---
   c.prev_grad_dtype = "float32"     # dtype of the stored g_{t-1} (drift): float32 or bfloat16

@@ -21,17 +21,22 @@ one layer (``/layer=<NN>``), one tensor (``/param=<path>``). E.g. a fraction is 
 count/size, a norm (sum x^2,) -> sqrt, a cosine (<a,b>, |a|^2, |b|^2) -> <a,b>/sqrt(|a|^2 |b|^2)
 (the cosine of the concatenated vectors).
 
-Quantiles (``jnp.nanquantile``, linear interpolation) are taken over a subsample: each tensor
-of size N_b contributes a strided grid ``x[::s, ::s, ...]`` with the smallest stride s such that
-it has <= ceil(N_b * quantile_sample_size / N_total) entries (s = 1, i.e. exact, when the
-tensors hold <= quantile_sample_size entries in all). Histogram samples are the concatenated
-subsample strided again to <= ``histogram_size`` entries.
+Quantiles are ``np.nanquantile(x, q)`` (linear interpolation, NaN = excluded entry) of a
+subsample: each tensor of size N_b contributes a strided grid ``x[::s, ::s, ...]`` with the
+smallest stride s such that it has <= ceil(N_b * quantile_sample_size / N_total) entries (s = 1,
+i.e. exact, when the tensors hold <= quantile_sample_size entries in all). The interpolation
+position q (c - 1) (c = number of non-NaN samples) is computed in integer arithmetic from q = a/b
+(a float32 position would round in steps of 2^-5 at c ~ 4e5), so the result equals NumPy's up to
+float32 rounding of the interpolated value. Histogram samples (``<name>_hist``) are the K =
+min(histogram_size, subsample length) quantiles at levels (i + 1/2) / K, i < K, of the same
+subsample: excluded (NaN) entries never appear in them; all NaN if every entry is excluded.
 """
 
 from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import fractions
 import math
 import re
 from typing import Any, Callable, Optional
@@ -113,7 +118,8 @@ class Group:
   u: Any = None                    # u_t (params_{t+1} = params_t + u_t)
   m: Any = None                    # first moment m_{t-1}
   v: Any = None                    # second moment v_{t-1} (reconstructed for Adafactor)
-  age: Any = None                  # int32 t - last_active_t
+  age: Any = None                  # int32 t - last_active_t (t + 1: never active)
+  seen: Any = None                 # bool: active at some step < t (v_{t-1} holds its gradient)
   count: Any = None                # int32 active steps incl. t
   ema: Any = None                  # raw EMA of the active indicator
   s: Any = None                    # raw EMA of g^2
@@ -146,6 +152,7 @@ class Context:
   token_bucket: Optional[jax.Array]
   energy_short: Optional[jax.Array] = None   # raw, per tensor in context order
   energy_long: Optional[jax.Array] = None
+  init_grad_sq: Optional[jax.Array] = None   # |g_0(b)|^2 per tensor in context order (NaN: unseen)
   names: list = dataclasses.field(default_factory=list)
   values: list = dataclasses.field(default_factory=list)
   hists: dict = dataclasses.field(default_factory=dict)
@@ -178,10 +185,21 @@ class Context:
 
   def result(self) -> Metrics:
     if self.quantile_requests:
-      names = [n for ns, _ in self.quantile_requests for n in ns]
-      xs = [x for _, x in self.quantile_requests]
+      xs = [x for _, x, _ in self.quantile_requests]
+      mat, count = sorted_samples(xs)  # one sort serves every quantile and histogram
+      qs = tuple(self.cfg.quantiles)
+      if qs:
+        self.add([n for ns, _, _ in self.quantile_requests for n in ns],
+                 interpolate(mat, count, qs).reshape(-1))
+      for i, (_, x, hist) in enumerate(self.quantile_requests):
+        if hist is not None:
+          k = min(int(self.cfg.histogram_size), x.shape[0])
+          if 2 * k > MAX_DENOMINATOR:
+            raise ValueError(f"config.diagnostics.histogram_size={self.cfg.histogram_size} is "
+                             f"too large: set it to at most {MAX_DENOMINATOR // 2}")
+          self.hists[hist] = interpolate(mat[i:i + 1], count[i:i + 1],
+                                         [(2 * j + 1, 2 * k) for j in range(k)])[0]
       self.quantile_requests = []
-      self.add(names, batched_nanquantile(xs, tuple(self.cfg.quantiles)).reshape(-1))
     values = (jnp.concatenate(self.values) if self.values else jnp.zeros((0,), jnp.float32))
     return Metrics(self.names, values, self.hists)
 
@@ -254,29 +272,32 @@ class Context:
       for k in sorted({k for k, _ in samples}):
         sets.append((f"/kind={k}", [s for kk, s in samples if kk == k]))
     for suffix, xs in sets:
-      x = jnp.concatenate(xs)
-      self.quantiles(name, x, suffix)
-      if hist and suffix == "":
-        self.hists[name + "_hist"] = hist_sample(x, int(self.cfg.histogram_size))
+      self.quantiles(name, jnp.concatenate(xs), suffix, hist=hist and suffix == "")
 
-  def quantiles(self, name: str, x, suffix: str = ""):
-    """Requests nanquantiles of the 1-d x; all requests are served by one batched sort."""
-    if tuple(self.cfg.quantiles):
+  def quantiles(self, name: str, x, suffix: str = "", hist: bool = False):
+    """Requests nanquantiles (and, with hist, the ``name + '_hist'`` sample) of the 1-d x.
+
+    NaN entries of x are excluded. All requests are served by one batched sort in result().
+    """
+    if tuple(self.cfg.quantiles) or hist:
       self.quantile_requests.append(([qname(name, q) + suffix for q in self.cfg.quantiles],
-                                     x.reshape(-1).astype(jnp.float32)))
+                                     x.reshape(-1).astype(jnp.float32),
+                                     name + "_hist" if hist else None))
 
   # ---- token-frequency buckets ----
   def emit_buckets(self, name: str, values, weights=None):
-    """Per token-frequency bucket mean of a per-row value: name + '/freq_bucket=BB'."""
-    if self.token_bucket is None or self.token_bucket.shape[0] != values.shape[0]:
-      return
-    nb = int(self.cfg.num_freq_buckets)
+    """Per token-frequency bucket weighted mean of a per-row value: name + '/freq_bucket=BB'."""
     values = values.astype(jnp.float32)
     w = jnp.ones_like(values) if weights is None else weights.astype(jnp.float32)
-    values = jnp.where(w > 0, values, 0.0)
-    num = jax.ops.segment_sum(values * w, self.token_bucket, num_segments=nb)
-    den = jax.ops.segment_sum(w, self.token_bucket, num_segments=nb)
-    self.add([f"{name}/freq_bucket={b:02d}" for b in range(nb)], safe_div(num, den))
+    self.emit_bucket_ratio(name, jnp.where(w > 0, values * w, 0.0), w)
+
+  def emit_bucket_ratio(self, name: str, num, den):
+    """name + '/freq_bucket=BB' = sum_{rows in BB} num / sum_{rows in BB} den (NaN if 0)."""
+    if self.token_bucket is None or self.token_bucket.shape[0] != num.shape[0]:
+      return
+    nb = int(self.cfg.num_freq_buckets)
+    seg = lambda x: jax.ops.segment_sum(x.astype(jnp.float32), self.token_bucket, num_segments=nb)
+    self.add([f"{name}/freq_bucket={b:02d}" for b in range(nb)], safe_div(seg(num), seg(den)))
 
 
 def grid_stride(shape: tuple, budget: int) -> int:
@@ -292,19 +313,42 @@ def grid_stride(shape: tuple, budget: int) -> int:
   return lo
 
 
-def batched_nanquantile(xs: list, qs: tuple):
-  """[len(xs), len(qs)]: np.nanquantile(x, qs) (linear) of each 1-d x, with ONE sort."""
+def sorted_samples(xs: list):
+  """(mat [R, L] each 1-d x padded with NaN and sorted, NaNs last; count [R] int32 non-NaN)."""
   length = max(x.shape[0] for x in xs)
   mat = jnp.stack([jnp.pad(x, (0, length - x.shape[0]), constant_values=jnp.nan) for x in xs])
-  mat = jnp.sort(mat, axis=1)  # NaNs last
-  c = jnp.sum(~jnp.isnan(mat), axis=1).astype(jnp.float32)[:, None]      # [R, 1]
-  pos = jnp.asarray(qs, jnp.float32)[None, :] * jnp.maximum(c - 1.0, 0.0)  # [R, Q]
-  lo = jnp.floor(pos)
-  hi = jnp.minimum(lo + 1.0, jnp.maximum(c - 1.0, 0.0))
-  vlo = jnp.take_along_axis(mat, lo.astype(jnp.int32), axis=1)
-  vhi = jnp.take_along_axis(mat, hi.astype(jnp.int32), axis=1)
-  out = vlo + (vhi - vlo) * (pos - lo)
-  return jnp.where(c > 0, out, NAN)
+  return jnp.sort(mat, axis=1), jnp.sum(~jnp.isnan(mat), axis=1, dtype=jnp.int32)
+
+
+MAX_DENOMINATOR = 46340  # b^2 < 2^31: the int32 position arithmetic below cannot overflow
+
+
+def as_ratio(q) -> tuple[int, int]:
+  """q (a float in [0, 1], or an (a, b) pair) as integers a/b with b <= MAX_DENOMINATOR."""
+  if isinstance(q, tuple):
+    return q
+  r = fractions.Fraction(q).limit_denominator(MAX_DENOMINATOR)
+  if not 0 <= q <= 1 or abs(float(r) - q) > 1e-12:
+    raise ValueError(f"config.diagnostics.quantiles: {q!r} must lie in [0, 1] and be a ratio a/b "
+                     f"with b <= {MAX_DENOMINATOR} (e.g. 0.9, 0.999); set it to such a value")
+  return r.numerator, r.denominator
+
+
+def interpolate(mat, count, qs):
+  """[R, Q] linear-interpolation quantiles (np.quantile's default) of the sorted rows of mat.
+
+  For level q = a/b and m = count - 1 the position q m is floor + frac with
+  floor = (m // b) a + ((m % b) a) // b and frac = ((m % b) a % b) / b, exact in int32
+  (m % b < b <= MAX_DENOMINATOR). NaN where count == 0.
+  """
+  a, b = (jnp.asarray(v, jnp.int32)[None, :] for v in zip(*(as_ratio(q) for q in qs)))
+  m = jnp.maximum(count - 1, 0)[:, None]                               # [R, 1]
+  lo = (m // b) * a + ((m % b) * a) // b                               # [R, Q]
+  frac = (((m % b) * a) % b).astype(jnp.float32) / b.astype(jnp.float32)
+  vlo = jnp.take_along_axis(mat, lo, axis=1)
+  vhi = jnp.take_along_axis(mat, jnp.minimum(lo + 1, m), axis=1)
+  out = vlo + (vhi - vlo) * frac
+  return jnp.where(count[:, None] > 0, out, NAN)
 
 
 def safe_div(a, b):
@@ -321,7 +365,3 @@ def sqrt_ratio(a, b):
 
 def qname(name: str, q: float) -> str:
   return f"{name}_q{100 * q:g}"
-
-
-def hist_sample(x, size: int):
-  return x[::max(1, math.ceil(x.shape[0] / size))]

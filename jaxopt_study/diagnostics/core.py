@@ -35,6 +35,8 @@ class DiagState(NamedTuple):
   prev_sign: Any = None        # (P) int8: sign(update) of step prev_step
   energy_short: Any = None     # float32 [num_tensors] (params flatten order): EMA of |g_b|^2
   energy_long: Any = None      # float32 [num_tensors]
+  init_grad_sq: Any = None     # float32 [num_tensors]: |g_0|^2 per tensor, set by the full step
+                               # at step 0 (NaN until then; heterogeneity at initialisation)
   rows: Any = None             # {path with '.' for '/': {'update_count': int32 [V],
                                #                          'update_ema': float32 [V]}}
   token_bucket: Any = None     # int32 [V]: token-frequency bucket of each token id
@@ -99,6 +101,7 @@ def init(params, cfg, token_frequencies=None, opt_state=None) -> DiagState:
       prev_sign=like(jnp.int8) if cfg.sign else None,
       energy_short=jnp.zeros((num_tensors,), jnp.float32) if cfg.drift else None,
       energy_long=jnp.zeros((num_tensors,), jnp.float32) if cfg.drift else None,
+      init_grad_sq=jnp.full((num_tensors,), jnp.nan, jnp.float32) if cfg.heterogeneity else None,
       rows=rows,
       token_bucket=token_bucket,
   )
@@ -163,10 +166,11 @@ def update(params, grads, updates, opt_state, diag_state: DiagState, step, cfg, 
   active = {k: jnp.abs(g[k]) > cfg.active_threshold for k in keys}
 
   new = {"count": n}
-  la = None
+  la = seen = None
   if st.last_active is not None:
     old = paths_lib.flatten(st.last_active)
     la = {k: jnp.where(active[k], step, old[k]) for k in keys}
+    seen = {k: old[k] >= 0 for k in keys}  # active at some step < t
     new["last_active"] = _rebuild(st.last_active, la)
   cnt = None
   if st.update_count is not None:
@@ -185,8 +189,8 @@ def update(params, grads, updates, opt_state, diag_state: DiagState, step, cfg, 
     old = paths_lib.flatten(st.sq_ema)
     sq = {k: d * old[k] + (1 - d) * jnp.square(g[k]) for k in keys}
     new["sq_ema"] = _rebuild(st.sq_ema, sq)
+  e = jnp.stack([jnp.sum(jnp.square(g[k])) for k in keys])  # |g_b|^2; fuses with the counters
   if st.energy_short is not None:
-    e = jnp.stack([jnp.sum(jnp.square(g[k])) for k in keys])  # fuses with the counters
     ds, dl = cfg.energy_short_decay, cfg.energy_long_decay
     new["energy_short"] = ds * st.energy_short + (1 - ds) * e
     new["energy_long"] = dl * st.energy_long + (1 - dl) * e
@@ -213,6 +217,8 @@ def update(params, grads, updates, opt_state, diag_state: DiagState, step, cfg, 
       new["prev_sign"] = _rebuild(
           st.prev_sign, {k: jnp.sign(jnp.asarray(uflat[k])).astype(jnp.int8) for k in keys})
     new["prev_step"] = step
+  if mode == "full" and st.init_grad_sq is not None:
+    new["init_grad_sq"] = jnp.where(step == 0, e, st.init_grad_sq)
   new_state = st._replace(**new)
   if mode != "full":
     return {}, new_state
@@ -229,6 +235,7 @@ def update(params, grads, updates, opt_state, diag_state: DiagState, step, cfg, 
       "m": {k: jnp.asarray(x).astype(f32) for k, x in mom.first.items()},
       "v": {k: jnp.asarray(x).astype(f32) for k, x in mom.second.items()},
       "age": {k: step - la[k] for k in keys} if la is not None else {},
+      "seen": seen or {},
       "count": cnt or {}, "ema": ema or {}, "s": sq or {},
       "prev_g": paths_lib.flatten(st.prev_grad) if st.prev_grad is not None else {},
       "prev_sign": paths_lib.flatten(st.prev_sign) if st.prev_sign is not None else {},
@@ -259,7 +266,8 @@ def update(params, grads, updates, opt_state, diag_state: DiagState, step, cfg, 
       cfg=cfg, groups=groups, rows=rows, step=step, n=n,
       prev_valid=st.prev_step == step - 1, token_bucket=st.token_bucket,
       energy_short=new["energy_short"][perm] if "energy_short" in new else None,
-      energy_long=new["energy_long"][perm] if "energy_long" in new else None)
+      energy_long=new["energy_long"][perm] if "energy_long" in new else None,
+      init_grad_sq=new["init_grad_sq"][perm] if "init_grad_sq" in new else None)
   for name, compute in FAMILIES.items():
     if cfg[name]:
       compute(ctx)
@@ -295,9 +303,9 @@ def available_families(opt_state, params=None, cfg=None) -> dict[str, Any]:
   fams = tuple(f for f in FAMILIES if cfg is None or cfg.get(f, True))
   absent = []
   if first is None:
-    absent += ["drift/cos_grad_mu", "aging/mu_mass_older_than_H"]
+    absent += ["drift/cos_grad_mu"]
   if second is None:
-    absent += ["aging/log_staleness_*", "aging/nu_mass_older_than_H",
+    absent += ["aging/log_staleness_*",
                "aging/emb_row_log_staleness*"]
   return {"first_moment": first, "second_moment": second, "factored": factored,
           "families": fams, "absent": tuple(absent)}
@@ -307,7 +315,8 @@ def state_bytes_per_param(cfg, has_second_moment: bool = True) -> dict[str, floa
   """Bytes of diag_state per parameter entry, per state leaf, and 'total'.
 
   Small leaves are extra and not per parameter: 8 bytes per parameter tensor (drift energy
-  EMAs), 8 bytes per token-embedding row (row counters), 4 bytes per vocab entry (bucket table).
+  EMAs), 4 bytes per parameter tensor (heterogeneity at initialisation), 8 bytes per
+  token-embedding row (row counters), 4 bytes per vocab entry (bucket table).
   """
   if not cfg.enabled:
     return {"total": 0.0}

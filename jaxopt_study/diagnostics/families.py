@@ -15,6 +15,7 @@ from jaxopt_study.diagnostics import context
 from jaxopt_study.diagnostics import drift
 from jaxopt_study.diagnostics import experts
 from jaxopt_study.diagnostics import heterogeneity
+from jaxopt_study.diagnostics import idle
 from jaxopt_study.diagnostics import norms
 from jaxopt_study.diagnostics import sign
 from jaxopt_study.diagnostics import sparsity
@@ -26,5 +27,6 @@ FAMILIES: dict[str, Callable[[context.Context], None]] = {
     "norms": norms.compute,
     "heterogeneity": heterogeneity.compute,
     "sign": sign.compute,
+    "idle": idle.compute,
     "experts": experts.compute,
 }

@@ -1,8 +1,9 @@
 r"""Sparsity family: how many gradient entries / embedding rows are touched, and how often.
 
 Notation: tensor b with N_b entries, gradient g_t at step t, ``a_t = |g_t| > active_threshold``
-(elementwise; default threshold 0: any non-zero gradient), n = number of steps observed so far
-(including t), ``rms_b = sqrt(mean(g_b^2))``.
+(elementwise; default threshold 0: any non-zero gradient), n = number of update() calls so far
+including this one (n = t + 1 when the diagnostics run from step 0: every mode but 'off' updates
+the counters), ``rms_b = sqrt(mean(g_b^2))``.
 
 * ``sparsity/zero_frac``            = #{g == 0} / N.
 * ``sparsity/small_frac``           = #{|g| <= rel_threshold * rms_b} / N (each entry judged
@@ -11,8 +12,8 @@ Notation: tensor b with N_b entries, gradient g_t at step t, ``a_t = |g_t| > act
   ``sparsity/update_freq_q<Q>`` its quantiles (global, per kind).
 * ``sparsity/update_freq_ema_mean`` = mean_entries e_hat, e_k = d e_{k-1} + (1-d) a_k,
   e_hat = e_t / (1 - d^n), d = update_ema_decay; ``..._ema_q<Q>`` its quantiles.
-* ``sparsity/active_frac_window``   = #{entries active at least once in steps t-W+1..t} / N
-  (= #{age < W}; W = window).
+* ``sparsity/active_frac_window``   = #{entries active at least once in steps max(0, t-W+1)..t}
+  / N (W = window); an entry never active is not counted, also in the first W steps.
 
 Token-embedding rows (each ``(V, D)`` tensor of kind ``token_embedding``; a row is active at a
 step iff any of its entries is active):
@@ -20,7 +21,7 @@ step iff any of its entries is active):
 * ``sparsity/emb_row_zero_frac``    = #{rows whose gradient is all exactly zero at t} / V.
 * ``sparsity/emb_row_update_freq_mean`` / ``_q<Q>`` = row count / n;
   ``sparsity/emb_row_update_freq_ema_mean`` / ``_q<Q>`` (bias-corrected EMA of row activity);
-  ``sparsity/emb_row_active_frac_window`` = #{rows active in the last W steps} / V.
+  ``sparsity/emb_row_active_frac_window`` = #{rows active in steps max(0, t-W+1)..t} / V.
 * With a token-frequency bucket table (``init(..., token_frequencies=...)``), the per-bucket
   means of those four row statistics (00 = most frequent tokens):
   ``sparsity/emb_row_zero_frac/freq_bucket=BB``, ``sparsity/emb_row_active_frac_window/...``,
@@ -59,7 +60,9 @@ def compute(ctx: context.Context):
   ctx.emit("sparsity/update_freq_ema_mean",
            lambda g: None if g.ema is None else (red(ema(g)), size(g)), context.safe_div)
   ctx.emit_quantiles("sparsity/update_freq_ema", ema)
-  ctx.emit("sparsity/active_frac_window", lambda g: (red(g.age < cfg.window), size(g)),
+  # age <= t: active at some step 0..t (a never-active entry has age t + 1).
+  window = lambda age: (age < cfg.window) & (age <= ctx.step)
+  ctx.emit("sparsity/active_frac_window", lambda g: (red(window(g.age)), size(g)),
            context.safe_div)
 
   for r in ctx.rows:
@@ -67,7 +70,7 @@ def compute(ctx: context.Context):
     g = r.group.g[0].reshape(r.group.shape[0], -1)
     zero_rows = jnp.all(g == 0, axis=1).astype(jnp.float32)
     row_age = jnp.min(r.group.age[0].reshape(g.shape[0], -1), axis=1)
-    active_w = (row_age < cfg.window).astype(jnp.float32)
+    active_w = window(row_age).astype(jnp.float32)
     stats = [("zero_frac", zero_rows, False), ("active_frac_window", active_w, False)]
     if r.count is not None:
       stats.append(("update_freq", r.count.astype(jnp.float32) / nf, True))
