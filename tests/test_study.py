@@ -83,14 +83,14 @@ def _write_run(root, cond, opt, mult, seed, status="completed"):
             "norms/param/layer=00": 10 + s / 100, "norms/param/layer=01": 11 + s / 100,
             "norms/update_param_ratio/layer=00": 1e-3, "norms/update_param_ratio/layer=01": 2e-3,
             "aging/age_q10": 0.0, "aging/age_q50": 1.0, "aging/age_q90": 30.0,
-            "aging/mu_mass_older_than_H": 0.01,
+            "idle/update_sq_share/kind=token_embedding": 0.01,
             "aging/param=wte/embedding/age_mean": 3.0,  # dropped from the long CSV
         })
         for b in range(4):
           rec[f"sparsity/emb_row_update_freq_mean/freq_bucket={b:02d}"] = 1.0 / (1 + 3 * b)
         if opt in ("adamw", "adafactor"):
           rec.update({"aging/log_staleness_q10": -1.0, "aging/log_staleness_q50": 0.5,
-                      "aging/log_staleness_q90": 2.0, "aging/nu_mass_older_than_H": 0.05})
+                      "aging/log_staleness_q90": 2.0, "aging/frac_older_than_H": 0.05})
           for b in range(4):
             rec[f"aging/emb_row_log_staleness_mean/freq_bucket={b:02d}"] = 0.5 * b
       if s % 100 == 0:
@@ -363,7 +363,7 @@ def test_aggregation_of_hand_made_runs(fake_report):
   # Staleness only where there is a second moment.
   assert fb.loc["adamw", "aging/log_staleness_q50"] == pytest.approx(0.5)
   assert np.isnan(fb.loc["lion", "aging/log_staleness_q50"])
-  assert fb.loc["lion", "aging/mu_mass_older_than_H"] == pytest.approx(0.01)
+  assert fb.loc["lion", "idle/update_sq_share/kind=token_embedding"] == pytest.approx(0.01)
 
   comp = pd.read_csv(root / "results" / "comparisons.csv")
   v = comp[comp["condition"] == "base"].set_index(["a", "b"])["verdict"]

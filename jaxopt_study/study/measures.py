@@ -28,16 +28,20 @@ import numpy as np
 
 from jaxopt_study.study.loading import Run
 
-# Global (not per-kind/layer) aging metrics reported as staleness of the moments.
+# Optimizer-state metrics reported per run (the last full diagnostics step's value).
 STALENESS_METRICS = [
     "aging/log_staleness_q50",  # log(nu / s_hat), median entry (second moment only)
-    "aging/nu_mass_older_than_H",  # share of nu's mass on entries idle >= H steps
-    "aging/mu_mass_older_than_H",  # the same for the first moment
+    "aging/frac_older_than_H",  # share of entries whose last gradient is >= H steps old
     "aging/emb_row_log_staleness_mean",  # embedding rows' log staleness (second moment)
     "aging/age_q90",  # 90th percentile of steps since an entry's last gradient
+    # Movement of idle entries: share of |u|^2 on token-embedding entries with zero gradient
+    # (Adam and Lion keep moving absent tokens' rows through their momentum; SGD does not).
+    "idle/update_sq_share/kind=token_embedding",
+    "sign/descent_agree_frac",  # share of entries with sign(u) = -sign(g) (Adam as sign descent)
 ]
 HETEROGENEITY_METRICS = [
     "heterogeneity/grad_norm_cv",  # CV of per-tensor gradient norms (arXiv 2502.00213)
+    "heterogeneity/grad_norm_cv_at_init",  # the same at step 0, before any update
     "heterogeneity/step_size_cv",  # CV of per-tensor |u|/|g|
 ]
 

@@ -433,21 +433,22 @@ def moment_staleness(study, best, runs, cond, path):
     rs = _best_runs(study, best, cond, opt)
     if not rs:
       continue
-    for name, ls in (("aging/mu_mass_older_than_H", "-"), ("aging/nu_mass_older_than_H", "--")):
+    for name, ls in (("idle/update_sq_share/kind=token_embedding", "-"),
+                     ("idle/update_sq_share", "--")):
       s, v = rs[0].series(name)
       if s.size:
         ax.plot(s, v, ls, color=_color(opt, i), lw=1.2,
-                label=f"{opt} {'m' if 'mu' in name else 'nu'}")
+                label=f"{opt} {'embedding' if 'kind=' in name else 'all'}")
         got += 1
   ax.set_xlabel("step")
-  ax.set_ylabel("share of moment mass on entries idle >= H steps", fontsize=8)
+  ax.set_ylabel("share of |u|^2 on entries with zero gradient", fontsize=8)
   ax.grid(alpha=0.3)
   if got:
     ax.legend(fontsize=6, ncol=2)
   else:
-    ax.text(0.5, 0.5, "no aging/*_mass_older_than_H", transform=ax.transAxes, ha="center")
-    notes.append("no aging/*_mass_older_than_H metrics")
-  ax.set_title("Moment mass on idle entries", fontsize=8)
+    ax.text(0.5, 0.5, "no idle/update_sq_share", transform=ax.transAxes, ha="center")
+    notes.append("no idle/update_sq_share metrics")
+  ax.set_title("Movement of idle entries (update on zero-gradient entries)", fontsize=8)
   fig.suptitle(f"Age and staleness of the optimizer moments ({cond}, best lr, first seed)",
                fontsize=10)
   _save(fig, path)

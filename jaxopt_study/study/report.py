@@ -295,14 +295,14 @@ def findings_section(study: Study, findings: pd.DataFrame) -> list[str]:
                    *([" / ".join(_fmt(r[c]) for c in splits)] if splits else []),
                    f"{_fmt(r['rare_token_loss'])} / {_fmt(r['frequent_token_loss'])}",
                    rec, _fmt(r["shift_loss_jump"]),
-                   _fmt(r["aging/log_staleness_q50"]), _fmt(r["aging/mu_mass_older_than_H"]),
+                   _fmt(r["aging/log_staleness_q50"]), _fmt(r["idle/update_sq_share/kind=token_embedding"]),
                    _fmt(r["heterogeneity/grad_norm_cv"])])
     out.append(_md_table(
         ["optimizer", "best lr", "stability", "spikes (best lr / sweep)",
          f"final {split} loss (95% t)", "final train loss",
          *([" / ".join(c[len("final_"):-len("_loss")] for c in splits) + " loss"]
            if splits else []), "rare / frequent loss",
-         "recovery steps", "shift loss jump", "nu staleness (log)", "mu mass idle >= H",
+         "recovery steps", "shift loss jump", "nu staleness (log)", "|u|^2 share on idle emb. entries",
          "grad-norm CV"], rows))
     out.append("")
   return out
