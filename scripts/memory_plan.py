@@ -21,8 +21,8 @@ lowered and compiled for the mesh, and per device this prints:
   live only inside the step: activations kept for the backward pass, gradients, all-gathered
   parameters, optimizer temporaries), ``code`` (generated code). Estimated peak =
   argument + output - alias + temp.
-* **all-gathers** in the compiled HLO (``compiled.as_text()``): the largest one, and whether a
-  gather's result has the full shape of a parameter. FSDP gathers each weight for its matmuls by
+* **all-gathers** in the compiled HLO (``compiled.as_text()``): the largest one, and how many
+  results have the size of a whole sharded weight matrix (any shape: flattened too). FSDP gathers each weight for its matmuls by
   design (ZeRO-3); the diagnostics must add none: the full-diagnostics step's gathers are
   compared with those of the step without diagnostics.
 
@@ -51,6 +51,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from jaxopt_study import diagnostics
 from jaxopt_study import optimizers
 from jaxopt_study import sharding
 from jaxopt_study import train
@@ -59,6 +60,9 @@ from jaxopt_study.models import gpt
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/adamw.py:gpt2_xl", "Run config (file.py:PRESET).")
 flags.DEFINE_list("meshes", None, "Meshes DATAxFSDP, e.g. 8x1,4x2,2x4,1x8 (default: the config's).")
+flags.DEFINE_list("compile_meshes", None,
+                  "Meshes whose step is compiled (default: all of --meshes); the others get "
+                  "the state table only, which needs no compile.")
 flags.DEFINE_list("modes", ["off", "full"],
                   "Steps to compile: 'off' (config.diagnostics.enabled=False) and/or a "
                   "diagnostics mode ('counters', 'prev', 'full') with the diagnostics on.")
@@ -167,10 +171,17 @@ def gather_bytes(g) -> int:
   return int(np.prod(g[1])) * _ITEMSIZE[g[0]]
 
 
-def gather_report(gathers, param_shapes) -> dict:
-  """Count, largest gather, and the gathers whose result is the full shape of a parameter."""
+def sharded_matrix_sizes(params) -> set[int]:
+  """Entry counts of the weight matrices FSDP splits (>= 2-D; biases and scales are O(d))."""
+  return {int(np.prod(x.shape)) for x in jax.tree.leaves(params)
+          if len(x.shape) >= 2 and x.sharding.shard_shape(x.shape) != x.shape}
+
+
+def gather_report(gathers, param_sizes) -> dict:
+  """Count, largest gather, and the gathers of a whole sharded weight matrix: results with its
+  number of entries (in any shape: a flattened weight counts too)."""
   largest = max(gathers, key=gather_bytes, default=None)
-  whole = [g for g in gathers if g[1] in param_shapes]
+  whole = [g for g in gathers if int(np.prod(g[1])) in param_sizes]
   return {"count": len(gathers), "bytes": sum(map(gather_bytes, gathers)),
           "largest": _gather_str(largest), "largest_bytes": gather_bytes(largest) if largest else 0,
           "param_sized": len(whole),
@@ -200,13 +211,6 @@ def _config_for(config, mode):
   return _with(config, **{"diagnostics.enabled": mode != "off"})
 
 
-def compiled_numbers(config, devices, mode, param_shapes):
-  """memory() and the gathers of ``config``'s step in ``mode`` on ``devices``."""
-  s = abstract_setup(config, devices)
-  compiled = compile_step(config, s, None if mode == "off" else mode)
-  return memory(compiled), all_gathers(compiled.as_text())
-
-
 def extrapolate(by_depth: dict[int, dict[str, float]], depth: int) -> dict[str, float]:
   """Least-squares line a + b L through each number's values at the compiled depths, at ``depth``."""
   ls = np.array(sorted(by_depth), float)
@@ -218,7 +222,7 @@ def extrapolate(by_depth: dict[int, dict[str, float]], depth: int) -> dict[str, 
   return out
 
 
-def plan_mesh(config, data: int, fsdp: int, modes, depths) -> dict:
+def plan_mesh(config, data: int, fsdp: int, modes, depths, compile_step_too=True) -> dict:
   devices = jax.devices()[: data * fsdp]
   config = _with(config, **{"mesh.data": data, "mesh.fsdp": fsdp})
   full_depth = config.model.num_layers
@@ -226,12 +230,12 @@ def plan_mesh(config, data: int, fsdp: int, modes, depths) -> dict:
            for mode in modes}
   row = {"mesh": f"{data}x{fsdp}", "data": data, "fsdp": fsdp, "devices": data * fsdp,
          "batch_per_device": config.batch_size // (data * fsdp), "state": state, "steps": {}}
-  for mode in modes:
+  for mode in modes if compile_step_too else ():
     by_depth, gathers = {}, {}
     for depth in depths or [full_depth]:
       c = _with(_config_for(config, mode), **{"model.num_layers": depth})
       s = abstract_setup(c, devices)
-      param_shapes = {x.shape for x in jax.tree.leaves(s.state.params)}
+      param_sizes = sharded_matrix_sizes(s.state.params)
       compiled = compile_step(c, s, None if mode == "off" else mode)
       by_depth[depth] = memory(compiled)
       gathers[depth] = all_gathers(compiled.as_text())
@@ -242,17 +246,17 @@ def plan_mesh(config, data: int, fsdp: int, modes, depths) -> dict:
         "extrapolated": bool(depths),
         "memory": {k: int(v) for k, v in mem.items()},
         "memory_by_depth": by_depth,
-        "all_gathers": gather_report(gathers[deepest], param_shapes),
+        "all_gathers": gather_report(gathers[deepest], param_sizes),
         "_gathers": gathers[deepest],
     }
   # Gathers only the diagnostics add: the full step's multiset minus the step without them.
-  if "off" in modes:
+  if "off" in row["steps"]:
     off = collections.Counter(row["steps"]["off"].pop("_gathers"))
     for mode in modes:
       if mode != "off":
         extra = collections.Counter(row["steps"][mode].pop("_gathers")) - off
         row["steps"][mode]["gathers_added_by_diagnostics"] = gather_report(
-            list(extra.elements()), param_shapes)
+            list(extra.elements()), param_sizes)
   for step in row["steps"].values():
     step.pop("_gathers", None)
   return row
@@ -303,8 +307,8 @@ def render(config, rows, devices_gb) -> str:
       lines.append(f"| {r['mesh']} | {r['batch_per_device']} | {mode} | {how} | "
                    + " | ".join(_gb(mm[k]) for k in (*MEMORY_FIELDS, "peak")) + f" | {fits} |")
   lines += ["", "All-gathers in the compiled HLO (of the deepest compiled model):",
-            "| mesh DxF | step | count | largest | param-shaped results | "
-            "added by diagnostics (count, largest, param-shaped) |", "|---|---|---|---|---|---|"]
+            "| mesh DxF | step | count | largest | whole-weight results | "
+            "added by diagnostics (count, largest, whole-weight) |", "|---|---|---|---|---|---|"]
   for r in rows:
     for mode, st in r["steps"].items():
       g, extra = st["all_gathers"], st.get("gathers_added_by_diagnostics")
@@ -340,15 +344,20 @@ def main(argv):
   config = FLAGS.config
   meshes = [parse_mesh(x) for x in FLAGS.meshes] if FLAGS.meshes else [
       sharding.mesh_shape(config.mesh, jax.device_count())]
+  for mode in FLAGS.modes:
+    if mode not in diagnostics.MODES:
+      raise ValueError(f"--modes: {mode!r}; valid: {diagnostics.MODES}")
   depths = sorted({int(x) for x in FLAGS.compile_layers})
   if depths == [0]:
     depths = []
   elif len(depths) < 2 or depths[0] < 1 or depths[-1] > config.model.num_layers:
     raise ValueError(f"--compile_layers={FLAGS.compile_layers}: give two or more depths in "
                      f"[1, {config.model.num_layers}], or 0 for the full depth.")
+  compiled = ({parse_mesh(x) for x in FLAGS.compile_meshes} if FLAGS.compile_meshes is not None
+              else set(meshes))
   rows = []
   for data, fsdp in meshes:
-    rows.append(plan_mesh(config, data, fsdp, FLAGS.modes, depths))
+    rows.append(plan_mesh(config, data, fsdp, FLAGS.modes, depths, (data, fsdp) in compiled))
     print(f"mesh {data}x{fsdp} done", flush=True)
   print(render(config, rows, FLAGS.devices_gb), flush=True)
   if FLAGS.json_out:
