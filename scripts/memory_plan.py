@@ -231,23 +231,22 @@ def plan_mesh(config, data: int, fsdp: int, modes, depths, compile_step_too=True
   row = {"mesh": f"{data}x{fsdp}", "data": data, "fsdp": fsdp, "devices": data * fsdp,
          "batch_per_device": config.batch_size // (data * fsdp), "state": state, "steps": {}}
   for mode in modes if compile_step_too else ():
-    by_depth, gathers = {}, {}
-    for depth in depths or [full_depth]:
+    by_depth = {}
+    for depth in depths or [full_depth]:  # ascending: the last is the deepest
       c = _with(_config_for(config, mode), **{"model.num_layers": depth})
       s = abstract_setup(c, devices)
       param_sizes = sharded_matrix_sizes(s.state.params)
       compiled = compile_step(c, s, None if mode == "off" else mode)
       by_depth[depth] = memory(compiled)
-      gathers[depth] = all_gathers(compiled.as_text())
-    deepest = max(by_depth)
+      gathers = all_gathers(compiled.as_text())
     mem = extrapolate(by_depth, full_depth) if depths else by_depth[full_depth]
     row["steps"][mode] = {
         "compiled_layers": sorted(by_depth),
         "extrapolated": bool(depths),
         "memory": {k: int(v) for k, v in mem.items()},
         "memory_by_depth": by_depth,
-        "all_gathers": gather_report(gathers[deepest], param_sizes),
-        "_gathers": gathers[deepest],
+        "all_gathers": gather_report(gathers, param_sizes),
+        "_gathers": gathers,
     }
   # Gathers only the diagnostics add: the full step's multiset minus the step without them.
   if "off" in row["steps"]:
