@@ -10,7 +10,8 @@ Presets are chosen with `:PRESET` after a config file's name:
   small       6 layers, d=256, seq 256: a real signal on one GPU in minutes.
   gpt2_small  12 layers, d=768, 12 heads, seq 1024, vocab 50304 (GPT-2 124M as in nanoGPT), bf16.
   gpt2_xl     48 layers, d=1600, 25 heads, seq 1024, vocab 50304 (GPT-2 1.5B; 1.64B untied), bf16
-              compute: 26 GB of float32 parameters + AdamW moments, for FSDP (docs/MULTI_GPU.md).
+              compute: 19.7 GB of float32 parameters + AdamW moments (26 GB with gradients),
+              for FSDP (docs/MULTI_GPU.md).
 
 Any field can be overridden on the command line, e.g. `--config.optimizer.learning_rate=3e-4`.
 """
