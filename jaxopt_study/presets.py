@@ -9,6 +9,9 @@ Presets are chosen with `:PRESET` after a config file's name:
   tiny        2 layers, d=64, seq 64, synthetic corpus: trains in about a minute on 2 CPU cores.
   small       6 layers, d=256, seq 256: a real signal on one GPU in minutes.
   gpt2_small  12 layers, d=768, 12 heads, seq 1024, vocab 50304 (GPT-2 124M as in nanoGPT), bf16.
+  gpt2_xl     48 layers, d=1600, 25 heads, seq 1024, vocab 50304 (GPT-2 1.5B; 1.64B untied), bf16
+              compute: 19.7 GB of float32 parameters + AdamW moments (26 GB with gradients),
+              for FSDP (docs/MULTI_GPU.md).
 
 Any field can be overridden on the command line, e.g. `--config.optimizer.learning_rate=3e-4`.
 """
@@ -19,7 +22,7 @@ from jaxopt_study import data as data_lib
 from jaxopt_study import diagnostics as diagnostics_lib
 from jaxopt_study import optimizers
 
-PRESETS = ("tiny", "small", "gpt2_small")
+PRESETS = ("tiny", "small", "gpt2_small", "gpt2_xl")
 
 
 def get_config(preset: str | None = None, optimizer: str = "adamw") -> ml_collections.ConfigDict:
@@ -106,6 +109,17 @@ def get_config(preset: str | None = None, optimizer: str = "adamw") -> ml_collec
     m.num_layers, m.d_model, m.num_heads, m.max_len = 12, 768, 12, 1024
     m.dtype = "bfloat16"
     config.data.vocab_size = 50304  # GPT-2's 50257 padded to a multiple of 64 (nanoGPT).
+    config.seq_len, config.batch_size, config.num_steps = 1024, 32, 20000
+    s.warmup_steps = 700
+    config.log_every, config.eval_every, config.checkpoint_every = 50, 1000, 1000
+  elif preset == "gpt2_xl":
+    m.num_layers, m.d_model, m.num_heads, m.max_len = 48, 1600, 25, 1024
+    m.dtype = "bfloat16"
+    # Saved activations of 48 layers at seq 1024 are ~9 GB per sequence without remat
+    # (Korthikanti et al. 2022: s*h*(34 + 5*a*s/h) bytes a layer); 'dots' keeps the matmuls only.
+    m.remat = "dots"
+    config.data.vocab_size = 50304  # GPT-2's 50257 padded to a multiple of 64 (nanoGPT).
+    # 8 sequences per GPU on 4 GPUs (mesh.fsdp=4); the memory plan is scripts/memory_plan.py.
     config.seq_len, config.batch_size, config.num_steps = 1024, 32, 20000
     s.warmup_steps = 700
     config.log_every, config.eval_every, config.checkpoint_every = 50, 1000, 1000
