@@ -9,9 +9,16 @@ What matters for the study, and why each option exists:
   embedding-gradient sparsity is invisible. Untied (default here) keeps the input embedding's
   gradient exactly zero on rows of tokens absent from the batch.
 * ``num_kv_heads``: grouped-query attention (num_kv_heads < num_heads), multi-query at 1.
-* Parameters are float32; ``dtype`` is the compute dtype (bfloat16 on accelerators).
-* Attention goes through ``jax.nn.dot_product_attention`` so cuDNN flash attention is used on
-  GPU (``attention_impl='cudnn'``) and XLA's elsewhere.
+* Parameters are float32; ``dtype`` is the compute dtype (bfloat16 on accelerators). The logits
+  come out in ``dtype`` too: the loss upcasts them inside its own fused kernels
+  (``train.cross_entropy``), so no float32 [B, T, V] copy is ever written.
+* Embeddings are looked up in the parameters' dtype and the rows cast to ``dtype`` afterwards, so
+  the lookup's gradient is a float32 scatter-add into the [V, D] table (hardware atomics on GPU).
+  Casting the table first (flax ``nn.Embed(dtype=bfloat16)``) makes it a bfloat16 scatter-add,
+  which took a third of an H100 step (BENCHMARKS.md) and rounds every partial sum to 8 bits of
+  mantissa. The forward values are the same either way.
+* Attention goes through ``jax.nn.dot_product_attention``: ``attention_impl`` 'auto' lets jax
+  choose, 'xla' or 'cudnn' (flash attention on GPU) force one.
 
 Every parameter carries logical axis names ('vocab', 'embed', 'heads', 'kv', 'mlp', ...);
 ``sharding.py`` maps them onto the device mesh. The parameter tree is listed in docs/DESIGN.md.
@@ -50,7 +57,7 @@ class GPTConfig:
   tie_embeddings: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  attention_impl: str | None = None  # None: XLA picks; 'cudnn': flash attention on GPU.
+  attention_impl: str = "auto"  # A key of ATTENTION_IMPLS.
   remat: str = "none"  # 'none' | 'full' | 'dots' (save matmul outputs only)
   init_std: float = 0.02
 
@@ -121,7 +128,7 @@ class CausalSelfAttention(nn.Module):
     v = proj("btd,dgk->btgk", (d, g, k), ("embed", "kv_heads", "kv"), name="value")(x)  # [B,T,G,K]
     # jax.nn.dot_product_attention handles grouped K/V heads (H % G == 0) itself.
     y = jax.nn.dot_product_attention(
-        q, kk, v, is_causal=True, implementation=cfg.attention_impl
+        q, kk, v, is_causal=True, implementation=ATTENTION_IMPLS[cfg.attention_impl]
     )  # [B, T, H, K]
     y = Projection(
         "bthk,hkd->btd", (h, k, d), ("heads", "kv", "embed"), 1, cfg, out_std, name="out"
@@ -170,7 +177,7 @@ _REMAT_POLICIES = {
 
 
 class GPT(nn.Module):
-  """tokens [B, T] int -> logits [B, T, V] float32."""
+  """tokens [B, T] int -> logits [B, T, V] in the compute dtype (``cfg.dtype``)."""
 
   cfg: GPTConfig
 
@@ -180,23 +187,17 @@ class GPT(nn.Module):
     b, t = tokens.shape
     if t > cfg.max_len:
       raise ValueError(f"sequence length {t} > config.model.max_len={cfg.max_len}")
-    wte = nn.Embed(
-        cfg.vocab_size,
-        cfg.d_model,
-        dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype,
-        embedding_init=nn.with_logical_partitioning(_INIT(cfg.init_std), ("vocab", "embed")),
-        name="wte",
-    )
-    wpe = nn.Embed(
-        cfg.max_len,
-        cfg.d_model,
-        dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype,
-        embedding_init=nn.with_logical_partitioning(_INIT(0.01), ("length", "embed")),
-        name="wpe",
-    )
-    x = wte(tokens) + wpe(jnp.arange(t)[None, :])  # [B, T, D]
+    # dtype=param_dtype: the lookup happens in float32 and the rows are cast afterwards (see the
+    # module docstring); the head casts the whole table instead.
+    embed = functools.partial(nn.Embed, features=cfg.d_model, dtype=cfg.param_dtype,
+                              param_dtype=cfg.param_dtype)
+    wte = embed(cfg.vocab_size, name="wte", embedding_init=nn.with_logical_partitioning(
+        _INIT(cfg.init_std), ("vocab", "embed")))
+    wpe = embed(cfg.max_len, name="wpe", embedding_init=nn.with_logical_partitioning(
+        _INIT(0.01), ("length", "embed")))
+    # Positions 0..t-1 are a slice of the table: its gradient is a pad, not a scatter. Each term
+    # is cast before the sum, so the forward values are exactly flax's nn.Embed(dtype=dtype).
+    x = wte(tokens).astype(cfg.dtype) + wpe.embedding[None, :t].astype(cfg.dtype)  # [B, T, D]
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     x = nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
 
@@ -209,18 +210,20 @@ class GPT(nn.Module):
     if cfg.ln_position == "pre":
       x = _layer_norm("ln_f", cfg)(x)
     if cfg.tie_embeddings:
-      logits = wte.attend(x)  # [B, T, V]
+      table = wte.embedding.astype(cfg.dtype)  # [V, D]
+      logits = jnp.einsum("btd,vd->btv", x.astype(cfg.dtype), table)  # [B, T, V]
     else:
       logits = Projection(
           "btd,dv->btv", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), 0, cfg,
           cfg.init_std, use_bias=False, name="lm_head",
       )(x)  # [B, T, V]
-    # The softmax cross-entropy is computed in float32 whatever the compute dtype.
-    return logits.astype(jnp.float32)
+    return logits
 
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 LN_POSITIONS = ("pre", "post")
+# config.model.attention_impl -> jax.nn.dot_product_attention's ``implementation``.
+ATTENTION_IMPLS = {"auto": None, "xla": "xla", "cudnn": "cudnn"}
 
 
 def from_config(model_config, vocab_size: int) -> GPTConfig:
@@ -243,9 +246,11 @@ def from_config(model_config, vocab_size: int) -> GPTConfig:
         f"config.model.num_heads={m.num_heads} is not divisible by config.model.num_kv_heads="
         f"{num_kv_heads}; grouped-query attention needs num_heads % num_kv_heads == 0."
     )
-  if m.attention_impl not in (None, "xla", "cudnn"):
+  # None: configs written before the field was a string (their meaning was 'auto').
+  attention_impl = "auto" if m.attention_impl is None else m.attention_impl
+  if attention_impl not in ATTENTION_IMPLS:
     raise ValueError(
-        f"config.model.attention_impl={m.attention_impl!r}; valid: None, 'xla', 'cudnn'"
+        f"config.model.attention_impl={m.attention_impl!r}; valid: {sorted(ATTENTION_IMPLS)}"
     )
   return GPTConfig(
       vocab_size=vocab_size,
@@ -259,6 +264,6 @@ def from_config(model_config, vocab_size: int) -> GPTConfig:
       ln_position=m.ln_position,
       tie_embeddings=m.tie_embeddings,
       dtype=_DTYPES[m.dtype],
-      attention_impl=m.attention_impl,
+      attention_impl=attention_impl,
       remat=m.remat,
   )
