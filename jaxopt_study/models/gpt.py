@@ -72,7 +72,7 @@ _INIT = nn.initializers.normal
 class Projection(nn.Module):
   """y = einsum(x, kernel) + bias with logically-partitioned float32 params, ``dtype`` compute.
 
-  ``spec`` is an einsum such as 'btd,dhk->bthk'; the kernel's shape is ``shape`` and its logical
+  ``spec`` is an einsum such as 'nd,dhk->nhk'; the kernel's shape is ``shape`` and its logical
   axis names ``axes``; the bias covers the output's trailing (non batch/length) axes.
   """
 
@@ -117,22 +117,24 @@ class CausalSelfAttention(nn.Module):
   cfg: GPTConfig
 
   @nn.compact
-  def __call__(self, x, *, deterministic: bool):
+  def __call__(self, x, *, batch: int, deterministic: bool):
+    """x: [N, D] token rows (N = batch * T) -> [N, D]."""
     cfg = self.cfg
     d, h, g, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    rows = lambda y: y.reshape(batch, -1, *y.shape[1:])  # [N, ...] -> [B, T, ...]
     # GPT-2's residual-projection init: std / sqrt(2 * num_layers).
     out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
     proj = functools.partial(Projection, cfg=cfg, std=cfg.init_std, bias_ndim=2)
-    q = proj("btd,dhk->bthk", (d, h, k), ("embed", "heads", "kv"), name="query")(x)  # [B,T,H,K]
-    kk = proj("btd,dgk->btgk", (d, g, k), ("embed", "kv_heads", "kv"), name="key")(x)  # [B,T,G,K]
-    v = proj("btd,dgk->btgk", (d, g, k), ("embed", "kv_heads", "kv"), name="value")(x)  # [B,T,G,K]
+    q = rows(proj("nd,dhk->nhk", (d, h, k), ("embed", "heads", "kv"), name="query")(x))  # [B,T,H,K]
+    kk = rows(proj("nd,dgk->ngk", (d, g, k), ("embed", "kv_heads", "kv"), name="key")(x))  # [B,T,G,K]
+    v = rows(proj("nd,dgk->ngk", (d, g, k), ("embed", "kv_heads", "kv"), name="value")(x))  # [B,T,G,K]
     # jax.nn.dot_product_attention handles grouped K/V heads (H % G == 0) itself.
     y = jax.nn.dot_product_attention(
         q, kk, v, is_causal=True, implementation=ATTENTION_IMPLS[cfg.attention_impl]
-    )  # [B, T, H, K]
+    ).reshape(x.shape[0], h, k)  # [N, H, K]
     y = Projection(
-        "bthk,hkd->btd", (h, k, d), ("heads", "kv", "embed"), 1, cfg, out_std, name="out"
-    )(y)  # [B, T, D]
+        "nhk,hkd->nd", (h, k, d), ("heads", "kv", "embed"), 1, cfg, out_std, name="out"
+    )(y)  # [N, D]
     return nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
 
 
@@ -144,30 +146,38 @@ class MLP(nn.Module):
     cfg = self.cfg
     d, f = cfg.d_model, cfg.mlp_dim
     out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
-    x = Projection("btd,df->btf", (d, f), ("embed", "mlp"), 1, cfg, cfg.init_std, name="fc")(x)
-    x = nn.gelu(x, approximate=True)  # [B, T, F]
-    x = Projection("btf,fd->btd", (f, d), ("mlp", "embed"), 1, cfg, out_std, name="proj")(x)
+    x = Projection("nd,df->nf", (d, f), ("embed", "mlp"), 1, cfg, cfg.init_std, name="fc")(x)
+    x = nn.gelu(x, approximate=True)  # [N, F]
+    x = Projection("nf,fd->nd", (f, d), ("mlp", "embed"), 1, cfg, out_std, name="proj")(x)
     return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
 
 class Block(nn.Module):
-  """One transformer block; pre-LN: x + f(LN(x)); post-LN: LN(x + f(x))."""
+  """One transformer block; pre-LN: x + f(LN(x)); post-LN: LN(x + f(x)).
+
+  [B, T, D] -> [B, T, D]; inside, activations are token rows [N = B * T, D], so that every
+  projection is a 2-D matrix product and every LayerNorm (and its parameter gradient, a sum over
+  N) works on 2-D arrays (see ``GPT``).
+  """
 
   cfg: GPTConfig
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
     cfg = self.cfg
-    attn = CausalSelfAttention(cfg, name="attn")
-    mlp = MLP(cfg, name="mlp")
+    b, t, d = x.shape
+    attn = functools.partial(CausalSelfAttention(cfg, name="attn"), batch=b,
+                             deterministic=deterministic)
+    mlp = functools.partial(MLP(cfg, name="mlp"), deterministic=deterministic)
     ln_attn, ln_mlp = _layer_norm("ln_attn", cfg), _layer_norm("ln_mlp", cfg)
+    x = x.reshape(b * t, d)  # [N, D]
     if cfg.ln_position == "pre":
-      x = x + attn(ln_attn(x), deterministic=deterministic)
-      x = x + mlp(ln_mlp(x), deterministic=deterministic)
+      x = x + attn(ln_attn(x))
+      x = x + mlp(ln_mlp(x))
     else:
-      x = ln_attn(x + attn(x, deterministic=deterministic))
-      x = ln_mlp(x + mlp(x, deterministic=deterministic))
-    return nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
+      x = ln_attn(x + attn(x))
+      x = ln_mlp(x + mlp(x))
+    return nn.with_logical_constraint(x.reshape(b, t, d), (BATCH, LENGTH, EMBED))
 
 
 _REMAT_POLICIES = {
@@ -207,17 +217,18 @@ class GPT(nn.Module):
     for i in range(cfg.num_layers):
       x = block(cfg, name=f"block_{i}")(x, deterministic)
 
+    x = x.reshape(b * t, cfg.d_model)  # [N, D]
     if cfg.ln_position == "pre":
       x = _layer_norm("ln_f", cfg)(x)
     if cfg.tie_embeddings:
       table = wte.embedding.astype(cfg.dtype)  # [V, D]
-      logits = jnp.einsum("btd,vd->btv", x.astype(cfg.dtype), table)  # [B, T, V]
+      logits = jnp.einsum("nd,vd->nv", x.astype(cfg.dtype), table)  # [N, V]
     else:
       logits = Projection(
-          "btd,dv->btv", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), 0, cfg,
+          "nd,dv->nv", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), 0, cfg,
           cfg.init_std, use_bias=False, name="lm_head",
-      )(x)  # [B, T, V]
-    return logits
+      )(x)  # [N, V]
+    return logits.reshape(b, t, cfg.vocab_size)
 
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
