@@ -278,11 +278,11 @@ def main(argv):
     row["mfu_pct"] = 100 * row["tokens_per_sec"] * row["flops_per_token"] / (rate * 1e12 * row["devices"])
     rows.append(row)
     print(json.dumps(row), flush=True)
+    if FLAGS.json_out:  # after every row: a run cut short keeps what it measured
+      with open(FLAGS.json_out, "w") as f:
+        json.dump({"device": device, "matmul_tflops": rate, "rows": rows}, f, indent=2)
   table = render(rows, device, rate)
   print(table)
-  if FLAGS.json_out:
-    with open(FLAGS.json_out, "w") as f:
-      json.dump({"device": device, "matmul_tflops": rate, "rows": rows}, f, indent=2)
   if FLAGS.append:
     with open(FLAGS.append, "a") as f:
       f.write(table + "\n")
