@@ -60,6 +60,7 @@ flags.DEFINE_list("optimizers", None, "Optimizer names: configs/<name>.py (defau
 flags.DEFINE_list("diagnostics", ["off"], "Diagnostics cadences: 'off' or every-N steps.")
 flags.DEFINE_integer("window", 10, "Steps per timed window (rounded up to whole diagnostics periods).")
 flags.DEFINE_integer("windows", 4, "Timed windows per setting.")
+flags.DEFINE_integer("steps", None, "Timed steps per setting; if set, windows = ceil(steps / window).")
 flags.DEFINE_integer("warmup", 5, "Untimed steps per setting after compilation.")
 flags.DEFINE_string("append", None, "Markdown file to append the table to (e.g. BENCHMARKS.md).")
 flags.DEFINE_string("json_out", None, "Also write the rows as JSON here.")
@@ -266,8 +267,9 @@ def main(argv):
   for i, config in enumerate(settings):
     opt, b = config.optimizer.name, config.batch_size
     d = config.diagnostics.every if config.diagnostics.enabled else "off"
+    windows = -(-FLAGS.steps // FLAGS.window) if FLAGS.steps else FLAGS.windows
     try:
-      row = bench_one(config, FLAGS.windows, FLAGS.window, FLAGS.warmup,
+      row = bench_one(config, windows, FLAGS.window, FLAGS.warmup,
                       FLAGS.profile if i == 0 else None)
     except Exception as e:  # e.g. out of memory at a large batch: record, go on
       msg = str(e).splitlines()[0][:160]
