@@ -19,6 +19,10 @@ What matters for the study, and why each option exists:
   mantissa. The forward values are the same either way.
 * Attention goes through ``jax.nn.dot_product_attention``: ``attention_impl`` 'auto' lets jax
   choose, 'xla' or 'cudnn' (flash attention on GPU) force one.
+* Inside the blocks and the head, activations are token rows [N = B * T, D]: every projection is
+  a 2-D matrix product and every LayerNorm works on 2-D arrays. With [B, T, D] activations, XLA
+  stored the residual stream batch-minor around the LayerNorms at B=32 on an H100 and spent
+  ~13 ms of a 75 ms step in transposes; on rows the step took 68 ms (BENCHMARKS.md).
 
 Every parameter carries logical axis names ('vocab', 'embed', 'heads', 'kv', 'mlp', ...);
 ``sharding.py`` maps them onto the device mesh. The parameter tree is listed in docs/DESIGN.md.
@@ -125,9 +129,10 @@ class CausalSelfAttention(nn.Module):
     # GPT-2's residual-projection init: std / sqrt(2 * num_layers).
     out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
     proj = functools.partial(Projection, cfg=cfg, std=cfg.init_std, bias_ndim=2)
-    q = rows(proj("nd,dhk->nhk", (d, h, k), ("embed", "heads", "kv"), name="query")(x))  # [B,T,H,K]
-    kk = rows(proj("nd,dgk->ngk", (d, g, k), ("embed", "kv_heads", "kv"), name="key")(x))  # [B,T,G,K]
-    v = rows(proj("nd,dgk->ngk", (d, g, k), ("embed", "kv_heads", "kv"), name="value")(x))  # [B,T,G,K]
+    q = rows(proj("nd,dhk->nhk", (d, h, k), ("embed", "heads", "kv"), name="query")(x))
+    kk = rows(proj("nd,dgk->ngk", (d, g, k), ("embed", "kv_heads", "kv"), name="key")(x))
+    v = rows(proj("nd,dgk->ngk", (d, g, k), ("embed", "kv_heads", "kv"), name="value")(x))
+    # q: [B, T, H, K]; kk, v: [B, T, G, K]
     # jax.nn.dot_product_attention handles grouped K/V heads (H % G == 0) itself.
     y = jax.nn.dot_product_attention(
         q, kk, v, is_causal=True, implementation=ATTENTION_IMPLS[cfg.attention_impl]
@@ -155,9 +160,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
   """One transformer block; pre-LN: x + f(LN(x)); post-LN: LN(x + f(x)).
 
-  [B, T, D] -> [B, T, D]; inside, activations are token rows [N = B * T, D], so that every
-  projection is a 2-D matrix product and every LayerNorm (and its parameter gradient, a sum over
-  N) works on 2-D arrays (see ``GPT``).
+  [B, T, D] -> [B, T, D]; inside, token rows [N = B * T, D] (see the module docstring).
   """
 
   cfg: GPTConfig
