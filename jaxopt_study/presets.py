@@ -47,7 +47,8 @@ def get_config(preset: str | None = None, optimizer: str = "adamw") -> ml_collec
   # Untied by default: tied output weights make every embedding row's gradient dense.
   m.tie_embeddings = False
   m.dtype = "float32"  # Compute dtype; parameters stay float32. 'bfloat16' on GPU/TPU.
-  m.attention_impl = "xla"  # 'xla', or 'cudnn' for flash attention on GPU (see models/gpt.py).
+  # "auto": jax picks (cuDNN flash attention on GPU where it applies); "xla" or "cudnn" force one.
+  m.attention_impl = "auto"
   m.remat = "none"  # 'none' | 'dots' | 'full': recompute activations to save memory.
   m.vocab_multiple = 64  # Pad the embedding/vocab to a multiple of this (matmul-friendly).
   # Mixture of experts (models/moe.py): 0 = dense MLP. E experts of width mlp_ratio * d_model,

@@ -54,14 +54,48 @@ class TrainState(flax.struct.PyTreeNode):
 # ------------------------------------------------------------------------------ steps
 
 
+@jax.custom_vjp
 def cross_entropy(logits, targets):
-  """Per-token -log p(target): [B, T, V], [B, T] -> [B, T] (float32)."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  """Per-token -log softmax(z)[y]: logits [B, T, V] (any float dtype), targets [B, T] -> [B, T] f32.
+
+  ``loss = lse(z) - z_y`` with ``lse(z) = m + log sum_v exp(z_v - m)``, ``m = max_v z_v``, all in
+  float32 whatever the logits' dtype (bfloat16 logits are upcast inside the reductions, never
+  written out as a float32 [B, T, V] copy).
+
+  Gradient (a custom VJP): ``dloss/dz_v = g * (softmax(z)_v - [v == y])``, one elementwise pass
+  that reads the saved logits and writes the cotangent in their dtype. Autodiff of the label
+  gather would instead build a float32 [B, T, V] buffer of zeros, scatter into it and convert it.
+  """
+  return _cross_entropy_fwd(logits, targets)[0]
+
+
+def _cross_entropy_fwd(logits, targets):
+  z = logits.astype(jnp.float32)
+  m = jnp.max(z, axis=-1, keepdims=True)  # [B, T, 1]
+  lse = m + jnp.log(jnp.sum(jnp.exp(z - m), axis=-1, keepdims=True))  # [B, T, 1]
+  z_y = jnp.take_along_axis(z, targets[..., None], axis=-1)  # [B, T, 1]
+  return (lse - z_y)[..., 0], (logits, targets, lse)
+
+
+def _cross_entropy_bwd(residuals, g):
+  logits, targets, lse = residuals
+  softmax = jnp.exp(logits.astype(jnp.float32) - lse)  # [B, T, V]
+  onehot = targets[..., None] == jnp.arange(logits.shape[-1], dtype=targets.dtype)
+  dz = (softmax - onehot) * g[..., None]
+  return dz.astype(logits.dtype), None  # integer targets: no cotangent
+
+
+cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 
 
 def train_step(state: TrainState, batch, *, model, tx, learning_rate, diag_config, diag_mode,
                nan_step):
   """One optimizer step; returns the new state and a dict of device scalars.
+
+  A step whose loss, gradient, update or new parameters hold a NaN or inf (their norms are not
+  finite) is dropped: the returned state keeps the old parameters, optimizer and diagnostic
+  state, with ``step`` advanced and ``diverged_at`` set to the first such step; every later
+  step is dropped too.
 
   Args:
     state: the current TrainState (donated).
@@ -85,12 +119,14 @@ def train_step(state: TrainState, batch, *, model, tx, learning_rate, diag_confi
     grads = jax.tree.map(lambda g: jnp.where(state.step == nan_step, jnp.nan, g), grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  grad_norm = optax.tree.norm(grads)
-  metrics = {
-      "train/loss": loss,
-      "train/grad_norm": grad_norm,
+  norms = {
+      "train/grad_norm": optax.tree.norm(grads),
       "train/update_norm": optax.tree.norm(updates),
       "train/param_norm": optax.tree.norm(params),
+  }
+  metrics = {
+      "train/loss": loss,
+      **norms,
       "train/learning_rate": learning_rate(state.opt_state, state.step),
   }
   metrics.update(moe.train_metrics(moe_stats, full=diag_mode == "full"))  # MoE: aux, load
@@ -106,8 +142,13 @@ def train_step(state: TrainState, batch, *, model, tx, learning_rate, diag_confi
       # A diagnostics.Metrics: thousands of scalars packed in one vector (one output buffer).
       metrics["diagnostics"] = diag_metrics
 
-  # Divergence: keep the last finite state, remember the first bad step.
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # Divergence: keep the last finite state, remember the first bad step. A norm is finite iff
+  # every entry is finite and the sum of squares does not overflow (an entry above ~1e19), so
+  # the norms the metrics need anyway also catch NaN/inf gradients, updates and new parameters
+  # (e.g. from a learning rate of nan, inf or 1e39) at the cost of a few scalar ops.
+  finite = jnp.isfinite(loss)
+  for norm in norms.values():
+    finite &= jnp.isfinite(norm)
   ok = finite & (state.diverged_at < 0)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
   new_state = state.replace(

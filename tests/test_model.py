@@ -12,12 +12,16 @@ from jaxopt_study.models import gpt
 V, T = 96, 12
 
 
-def _model(**overrides):
+def _model_config(**overrides):
   m = presets.get_config("tiny").model
   m.num_layers, m.d_model, m.num_heads, m.max_len = 2, 32, 4, 16
   for k, v in overrides.items():
     m[k] = v
-  return gpt.GPT(gpt.from_config(m, V))
+  return m
+
+
+def _model(**overrides):
+  return gpt.GPT(gpt.from_config(_model_config(**overrides), V))
 
 
 def _init(model):
@@ -81,11 +85,33 @@ def test_grouped_query_attention_matches_repeated_kv_heads():
   )
 
 
-def test_bfloat16_compute_keeps_float32_params():
-  model = _model(dtype="bfloat16")
+@pytest.mark.parametrize("tie", [False, True])
+def test_bfloat16_compute_keeps_float32_params_and_matches_float32(tie):
+  """bf16 compute: float32 params, bf16 logits (the loss upcasts), values near the f32 model's."""
+  model = _model(dtype="bfloat16", tie_embeddings=tie)
   params, tokens = _init(model)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
-  assert model.apply({"params": params}, tokens).dtype == jnp.float32
+  logits = model.apply({"params": params}, tokens)
+  assert logits.dtype == jnp.bfloat16
+  want = _model(tie_embeddings=tie).apply({"params": params}, tokens)
+  assert want.dtype == jnp.float32
+  np.testing.assert_allclose(logits.astype(jnp.float32), want, atol=0.02 * float(jnp.abs(want).max()))
+
+
+def test_embedding_gradients_accumulate_in_float32_under_bfloat16_compute():
+  """The lookup's transpose (a scatter-add over the batch's tokens) must not add in bfloat16.
+
+  A bf16 scatter-add rounds every partial sum to 8 mantissa bits and ran as one slow kernel
+  taking a third of an H100 step (BENCHMARKS.md); looking up in float32 and casting the rows
+  makes it a float32 scatter. Checked on the gradient's HLO, where every scatter is listed.
+  """
+  model = _model(dtype="bfloat16")
+  params, tokens = _init(model)
+  grad = jax.jit(jax.grad(lambda p: model.apply({"params": p}, tokens).astype(jnp.float32).sum()))
+  hlo = grad.lower(params).compiler_ir("hlo").as_hlo_text()
+  scatters = [l for l in hlo.splitlines() if " scatter(" in l]
+  assert scatters, "expected the token lookup's gradient to be a scatter-add"
+  assert all(" f32[" in l.split("scatter(")[0] for l in scatters), scatters
 
 
 @pytest.mark.parametrize(
@@ -95,8 +121,15 @@ def test_bfloat16_compute_keeps_float32_params():
         ("num_kv_heads", 3, r"config\.model\.num_kv_heads=3"),
         ("ln_position", "middle", r"config\.model\.ln_position"),
         ("dtype", "float8", r"config\.model\.dtype"),
+        ("attention_impl", "flash", r"config\.model\.attention_impl='flash'; valid: \['auto', 'cudnn', 'xla'\]"),
     ],
 )
 def test_bad_model_config(field, value, match):
   with pytest.raises(ValueError, match=match):
     _model(**{field: value})
+
+
+@pytest.mark.parametrize("impl", ["auto", "xla", "cudnn", None])
+def test_attention_impl_is_a_string_field(impl):
+  """'auto' (jax chooses), 'xla', 'cudnn'; None (older configs) means 'auto'."""
+  assert _model(attention_impl=impl).cfg.attention_impl == (impl or "auto")

@@ -11,9 +11,20 @@ What matters for the study, and why each option exists:
 * ``num_kv_heads``: grouped-query attention (num_kv_heads < num_heads), multi-query at 1.
 * ``num_experts``: a mixture-of-experts MLP (models/moe.py) in every ``moe_every``-th block;
   each expert is an explicit source of sparse gradients.
-* Parameters are float32; ``dtype`` is the compute dtype (bfloat16 on accelerators).
-* Attention goes through ``jax.nn.dot_product_attention`` so cuDNN flash attention is used on
-  GPU (``attention_impl='cudnn'``) and XLA's elsewhere.
+* Parameters are float32; ``dtype`` is the compute dtype (bfloat16 on accelerators). The logits
+  come out in ``dtype`` too: the loss upcasts them inside its own fused kernels
+  (``train.cross_entropy``), so no float32 [B, T, V] copy is ever written.
+* Embeddings are looked up in the parameters' dtype and the rows cast to ``dtype`` afterwards, so
+  the lookup's gradient is a float32 scatter-add into the [V, D] table (hardware atomics on GPU).
+  Casting the table first (flax ``nn.Embed(dtype=bfloat16)``) makes it a bfloat16 scatter-add,
+  which took a third of an H100 step (BENCHMARKS.md) and rounds every partial sum to 8 bits of
+  mantissa. The forward values are the same either way.
+* Attention goes through ``jax.nn.dot_product_attention``: ``attention_impl`` 'auto' lets jax
+  choose, 'xla' or 'cudnn' (flash attention on GPU) force one.
+* Inside the blocks and the head, activations are token rows [N = B * T, D]: every projection is
+  a 2-D matrix product and every LayerNorm works on 2-D arrays. With [B, T, D] activations, XLA
+  stored the residual stream batch-minor around the LayerNorms at B=32 on an H100 and spent
+  ~13 ms of a 75 ms step in transposes; on rows the step took 68 ms (BENCHMARKS.md).
 
 Every parameter carries logical axis names ('vocab', 'embed', 'heads', 'kv', 'mlp', ...);
 ``sharding.py`` maps them onto the device mesh. The parameter tree is listed in docs/DESIGN.md.
@@ -54,7 +65,7 @@ class GPTConfig:
   tie_embeddings: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  attention_impl: str | None = None  # None: XLA picks; 'cudnn': flash attention on GPU.
+  attention_impl: str = "auto"  # A key of ATTENTION_IMPLS.
   remat: str = "none"  # 'none' | 'full' | 'dots' (save matmul outputs only)
   init_std: float = 0.02
   # Mixture of experts (models/moe.py); num_experts = 0: dense MLP in every block.
@@ -78,7 +89,7 @@ _INIT = nn.initializers.normal
 class Projection(nn.Module):
   """y = einsum(x, kernel) + bias with logically-partitioned float32 params, ``dtype`` compute.
 
-  ``spec`` is an einsum such as 'btd,dhk->bthk'; the kernel's shape is ``shape`` and its logical
+  ``spec`` is an einsum such as 'nd,dhk->nhk'; the kernel's shape is ``shape`` and its logical
   axis names ``axes``; the bias covers the output's trailing (non batch/length) axes.
   """
 
@@ -123,22 +134,25 @@ class CausalSelfAttention(nn.Module):
   cfg: GPTConfig
 
   @nn.compact
-  def __call__(self, x, *, deterministic: bool):
+  def __call__(self, x, *, batch: int, deterministic: bool):
+    """x: [N, D] token rows (N = batch * T) -> [N, D]."""
     cfg = self.cfg
     d, h, g, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    rows = lambda y: y.reshape(batch, -1, *y.shape[1:])  # [N, ...] -> [B, T, ...]
     # GPT-2's residual-projection init: std / sqrt(2 * num_layers).
     out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
     proj = functools.partial(Projection, cfg=cfg, std=cfg.init_std, bias_ndim=2)
-    q = proj("btd,dhk->bthk", (d, h, k), ("embed", "heads", "kv"), name="query")(x)  # [B,T,H,K]
-    kk = proj("btd,dgk->btgk", (d, g, k), ("embed", "kv_heads", "kv"), name="key")(x)  # [B,T,G,K]
-    v = proj("btd,dgk->btgk", (d, g, k), ("embed", "kv_heads", "kv"), name="value")(x)  # [B,T,G,K]
+    q = rows(proj("nd,dhk->nhk", (d, h, k), ("embed", "heads", "kv"), name="query")(x))
+    kk = rows(proj("nd,dgk->ngk", (d, g, k), ("embed", "kv_heads", "kv"), name="key")(x))
+    v = rows(proj("nd,dgk->ngk", (d, g, k), ("embed", "kv_heads", "kv"), name="value")(x))
+    # q: [B, T, H, K]; kk, v: [B, T, G, K]
     # jax.nn.dot_product_attention handles grouped K/V heads (H % G == 0) itself.
     y = jax.nn.dot_product_attention(
-        q, kk, v, is_causal=True, implementation=cfg.attention_impl
-    )  # [B, T, H, K]
+        q, kk, v, is_causal=True, implementation=ATTENTION_IMPLS[cfg.attention_impl]
+    ).reshape(x.shape[0], h, k)  # [N, H, K]
     y = Projection(
-        "bthk,hkd->btd", (h, k, d), ("heads", "kv", "embed"), 1, cfg, out_std, name="out"
-    )(y)  # [B, T, D]
+        "nhk,hkd->nd", (h, k, d), ("heads", "kv", "embed"), 1, cfg, out_std, name="out"
+    )(y)  # [N, D]
     return nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
 
 
@@ -150,16 +164,18 @@ class MLP(nn.Module):
     cfg = self.cfg
     d, f = cfg.d_model, cfg.mlp_dim
     out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
-    x = Projection("btd,df->btf", (d, f), ("embed", "mlp"), 1, cfg, cfg.init_std, name="fc")(x)
-    x = nn.gelu(x, approximate=True)  # [B, T, F]
-    x = Projection("btf,fd->btd", (f, d), ("mlp", "embed"), 1, cfg, out_std, name="proj")(x)
+    x = Projection("nd,df->nf", (d, f), ("embed", "mlp"), 1, cfg, cfg.init_std, name="fc")(x)
+    x = nn.gelu(x, approximate=True)  # [N, F]
+    x = Projection("nf,fd->nd", (f, d), ("mlp", "embed"), 1, cfg, out_std, name="proj")(x)
     return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
 
 class Block(nn.Module):
   """One transformer block; pre-LN: x + f(LN(x)); post-LN: LN(x + f(x)).
 
-  ``moe``: the MLP is a mixture of experts (models/moe.py) instead of the dense one.
+  [B, T, D] -> [B, T, D]; inside, token rows [N = B * T, D] (see the module docstring).
+  ``moe``: the MLP is a mixture of experts (models/moe.py; it routes within each sequence, so
+  it sees [B, T, D]) instead of the dense one.
   """
 
   cfg: GPTConfig
@@ -168,16 +184,23 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic: bool):
     cfg = self.cfg
-    attn = CausalSelfAttention(cfg, name="attn")
-    mlp = moe_lib.MoEMLP(cfg, name="mlp") if self.moe else MLP(cfg, name="mlp")
-    ln_attn, ln_mlp = _layer_norm("ln_attn", cfg), _layer_norm("ln_mlp", cfg)
-    if cfg.ln_position == "pre":
-      x = x + attn(ln_attn(x), deterministic=deterministic)
-      x = x + mlp(ln_mlp(x), deterministic=deterministic)
+    b, t, d = x.shape
+    attn = functools.partial(CausalSelfAttention(cfg, name="attn"), batch=b,
+                             deterministic=deterministic)
+    if self.moe:
+      moe_mlp = moe_lib.MoEMLP(cfg, name="mlp")
+      mlp = lambda h: moe_mlp(h.reshape(b, t, d), deterministic=deterministic).reshape(b * t, d)
     else:
-      x = ln_attn(x + attn(x, deterministic=deterministic))
-      x = ln_mlp(x + mlp(x, deterministic=deterministic))
-    return nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
+      mlp = functools.partial(MLP(cfg, name="mlp"), deterministic=deterministic)
+    ln_attn, ln_mlp = _layer_norm("ln_attn", cfg), _layer_norm("ln_mlp", cfg)
+    x = x.reshape(b * t, d)  # [N, D]
+    if cfg.ln_position == "pre":
+      x = x + attn(ln_attn(x))
+      x = x + mlp(ln_mlp(x))
+    else:
+      x = ln_attn(x + attn(x))
+      x = ln_mlp(x + mlp(x))
+    return nn.with_logical_constraint(x.reshape(b, t, d), (BATCH, LENGTH, EMBED))
 
 
 _REMAT_POLICIES = {
@@ -187,7 +210,7 @@ _REMAT_POLICIES = {
 
 
 class GPT(nn.Module):
-  """tokens [B, T] int -> logits [B, T, V] float32."""
+  """tokens [B, T] int -> logits [B, T, V] in the compute dtype (``cfg.dtype``)."""
 
   cfg: GPTConfig
 
@@ -197,23 +220,17 @@ class GPT(nn.Module):
     b, t = tokens.shape
     if t > cfg.max_len:
       raise ValueError(f"sequence length {t} > config.model.max_len={cfg.max_len}")
-    wte = nn.Embed(
-        cfg.vocab_size,
-        cfg.d_model,
-        dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype,
-        embedding_init=nn.with_logical_partitioning(_INIT(cfg.init_std), ("vocab", "embed")),
-        name="wte",
-    )
-    wpe = nn.Embed(
-        cfg.max_len,
-        cfg.d_model,
-        dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype,
-        embedding_init=nn.with_logical_partitioning(_INIT(0.01), ("length", "embed")),
-        name="wpe",
-    )
-    x = wte(tokens) + wpe(jnp.arange(t)[None, :])  # [B, T, D]
+    # dtype=param_dtype: the lookup happens in float32 and the rows are cast afterwards (see the
+    # module docstring); the head casts the whole table instead.
+    embed = functools.partial(nn.Embed, features=cfg.d_model, dtype=cfg.param_dtype,
+                              param_dtype=cfg.param_dtype)
+    wte = embed(cfg.vocab_size, name="wte", embedding_init=nn.with_logical_partitioning(
+        _INIT(cfg.init_std), ("vocab", "embed")))
+    wpe = embed(cfg.max_len, name="wpe", embedding_init=nn.with_logical_partitioning(
+        _INIT(0.01), ("length", "embed")))
+    # Positions 0..t-1 are a slice of the table: its gradient is a pad, not a scatter. Each term
+    # is cast before the sum, so the forward values are exactly flax's nn.Embed(dtype=dtype).
+    x = wte(tokens).astype(cfg.dtype) + wpe.embedding[None, :t].astype(cfg.dtype)  # [B, T, D]
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     x = nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
 
@@ -223,21 +240,24 @@ class GPT(nn.Module):
     for i in range(cfg.num_layers):
       x = block(cfg, moe=cfg.is_moe_block(i), name=f"block_{i}")(x, deterministic)
 
+    x = x.reshape(b * t, cfg.d_model)  # [N, D]
     if cfg.ln_position == "pre":
       x = _layer_norm("ln_f", cfg)(x)
     if cfg.tie_embeddings:
-      logits = wte.attend(x)  # [B, T, V]
+      table = wte.embedding.astype(cfg.dtype)  # [V, D]
+      logits = jnp.einsum("nd,vd->nv", x.astype(cfg.dtype), table)  # [N, V]
     else:
       logits = Projection(
-          "btd,dv->btv", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), 0, cfg,
+          "nd,dv->nv", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), 0, cfg,
           cfg.init_std, use_bias=False, name="lm_head",
-      )(x)  # [B, T, V]
-    # The softmax cross-entropy is computed in float32 whatever the compute dtype.
-    return logits.astype(jnp.float32)
+      )(x)  # [N, V]
+    return logits.reshape(b, t, cfg.vocab_size)
 
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 LN_POSITIONS = ("pre", "post")
+# config.model.attention_impl -> jax.nn.dot_product_attention's ``implementation``.
+ATTENTION_IMPLS = {"auto": None, "xla": "xla", "cudnn": "cudnn"}
 
 
 def from_config(model_config, vocab_size: int) -> GPTConfig:
@@ -261,9 +281,11 @@ def from_config(model_config, vocab_size: int) -> GPTConfig:
         f"{num_kv_heads}; grouped-query attention needs num_heads % num_kv_heads == 0."
     )
   moe = _moe_fields(m)
-  if m.attention_impl not in (None, "xla", "cudnn"):
+  # None: configs written before the field was a string (their meaning was 'auto').
+  attention_impl = "auto" if m.attention_impl is None else m.attention_impl
+  if attention_impl not in ATTENTION_IMPLS:
     raise ValueError(
-        f"config.model.attention_impl={m.attention_impl!r}; valid: None, 'xla', 'cudnn'"
+        f"config.model.attention_impl={m.attention_impl!r}; valid: {sorted(ATTENTION_IMPLS)}"
     )
   return GPTConfig(
       vocab_size=vocab_size,
@@ -277,7 +299,7 @@ def from_config(model_config, vocab_size: int) -> GPTConfig:
       ln_position=m.ln_position,
       tie_embeddings=m.tie_embeddings,
       dtype=_DTYPES[m.dtype],
-      attention_impl=m.attention_impl,
+      attention_impl=attention_impl,
       remat=m.remat,
       **moe,
   )
