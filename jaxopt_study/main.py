@@ -19,6 +19,7 @@ import jax
 from ml_collections import config_flags
 
 from jaxopt_study import rundir
+from jaxopt_study import sharding
 from jaxopt_study import train
 
 EXIT_CODES = {"completed": 0, "diverged": 3, "preempted": 75}  # else 1
@@ -47,6 +48,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietOrbax())
+  sharding.maybe_initialize_distributed()  # before anything touches a device
   logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
   if FLAGS.restart and jax.process_index() == 0:
     moved = rundir.move_aside(FLAGS.workdir)

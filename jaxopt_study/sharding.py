@@ -50,18 +50,33 @@ LOGICAL_RULES = (
 def maybe_initialize_distributed() -> None:
   """``jax.distributed.initialize`` when launched as one of several processes.
 
-  Cloud TPU pods and SLURM/multi-process GPU launches set the coordinator through the
-  environment; a single process (laptop, one GPU box, Colab) skips this.
+  Call it before anything touches a JAX device (``main.main`` does, first). Three launches:
+
+  * ``JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i JAX_COORDINATOR_ADDRESS=host:port`` (a plain shell
+    loop, one process per GPU): process i drives GPU i unless ``JAX_LOCAL_DEVICE_IDS`` is set;
+  * a cluster JAX detects by itself (SLURM with ``SLURM_NTASKS`` > 1, Open MPI, Cloud TPU);
+  * a single process (laptop, one GPU box, Colab): nothing to do.
+
+  An initialisation that fails raises (a run must not silently train alone in each process),
+  except when JAX is already initialised, e.g. twice in one notebook.
   """
-  multi = any(
-      k in os.environ
-      for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES")
-  )
-  if multi and int(os.environ.get("SLURM_NTASKS", "2")) > 1:
-    try:
-      jax.distributed.initialize()
-    except RuntimeError as e:  # Already initialised (e.g. in a notebook).
-      logging.info("jax.distributed.initialize skipped: %s", e)
+  if (n := int(os.environ.get("JAX_NUM_PROCESSES", "0"))) > 1:
+    if "JAX_PROCESS_ID" not in os.environ:
+      raise ValueError(f"JAX_NUM_PROCESSES={n} needs JAX_PROCESS_ID (0..{n - 1}) in each process "
+                       "and JAX_COORDINATOR_ADDRESS=host:port.")
+    pid = int(os.environ["JAX_PROCESS_ID"])
+    kwargs = dict(num_processes=n, process_id=pid)
+    if "JAX_LOCAL_DEVICE_IDS" not in os.environ:
+      kwargs["local_device_ids"] = [pid]
+  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or any(
+      k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")):
+    kwargs = {}
+  else:
+    return
+  if jax.distributed.is_initialized():
+    logging.info("jax.distributed already initialised")
+    return
+  jax.distributed.initialize(**kwargs)
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import default
+from jaxopt_study import presets
 from jaxopt_study import train
 from jaxopt_study.models import gpt
 
@@ -53,7 +53,7 @@ def test_cross_entropy_of_large_logits_is_finite():
 
 def _state_and_step(learning_rate: float):
   """A 1-layer GPT, its TrainState under SGD at ``learning_rate``, and its jitted train step."""
-  m = default.get_config("tiny").model
+  m = presets.get_config("tiny").model
   m.num_layers, m.d_model, m.num_heads, m.max_len = 1, 16, 2, 8
   model = gpt.GPT(gpt.from_config(m, V))
   tokens = jnp.zeros((1, 8), jnp.int32)
