@@ -83,18 +83,21 @@ def capture(model: gpt.GPT, params, tokens):
   block, q [B, T, H, K], k [B, T, G, K]}, captured with flax's ``capture_intermediates``."""
 
   def keep(mdl, method):
-    return method == "__call__" and (
-        isinstance(mdl, gpt.Block) or mdl.name in ("wte", "wpe", "query", "key"))
+    return method == "__call__" and (isinstance(mdl, gpt.Block) or mdl.name in ("query", "key"))
 
   _, state = model.apply({"params": params}, tokens, deterministic=True,
                          capture_intermediates=keep, mutable=["intermediates"])
   inter = state["intermediates"]
   num_layers = model.cfg.num_layers
-  embed = inter["wte"]["__call__"][0] + inter["wpe"]["__call__"][0]  # [B, T, D] (+ [1, T, D])
+  b, t = tokens.shape
+  # The residual stream entering block 0: token rows plus learned positions (as GPT.__call__).
+  embed = (params["wte"]["embedding"][tokens] + params["wpe"]["embedding"][None, :t])
   blocks = [inter[f"block_{i}"] for i in range(num_layers)]
-  residual = jnp.stack([embed] + [b["__call__"][0] for b in blocks]).astype(jnp.float32)
-  qk = [(b["attn"]["query"]["__call__"][0].astype(jnp.float32),
-         b["attn"]["key"]["__call__"][0].astype(jnp.float32)) for b in blocks]
+  residual = jnp.stack([embed] + [blk["__call__"][0] for blk in blocks]).astype(jnp.float32)
+  # Inside a block the projections see token rows [B * T, ...]: back to [B, T, ...].
+  rows = lambda x: x.reshape(b, t, *x.shape[-2:]).astype(jnp.float32)
+  qk = [(rows(blk["attn"]["query"]["__call__"][0]), rows(blk["attn"]["key"]["__call__"][0]))
+        for blk in blocks]
   return {"residual": residual, "qk": qk}
 
 

@@ -51,7 +51,8 @@ def test_one_expert_with_room_for_every_token_is_the_dense_mlp():
                        dense)  # non-zero biases too
   p["experts"] = jax.tree.map(lambda a: a[None], dense)
   y, st = _run(cfg, p, x)
-  want = gpt.MLP(cfg).apply({"params": dense}, x, deterministic=True)
+  rows = x.reshape(-1, D_MODEL)  # the dense MLP works on token rows [B * T, D]
+  want = gpt.MLP(cfg).apply({"params": dense}, rows, deterministic=True).reshape(x.shape)
   np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
   assert st["dropped_frac"][0] == 0 and st["load"][0].tolist() == [1.0]
 
