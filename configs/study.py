@@ -36,6 +36,12 @@ from jaxopt_study.study import loading
 PRESETS = ("tiny", "small", "wikitext103")
 
 
+def _tunable(name):
+  block = optimizers.default_config(name)
+  del block["name"], block["learning_rate"]  # the registry key; the grid sets the rate
+  return block
+
+
 def _condition(description, overrides=None):
   c = ml_collections.ConfigDict()
   c.description = description  # One line for the report.
@@ -70,9 +76,10 @@ def get_config(preset=None) -> ml_collections.ConfigDict:
   # Centre of each optimizer's lr grid: its literature default (optimizers.default_config).
   c.learning_rates = ml_collections.ConfigDict(
       {o: optimizers.default_config(o).learning_rate for o in optimizers.NAMES})
-  # Per-optimizer changes of the optimizer block besides the lr, e.g. {'signsgd': {'momentum':
-  # 0.9}} for signum; empty: the defaults of optimizers.default_config.
-  c.optimizer_overrides = ml_collections.ConfigDict()
+  # Each optimizer's block besides its name and lr, starting at optimizers.default_config, so
+  # every field can be set on the command line, e.g. signum:
+  # --config.optimizer_overrides.signsgd.momentum=0.9
+  c.optimizer_overrides = ml_collections.ConfigDict({o: _tunable(o) for o in optimizers.NAMES})
   # Grid: lr = learning_rates[opt] * multiplier (rounded to 3 significant digits); log-spaced
   # (one constant ratio), at least 5 points (runner.MIN_GRID_POINTS) unless a smoke test.
   c.lr_multipliers = (1 / 9, 1 / 3, 1.0, 3.0, 9.0)
