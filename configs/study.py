@@ -29,11 +29,12 @@ import dataclasses
 
 import ml_collections
 
+from jaxopt_study import data as data_lib
 from jaxopt_study import optimizers
 from jaxopt_study import presets
 from jaxopt_study.study import loading
 
-PRESETS = ("tiny", "small", "wikitext103")
+PRESETS = ("tiny", "small", "controls", "wikitext103_offline", "wikitext103")
 
 
 def _tunable(name):
@@ -63,7 +64,8 @@ def get_config(preset=None) -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- the shared run config
   # jaxopt_study/presets.py's preset; everything a run needs except the optimizer block, which the
   # runner sets from optimizers.default_config, and num_steps, set from token_budget.
-  base_preset = {"tiny": "tiny", "small": "tiny", "wikitext103": "small"}[preset]
+  base_preset = {"tiny": "tiny", "small": "tiny", "controls": "small", "wikitext103_offline": "small",
+                 "wikitext103": "small"}[preset]
   c.base = b = presets.get_config(base_preset)
   b.log_every = 1  # Every step's train loss: the spike rule needs a 128-step history.
   b.keep_checkpoints = 1  # One checkpoint per run is enough to resume (keeps the study small).
@@ -163,6 +165,63 @@ def get_config(preset=None) -> ml_collections.ConfigDict:
     # Post-LN under the same protocol: the heterogeneity comparison over the whole sweep.
     c.conditions.post_ln = _condition("as base with post-LN blocks",
                                       {"model": {"ln_position": "post"}})
+  elif preset == "controls":
+    # One GPU (issues 10 and 11; NOT RUN YET, hours of GPU time): every control and architecture
+    # condition under the
+    # full protocol, a 4-layer d=256 GPT meant to leave the near-uniform regime, stacked sweeps.
+    b.model.num_layers, b.model.d_model, b.model.num_heads = 4, 256, 8
+    b.model.dtype = "bfloat16"
+    b.model.max_len = b.seq_len = 128
+    b.batch_size = 64  # 8192 tokens per step
+    b.data.vocab_size = 4096
+    b.data.synthetic.zipf_exponent = 1.1
+    b.data.synthetic.shift = "switch"
+    b.data.synthetic.shift_every = 500
+    b.schedule.warmup_steps = 100
+    b.eval_every = b.checkpoint_every = 500
+    b.sync_every = 250
+    b.diagnostics.every = 50
+    c.token_budget = 2000 * 64 * 128  # 2000 steps, 16.4M tokens per run
+    c.stack_runs = 5  # a whole 5-point sweep step in one vmapped step
+    c.conditions.base = _condition("synthetic Zipf(1.1) over 4096 tokens, topic switch every "
+                                   "500 steps, pre-LN, untied, 4 x 256 dense MHA")
+    # Non-stationarity: none / switch (base) / drift.
+    c.conditions.stationary = _condition("as base, one topic",
+                                         {"data": {"synthetic": {"shift": "none"}}})
+    c.conditions.drift = _condition("as base, topics drift continuously",
+                                    {"data": {"synthetic": {"shift": "drift"}}})
+    # Sparsity: Zipf exponent and tied embeddings (tied makes every embedding row's grad dense).
+    c.conditions.zipf_0_8 = _condition("as base, Zipf(0.8)",
+                                       {"data": {"synthetic": {"zipf_exponent": 0.8}}})
+    c.conditions.zipf_1_4 = _condition("as base, Zipf(1.4)",
+                                       {"data": {"synthetic": {"zipf_exponent": 1.4}}})
+    c.conditions.tied = _condition("as base, tied embeddings", {"model": {"tie_embeddings": True}})
+    # Heterogeneity (arXiv 2502.00213).
+    c.conditions.post_ln = _condition("as base, post-LN", {"model": {"ln_position": "post"}})
+    # Explicit sparsity and depth (issue 11).
+    c.conditions.gqa = _condition("as base, GQA with 2 key/value heads",
+                                  {"model": {"num_kv_heads": 2}})
+    c.conditions.moe = _condition(
+        "as base, 4 experts top-1 in every block (active parameters equal to base)",
+        {"model": {"num_experts": 4, "moe_top_k": 1}})
+    c.conditions.depth_8 = _condition("as base, 8 layers", {"model": {"num_layers": 8}})
+    c.conditions.depth_16 = _condition("as base, 16 layers", {"model": {"num_layers": 16}})
+    c.conditions.no_weight_decay = _condition("as base, weight decay 0",
+                                              {"optimizer": {"weight_decay": 0.0}})
+  elif preset == "wikitext103_offline":
+    # Real text offline (issue 10): TRAINED ON THE WIKITEXT-103 VALIDATION SPLIT, evaluated on
+    # held-out test articles (the first half selects, the second reports), because only those
+    # two splits exist here; label every result so. Set --config.base.data.path to the folder.
+    b.data = data_lib.default_config("wikitext-103-offline")
+    b.model.num_layers, b.model.d_model, b.model.num_heads = 4, 256, 8
+    b.model.max_len = b.seq_len = 256
+    b.batch_size = 32
+    b.eval_every = b.checkpoint_every = 500
+    b.diagnostics.every = 50
+    c.token_budget = 1000 * 32 * 256  # 1000 steps, ~22 passes over the 370k training tokens
+    c.stack_runs = 5
+    c.conditions.base = _condition("WikiText-103 text (trained on its validation split, "
+                                   "evaluated on held-out test articles), 4 x 256, pre-LN")
   elif preset == "wikitext103":
     # A 6-layer d=256 GPT on WikiText-103 (SentencePiece 8192), bf16, sharded over all devices.
     b.data.name = "wikitext-103"
