@@ -167,8 +167,8 @@ def get_config(preset=None) -> ml_collections.ConfigDict:
                                       {"model": {"ln_position": "post"}})
   elif preset == "controls":
     # One GPU (issues 10 and 11; NOT RUN YET, hours of GPU time): every control and architecture
-    # condition under the
-    # full protocol, a 4-layer d=256 GPT meant to leave the near-uniform regime, stacked sweeps.
+    # condition under the full protocol, a 4-layer d=256 GPT meant to leave the near-uniform
+    # regime, stacked sweeps.
     b.model.num_layers, b.model.d_model, b.model.num_heads = 4, 256, 8
     b.model.dtype = "bfloat16"
     b.model.max_len = b.seq_len = 128
