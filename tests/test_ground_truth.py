@@ -96,7 +96,7 @@ FAMILIES = ("sparsity/", "drift/", "aging/", "norms/", "heterogeneity/", "sign/"
 def test_every_optimizer_writes_every_family(optimizer, tmp_path, shifted_run):
   results = train.train_and_evaluate(_config(optimizer, 4, every=2), str(tmp_path))
   # Identical conditions: every optimizer starts from the same initial parameters.
-  assert results["init_params_fingerprint"] == shifted_run[1]["init_params_fingerprint"]
+  assert results.init_params_fingerprint == shifted_run[1].init_params_fingerprint
   names = {k for r in _series(str(tmp_path)).values() for k in r}
   for family in FAMILIES:
     assert any(n.startswith(family) for n in names), (optimizer, family)
