@@ -34,7 +34,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxopt_study import checkpointing
 from jaxopt_study import data as data_lib
-from jaxopt_study import diagnostics
 from jaxopt_study import rundir
 from jaxopt_study import sharding
 from jaxopt_study import train
@@ -155,9 +154,7 @@ def train_stacked(configs: Sequence[ml_collections.ConfigDict],
       if preemption.reached(step - 1):
         status = "preempted"
         break
-      mode = diagnostics.mode_for_step(step - 1, dcfg) if dcfg.enabled else None
-      with jax.profiler.StepTraceAnnotation("train", step_num=step - 1):
-        state, metrics = train_fn(mode)(state, next(batches)[1])
+      state, metrics, mode = train.advance(train_fn, state, batches, step, dcfg)
       if train.itstime(step, config.log_every, total) or "diagnostics" in metrics:
         pending.append((step, metrics))
       if mode == "full" and probe is not None:  # each run on run 0's probe batch

@@ -389,6 +389,14 @@ def measure_probes(config, model, params, probe) -> dict:
                                         top_k=config.probes.top_k)}
 
 
+def advance(train_fn, state, batches, step: int, diag_config):
+  """Runs the loop's step number ``step`` (steps done once it is): ``(state, metrics, mode)``."""
+  mode = diagnostics.mode_for_step(step - 1, diag_config) if diag_config.enabled else None
+  with jax.profiler.StepTraceAnnotation("train", step_num=step - 1):
+    state, metrics = train_fn(mode)(state, next(batches)[1])
+  return state, metrics, mode
+
+
 def itstime(step: int, every: int, total: int) -> bool:
   """The one periodic-action rule (big_vision's ``itstime``): every ``every`` steps and at the end."""
   return step % every == 0 or step == total
@@ -446,9 +454,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> rundi
       if preemption.reached(step - 1):
         status = "preempted"
         break
-      mode = diagnostics.mode_for_step(step - 1, dcfg) if dcfg.enabled else None
-      with jax.profiler.StepTraceAnnotation("train", step_num=step - 1):
-        state, metrics = train_fn(mode)(state, next(batches)[1])
+      state, metrics, mode = advance(train_fn, state, batches, step, dcfg)
       if itstime(step, config.log_every, total) or "diagnostics" in metrics:
         buffer.add(step, metrics)
       if mode == "full" and probe is not None:
