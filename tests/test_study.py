@@ -509,7 +509,7 @@ def test_smoke_test_report_is_labelled_and_has_no_verdicts(fake_report, tmp_path
 
 
 def test_expand_identical_conditions():
-  from configs import study as study_configs
+  from jaxopt_study.study import presets as study_configs
   from jaxopt_study.study import runner
 
   config = study_configs.get_config("small")
@@ -546,7 +546,7 @@ def test_expand_identical_conditions():
     ("optimizers", ("adamw", "adam"), "unknown optimizer 'adam'"),
 ])
 def test_protocol_is_enforced(field, value, match):
-  from configs import study as study_configs
+  from jaxopt_study.study import presets as study_configs
   from jaxopt_study.study import runner
 
   config = study_configs.get_config("small")
@@ -576,7 +576,7 @@ def _fake_trainer(calls, val_loss, status_of=lambda c: "completed"):
 
 
 def _protocol_config(optimizer="adamw"):
-  from configs import study as study_configs
+  from jaxopt_study.study import presets as study_configs
 
   config = study_configs.get_config("tiny")
   config.optimizers = (optimizer,)
@@ -650,7 +650,7 @@ def test_runner_stacks_fresh_runs_and_resumes_started_ones_alone(tmp_path, monke
 
 
 def test_runner_reuses_resumes_and_records_failures(tmp_path, monkeypatch):
-  from configs import study as study_configs
+  from jaxopt_study.study import presets as study_configs
   from jaxopt_study import train
   from jaxopt_study.study import runner
 
@@ -698,7 +698,7 @@ def test_runner_reuses_resumes_and_records_failures(tmp_path, monkeypatch):
 
 
 def test_runner_refuses_or_reruns_a_run_whose_config_changed(tmp_path, monkeypatch):
-  from configs import study as study_configs
+  from jaxopt_study.study import presets as study_configs
   from jaxopt_study import train
   from jaxopt_study.study import runner
 
@@ -732,7 +732,7 @@ def test_runner_refuses_or_reruns_a_run_whose_config_changed(tmp_path, monkeypat
 
 
 def test_runner_stops_on_a_locked_run_without_recording_a_failure(tmp_path, monkeypatch):
-  from configs import study as study_configs
+  from jaxopt_study.study import presets as study_configs
   from jaxopt_study import train
   from jaxopt_study.study import runner
 

@@ -10,10 +10,11 @@ Imports flow one way, top to bottom (each module imports only those above it):
 * :mod:`.literature`: claims from the literature, agrees / disagrees / inconclusive.
 * :mod:`.plots`: the figures (from loading and tables).
 * :mod:`.report`: ``make_report``: results/, plots/, REPORT.md.
+* :mod:`.presets`: the study presets (``configs/study.py:<preset>`` loads them).
 * :mod:`.runner`: ``run_study``: expands configs/study.py into runs and trains them through
   ``train.train_and_evaluate`` (imports JAX; imported lazily here).
 
-Nothing but the runner needs JAX or the data pipeline.
+Nothing but the presets and the runner needs JAX or the data pipeline.
 """
 
 from jaxopt_study.study.report import make_report  # noqa: F401

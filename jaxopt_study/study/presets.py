@@ -1,0 +1,242 @@
+"""The optimizer study: all five optimizers under identical conditions and one protocol.
+
+  python scripts/run_study.py --config=configs/study.py:tiny --workdir=studies/tiny
+  python scripts/run_study.py --config=configs/study.py:small --workdir=studies/small
+  python scripts/run_study.py --config=configs/study.py:wikitext103 --workdir=studies/wt103
+  python scripts/make_report.py studies/small        # the report alone, from the run dirs
+
+  tiny         CI / quickstart, a smoke test: tiny model, 1 seed, 1 lr, 80 steps (~2-3 min on
+               2 CPU cores); its report states no verdicts.
+  small        the CPU study: synthetic Zipf corpus with topic switches, a 5-point lr grid per
+               optimizer (extended until bracketed), 3 seeds at each best rate, pre- and
+               post-LN (about 70-110 runs of ~1 min each on 2 CPU cores; not timed under this
+               protocol).
+  wikitext103  GPU/TPU: WikiText-103, a 6-layer d=256 GPT, sharded over all devices.
+
+The protocol (jaxopt_study/study/runner.py): per (condition, optimizer), sweep
+``learning_rates[opt] * lr_multipliers`` with ``sweep_seeds``, choose the best rate on the
+validation split, extend the grid on an edge until the best rate is bracketed (at most
+``lr_grid_max_extensions`` points per side), then train every seed of ``seeds`` at the best
+rate; the report gives test-split numbers with 95% Student-t intervals. Every run of a
+condition shares the base config below except the optimizer block and its learning rate: the
+same seed gives the same initial parameters and the same data order for every optimizer, and
+every run has the same token budget. Fields can be overridden on the command line like any
+config: ``--config.seeds=(0,1,2,3) --config.lr_multipliers=(0.25,0.5,1,2,4)
+--config.base.model.d_model=128``.
+"""
+
+import dataclasses
+
+import ml_collections
+
+from jaxopt_study import data as data_lib
+from jaxopt_study import optimizers
+from jaxopt_study import presets
+from jaxopt_study.study import loading
+
+PRESETS = ("tiny", "small", "controls", "wikitext103_offline", "wikitext103")
+
+
+def _tunable(name):
+  block = optimizers.default_config(name)
+  del block["name"], block["learning_rate"]  # the registry key; the grid sets the rate
+  return block
+
+
+def _condition(description, overrides=None):
+  c = ml_collections.ConfigDict()
+  c.description = description  # One line for the report.
+  # Partial config applied on top of `base` (nested like the run config), e.g.
+  # {'model': {'ln_position': 'post'}}; every key must exist in the run config.
+  c.overrides = ml_collections.ConfigDict(overrides or {})
+  return c
+
+
+def get_config(preset=None) -> ml_collections.ConfigDict:
+  """The study config of `preset` (default 'tiny')."""
+  preset = preset or "tiny"
+  if preset not in PRESETS:
+    raise ValueError(f"unknown preset {preset!r} for configs/study.py:PRESET; valid: {PRESETS}")
+  c = ml_collections.ConfigDict()
+  c.preset = preset
+  c.name = preset  # Study name (report title); the workdir is given on the command line.
+
+  # ---------------------------------------------------------------- the shared run config
+  # jaxopt_study/presets.py's preset; everything a run needs except the optimizer block, which the
+  # runner sets from optimizers.default_config, and num_steps, set from token_budget.
+  base_preset = {"tiny": "tiny", "small": "tiny", "controls": "small", "wikitext103_offline": "small",
+                 "wikitext103": "small"}[preset]
+  c.base = b = presets.get_config(base_preset)
+  b.log_every = 1  # Every step's train loss: the spike rule needs a 128-step history.
+  b.keep_checkpoints = 1  # One checkpoint per run is enough to resume (keeps the study small).
+  # The report uses the global, per-kind and per-layer aggregates; per-tensor ('/param=') series
+  # multiply the metrics (and the compile time) several-fold. True puts them in TensorBoard.
+  b.diagnostics.per_param = False
+
+  # ---------------------------------------------------------------- what varies
+  c.optimizers = optimizers.NAMES  # Names in the optimizer registry (optimizers.NAMES).
+  # Centre of each optimizer's lr grid: its literature default (optimizers.default_config).
+  c.learning_rates = ml_collections.ConfigDict(
+      {o: optimizers.default_config(o).learning_rate for o in optimizers.NAMES})
+  # Each optimizer's block besides its name and lr, starting at optimizers.default_config, so
+  # every field can be set on the command line, e.g. signum:
+  # --config.optimizer_overrides.signsgd.momentum=0.9
+  c.optimizer_overrides = ml_collections.ConfigDict({o: _tunable(o) for o in optimizers.NAMES})
+  # Grid: lr = learning_rates[opt] * multiplier (rounded to 3 significant digits); log-spaced
+  # (one constant ratio), at least 5 points (runner.MIN_GRID_POINTS) unless a smoke test.
+  c.lr_multipliers = (1 / 9, 1 / 3, 1.0, 3.0, 9.0)
+  # A best rate on an edge of the grid: add up to this many points (same ratio) on that side.
+  c.lr_grid_max_extensions = 2
+  # Seeds of the lr sweep (a seed fixes initial parameters and data order, the same for every
+  # optimizer); the best rate is chosen on the validation loss averaged over them.
+  c.sweep_seeds = (0,)
+  c.seeds = (0, 1, 2)  # Seeds at each best rate (>= 3, runner.MIN_SEEDS, unless a smoke test).
+  # Tokens per run, the same for every run: num_steps = token_budget // (batch_size * seq_len).
+  c.token_budget = 0
+  # Conditions: named partial configs over `base` (the order is the report's order; the first
+  # is the primary condition used for the literature checks). Each gets the whole protocol.
+  c.conditions = ml_collections.ConfigDict()
+  c.only_conditions = ()  # Run only these conditions (names); () = all.
+
+  # ---------------------------------------------------------------- runner
+  c.retry_failed = True  # Re-run runs recorded as 'failed' (exceptions); diverged runs are kept.
+  # A run directory trained under another config (its config fingerprint differs): 'refuse'
+  # stops the study naming the run and the changed fields; 'rerun' moves it aside and trains it
+  # again.
+  c.on_config_change = "refuse"
+  # JAX's persistent compilation cache ($JAXOPT_STUDY_CACHE or ~/.cache/jaxopt_study, then
+  # jax_compilation_cache/): runs that differ only in seed or learning rate share their compiled
+  # steps (the peak rate lives in the optimizer state, optimizers.build).
+  c.compilation_cache = True
+  # Train up to this many fresh runs of a sweep step (rates x seeds of one optimizer) at once in
+  # one vmapped step (jaxopt_study/stacked.py): small models fill a GPU this way. 1: one at a
+  # time (CPU: stacking only adds up the work).
+  c.stack_runs = 1
+  c.make_report = True  # scripts/run_study.py writes the report after the runs.
+
+  # ---------------------------------------------------------------- report (study/report.py)
+  # Spike rule, shift recovery, frequency buckets, staleness window, smoke_test: every field
+  # is documented in jaxopt_study.study.loading.Settings (the defaults; study.json records them).
+  c.report = ml_collections.ConfigDict(dataclasses.asdict(loading.Settings()))
+
+  if preset == "tiny":
+    # Minutes on 2 CPU cores for all five optimizers: 1 seed, the default lr, 80 steps. A
+    # smoke test: too few rates and seeds for the protocol, so its report gives no verdicts.
+    c.report.smoke_test = True
+    b.model.num_layers, b.model.d_model, b.model.num_heads = 2, 64, 4
+    b.seq_len, b.batch_size = 64, 16  # 1024 tokens per step
+    b.data.vocab_size = 1024  # Zipf vocabulary (the model's); small keeps the softmax cheap.
+    b.data.eval_batches = 4  # 4 x 16 held-out windows
+    b.data.synthetic.shift = "switch"  # Topic switches every 30 steps: 2 shifts in the run.
+    b.data.synthetic.shift_every = 30
+    b.schedule.warmup_steps = 10
+    b.eval_every = b.checkpoint_every = 40
+    # Full diagnostics every step: one compiled step instead of three (compile time dominates
+    # these short runs), 80 points per run.
+    b.diagnostics.every = 1
+    b.diagnostics.window = b.diagnostics.horizon = 15  # Age horizon H of the aging metrics.
+    c.lr_multipliers = (1.0,)
+    c.lr_grid_max_extensions = 0
+    c.sweep_seeds = c.seeds = (0,)
+    c.token_budget = 80 * 1024  # 80 steps
+    c.report.shift_pre_window = 10
+    c.report.shift_smooth = 5
+    c.conditions.base = _condition("synthetic Zipf(1.1) corpus over 1024 tokens, topic switch "
+                                   "every 30 steps, pre-LN, untied embeddings")
+  elif preset == "small":
+    # Per condition: 5 optimizers x (5 lrs + up to 4 extensions) at seed 0, then seeds 1 and 2
+    # at each best rate: 35-55 runs of 200 steps. The rate lives in the optimizer state, so one
+    # compile per (condition, optimizer) serves its whole sweep (cache shared by seeds).
+    b.model.num_layers, b.model.d_model, b.model.num_heads = 2, 64, 4
+    b.seq_len, b.batch_size = 64, 16  # 1024 tokens per step
+    b.data.vocab_size = 2048  # Zipf(1.1) over 2048 ids: most embedding rows idle most steps.
+    b.data.eval_batches = 8  # 8 x 16 held-out windows (the mixture of the topics seen)
+    b.data.synthetic.zipf_exponent = 1.1
+    b.data.synthetic.shift = "switch"  # Topic switches every 50 steps: 3 shifts per run.
+    b.data.synthetic.shift_every = 50
+    b.schedule.warmup_steps = 20
+    b.eval_every = b.checkpoint_every = 100
+    b.diagnostics.every = 10
+    b.diagnostics.window = b.diagnostics.horizon = 25  # Age horizon H of the aging metrics.
+    c.token_budget = 200 * 1024  # 200 steps
+    c.conditions.base = _condition(
+        "synthetic Zipf(1.1) corpus over 2048 tokens, topic switch every 50 steps, pre-LN, "
+        "untied embeddings")
+    # Post-LN under the same protocol: the heterogeneity comparison over the whole sweep.
+    c.conditions.post_ln = _condition("as base with post-LN blocks",
+                                      {"model": {"ln_position": "post"}})
+  elif preset == "controls":
+    # One GPU (issues 10 and 11; NOT RUN YET, hours of GPU time): every control and architecture
+    # condition under the full protocol, a 4-layer d=256 GPT meant to leave the near-uniform
+    # regime, stacked sweeps.
+    b.model.num_layers, b.model.d_model, b.model.num_heads = 4, 256, 8
+    b.model.dtype = "bfloat16"
+    b.model.max_len = b.seq_len = 128
+    b.batch_size = 64  # 8192 tokens per step
+    b.data.vocab_size = 4096
+    b.data.synthetic.zipf_exponent = 1.1
+    b.data.synthetic.shift = "switch"
+    b.data.synthetic.shift_every = 500
+    b.schedule.warmup_steps = 100
+    b.eval_every = b.checkpoint_every = 500
+    b.sync_every = 250
+    b.diagnostics.every = 50
+    c.token_budget = 2000 * 64 * 128  # 2000 steps, 16.4M tokens per run
+    c.stack_runs = 5  # a whole 5-point sweep step in one vmapped step
+    c.conditions.base = _condition("synthetic Zipf(1.1) over 4096 tokens, topic switch every "
+                                   "500 steps, pre-LN, untied, 4 x 256 dense MHA")
+    # Non-stationarity: none / switch (base) / drift.
+    c.conditions.stationary = _condition("as base, one topic",
+                                         {"data": {"synthetic": {"shift": "none"}}})
+    c.conditions.drift = _condition("as base, topics drift continuously",
+                                    {"data": {"synthetic": {"shift": "drift"}}})
+    # Sparsity: Zipf exponent and tied embeddings (tied makes every embedding row's grad dense).
+    c.conditions.zipf_0_8 = _condition("as base, Zipf(0.8)",
+                                       {"data": {"synthetic": {"zipf_exponent": 0.8}}})
+    c.conditions.zipf_1_4 = _condition("as base, Zipf(1.4)",
+                                       {"data": {"synthetic": {"zipf_exponent": 1.4}}})
+    c.conditions.tied = _condition("as base, tied embeddings", {"model": {"tie_embeddings": True}})
+    # Heterogeneity (arXiv 2502.00213).
+    c.conditions.post_ln = _condition("as base, post-LN", {"model": {"ln_position": "post"}})
+    # Explicit sparsity and depth (issue 11).
+    c.conditions.gqa = _condition("as base, GQA with 2 key/value heads",
+                                  {"model": {"num_kv_heads": 2}})
+    c.conditions.moe = _condition(
+        "as base, 4 experts top-1 in every block (active parameters equal to base)",
+        {"model": {"num_experts": 4, "moe_top_k": 1}})
+    c.conditions.depth_8 = _condition("as base, 8 layers", {"model": {"num_layers": 8}})
+    c.conditions.depth_16 = _condition("as base, 16 layers", {"model": {"num_layers": 16}})
+    c.conditions.no_weight_decay = _condition("as base, weight decay 0",
+                                              {"optimizer": {"weight_decay": 0.0}})
+  elif preset == "wikitext103_offline":
+    # Real text offline (issue 10): TRAINED ON THE WIKITEXT-103 VALIDATION SPLIT, evaluated on
+    # held-out test articles (the first half selects, the second reports), because only those
+    # two splits exist here; label every result so. Set --config.base.data.path to the folder.
+    b.data = data_lib.default_config("wikitext-103-offline")
+    b.model.num_layers, b.model.d_model, b.model.num_heads = 4, 256, 8
+    b.model.max_len = b.seq_len = 256
+    b.batch_size = 32
+    b.eval_every = b.checkpoint_every = 500
+    b.diagnostics.every = 50
+    c.token_budget = 1000 * 32 * 256  # 1000 steps, ~22 passes over the 370k training tokens
+    c.stack_runs = 5
+    c.conditions.base = _condition("WikiText-103 text (trained on its validation split, "
+                                   "evaluated on held-out test articles), 4 x 256, pre-LN")
+  elif preset == "wikitext103":
+    # A 6-layer d=256 GPT on WikiText-103 (SentencePiece 8192), bf16, sharded over all devices.
+    b.data.name = "wikitext-103"
+    b.data.vocab_size = 8192
+    b.model.dtype = "bfloat16"
+    b.mesh.data, b.mesh.fsdp = -1, 1  # Data-parallel over every device (set fsdp > 1 to shard).
+    b.seq_len, b.batch_size = 256, 64  # 16384 tokens per step
+    b.schedule.warmup_steps = 200
+    b.log_every = 1
+    b.eval_every = b.checkpoint_every = 1000
+    b.diagnostics.every = 25
+    c.token_budget = 4000 * 64 * 256  # 4000 steps, 65.5M tokens per run
+    c.conditions.base = _condition("WikiText-103, pre-LN, untied embeddings")
+    c.conditions.tied = _condition("as base with tied input/output embeddings",
+                                   {"model": {"tie_embeddings": True}})
+    c.conditions.post_ln = _condition("as base with post-LN blocks",
+                                      {"model": {"ln_position": "post"}})
+  return c
