@@ -43,9 +43,7 @@ def jacobian(res, path):
   for ax in axes:
     ax.set_xlabel("block")
     ax.set_xticks(layers)
-  fig.tight_layout()
-  fig.savefig(path, dpi=DPI)
-  plt.close(fig)
+  _save(fig, path)
 
 
 def usefulness(res, path):
@@ -59,9 +57,7 @@ def usefulness(res, path):
   ax.set_ylabel("loss increase (%)")
   ax.set_title(f"usefulness: {use['share_useful']:.0%} of blocks above {use['threshold']:.0%}")
   ax.set_xticks(layers)
-  fig.tight_layout()
-  fig.savefig(path, dpi=DPI)
-  plt.close(fig)
+  _save(fig, path)
 
 
 def causal(res, path):
@@ -69,17 +65,13 @@ def causal(res, path):
   fig, axes = plt.subplots(1, 2, figsize=(10, 4))
   _heatmap(axes[0], _array(c["output_change"]), "skip i: change of h after block j", "relative")
   _heatmap(axes[1], _array(c["update_change"]), "skip i: change of block j's update", "relative")
-  fig.tight_layout()
-  fig.savefig(path, dpi=DPI)
-  plt.close(fig)
+  _save(fig, path)
 
 
 def permutation(res, path):
   fig, ax = plt.subplots(figsize=(5, 4))
   _heatmap(ax, _array(res["permutation"]["loss_change"]), "swap i <-> j: (L' - L) / L", "relative")
-  fig.tight_layout()
-  fig.savefig(path, dpi=DPI)
-  plt.close(fig)
+  _save(fig, path)
 
 
 FIGURES = {
@@ -98,3 +90,9 @@ def make_all(res, directory) -> list[str]:
     fn(res, path)
     paths.append(path)
   return paths
+
+
+def _save(fig, path):
+  fig.tight_layout()
+  fig.savefig(path, dpi=DPI)
+  plt.close(fig)

@@ -78,12 +78,8 @@ def adam_beats_sgd(study, runs, best, findings, condition) -> dict:
   verdicts = {o: stats.compare(cis[o], cis["sgd_momentum"]) for o in opts}
   if any(v is None for v in verdicts.values()):
     return _check(claim, measured, "inconclusive", "fewer than 2 seeds at a best lr: no interval")
-  detail = ", ".join(f"{o} {v}" for o, v in verdicts.items())
-  if all(v == "lower" for v in verdicts.values()):
-    return _check(claim, measured, "agrees", f"95% intervals disjoint: {detail}")
-  if any(v == "higher" for v in verdicts.values()):
-    return _check(claim, measured, "disagrees", f"95% intervals disjoint: {detail}")
-  return _check(claim, measured, "inconclusive", f"tie within 95% intervals: {detail}")
+  return _from_verdicts(claim, measured, verdicts, ("lower", "95% intervals disjoint: "),
+                        ("higher", "95% intervals disjoint: "), "tie within 95% intervals: ")
 
 
 def _spacing(runs: pd.DataFrame, condition: str, opt: str, lr: float) -> float:
@@ -175,12 +171,8 @@ def post_ln_heterogeneity(study, runs, best, findings, condition) -> dict:
                   "the lr moves this statistic too)")
   if any(v is None for v in verdicts.values()):
     return _check(claim, measured, "inconclusive", "a single matched run: no interval")
-  detail = ", ".join(f"{o} {v}" for o, v in verdicts.items())
-  if all(v == "raised" for v in verdicts.values()):
-    return _check(claim, measured, "agrees", f"every interval above 0: {detail}")
-  if any(v == "lowered" for v in verdicts.values()):
-    return _check(claim, measured, "disagrees", detail)
-  return _check(claim, measured, "inconclusive", f"an interval contains 0: {detail}")
+  return _from_verdicts(claim, measured, verdicts, ("raised", "every interval above 0: "),
+                        ("lowered", ""), "an interval contains 0: ")
 
 
 CHECKS = (adam_beats_sgd, lion_lr_ratio, post_ln_heterogeneity)
@@ -199,3 +191,14 @@ def literature_checks(study: Study, runs: pd.DataFrame, best: pd.DataFrame,
                reason="smoke test (a preset that exercises the machinery): no verdicts")
     out.append(c)
   return out
+
+
+def _from_verdicts(claim, measured, verdicts, agree, disagree, tie_why):
+  """agrees if every verdict is ``agree[0]``, disagrees if any is ``disagree[0]``, else
+  inconclusive; each reason is its prefix followed by the per-optimizer verdicts."""
+  detail = ", ".join(f"{o} {v}" for o, v in verdicts.items())
+  if all(v == agree[0] for v in verdicts.values()):
+    return _check(claim, measured, "agrees", agree[1] + detail)
+  if any(v == disagree[0] for v in verdicts.values()):
+    return _check(claim, measured, "disagrees", disagree[1] + detail)
+  return _check(claim, measured, "inconclusive", tie_why + detail)
