@@ -13,6 +13,14 @@ written at the end; `python scripts/make_report.py WORKDIR` rewrites it alone.
 Per-step training logs are at WARNING unless --verbosity is given (the progress bar stays
 readable); TensorBoard (every run's config as hparams): `tensorboard --logdir WORKDIR/runs`.
 
+One GPU, many conditions: `--processes=N` trains the conditions in N processes at once (each
+takes every N-th condition, its own share of device memory, XLA_PYTHON_CLIENT_MEM_FRACTION =
+0.9 / N unless set); small stacked models leave the GPU idle while XLA compiles on the host, and
+N processes overlap one's compiling with another's training. Each process keeps its study.json
+in WORKDIR/parts/<k>/ (its runs/ is a link to WORKDIR/runs); when all are done, this process
+merges them and writes WORKDIR/study.json and the report. WORKDIR/sessions.json records every
+invocation (start, end, wall time, device, processes) for the report.
+
 Exit codes (jaxopt_study.study.runner.EXIT_*):
   0   at least one run completed (failed and diverged runs are in the report)
   3   every run failed or diverged
@@ -22,8 +30,11 @@ Exit codes (jaxopt_study.study.runner.EXIT_*):
   75  preempted (SIGTERM): the running run checkpointed; run the same command to continue
 """
 
+import datetime
 import os
 import shlex
+import signal
+import subprocess
 import sys
 
 from absl import app
@@ -40,6 +51,8 @@ from jaxopt_study.study import runner  # pylint: disable=g-import-not-at-top,wro
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Study directory (runs/, study.json, REPORT.md).")
 flags.DEFINE_bool("report", None, "Write the report after the runs (default: config.make_report).")
+flags.DEFINE_integer("processes", 1, "Train the conditions in this many processes at once (see "
+                     "the module docstring); 1: all in this process.")
 config_flags.DEFINE_config_file(
     "config", "configs/study.py:tiny", "Study config file (`configs/study.py:PRESET`).",
     lock_config=True,
@@ -52,8 +65,16 @@ def main(argv):
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  if FLAGS.processes < 1:
+    raise app.UsageError(f"--processes={FLAGS.processes} must be >= 1")
   command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+  start = datetime.datetime.now()
   try:
+    if FLAGS.processes > 1:
+      code = train_in_processes(FLAGS.config, FLAGS.workdir, FLAGS.processes)
+      if code in (runner.EXIT_PREEMPTED, runner.EXIT_CONFIG_CHANGED, runner.EXIT_LOCKED):
+        record_session(FLAGS.workdir, command, start)
+        sys.exit(code)  # stopped or refused: nothing more to train here, no report
     spec = runner.run_study(FLAGS.config, FLAGS.workdir, command=command)
   except (rundir.ConfigChanged, rundir.Locked) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -63,6 +84,7 @@ def main(argv):
   for r in spec["runs"]:
     counts[r["status"]] = counts.get(r["status"], 0) + 1
   print(f"study {FLAGS.workdir}: {len(spec['runs'])} runs: {counts}")
+  record_session(FLAGS.workdir, command, start)
   make = FLAGS.config.make_report if FLAGS.report is None else FLAGS.report
   if make:
     path = report.make_report(FLAGS.workdir)
@@ -71,6 +93,104 @@ def main(argv):
   if code != runner.EXIT_OK:
     print(f"exit code {code}: see the exit codes in scripts/run_study.py", file=sys.stderr)
   sys.exit(code)
+
+
+def train_in_processes(config, workdir: str, n: int) -> int:
+  """Trains the conditions in ``n`` child processes (module docstring); their worst exit code."""
+  workdir = os.path.abspath(workdir)
+  runner.validate(config)
+  shares = split_conditions(config, n)
+  os.makedirs(os.path.join(workdir, "runs"), exist_ok=True)
+  env = dict(os.environ)
+  env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / len(shares):.3f}")
+  # This script's own flags except --workdir, --processes and --report; the config flags pass
+  # through unchanged, plus each child's share of the conditions.
+  own = ("--workdir", "--processes", "--report", "--config.only_conditions")
+  passed = [a for a in sys.argv[1:] if not a.startswith(own)]
+  children = []
+  for k, share in enumerate(shares):
+    part = os.path.join(workdir, "parts", str(k))
+    os.makedirs(part, exist_ok=True)
+    link = os.path.join(part, "runs")
+    if not os.path.islink(link):
+      os.symlink(os.path.join("..", "..", "runs"), link)
+    argv = [sys.executable, os.path.abspath(__file__), *passed, f"--workdir={part}",
+            "--report=false", f"--config.only_conditions={tuple(share)!r}"]
+    log = open(os.path.join(part, "log.txt"), "a")
+    print(f"process {k}: conditions {', '.join(share)} (log: {log.name})")
+    children.append((subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+
+  def forward(signum, frame):  # SIGTERM: every child checkpoints its run and stops
+    del frame
+    for p, _ in children:
+      if p.poll() is None:
+        p.send_signal(signum)
+
+  old = signal.signal(signal.SIGTERM, forward)
+  try:
+    codes = [p.wait() for p, _ in children]
+  finally:
+    signal.signal(signal.SIGTERM, old)
+    for _, log in children:
+      log.close()
+  print(f"processes done, exit codes {codes}")
+  merge_parts(workdir, len(shares))
+  if any(c == runner.EXIT_PREEMPTED or c < 0 for c in codes):
+    return runner.EXIT_PREEMPTED
+  for c in (runner.EXIT_CONFIG_CHANGED, runner.EXIT_LOCKED):
+    if c in codes:
+      return c
+  return runner.EXIT_OK
+
+
+def split_conditions(config, n: int) -> list[list[str]]:
+  """The conditions in at most n shares of about equal work (longest first, greedy).
+
+  A condition's work is estimated as its block matmul FLOPs per run:
+  num_steps * batch_size * seq_len * num_layers * d_model^2.
+  """
+  def work(cond):
+    c = runner.run_config(config, cond, config.optimizers[0], 1e-3, 0)
+    return c.num_steps * c.batch_size * c.seq_len * c.model.num_layers * c.model.d_model ** 2
+
+  shares, loads = [[] for _ in range(n)], [0.0] * n
+  for cond in sorted(runner.conditions_of(config), key=work, reverse=True):
+    k = loads.index(min(loads))
+    shares[k].append(cond)
+    loads[k] += work(cond)
+  return [s for s in shares if s]
+
+
+def merge_parts(workdir: str, n: int) -> None:
+  """WORKDIR/study.json holds the runs of every part (their wall times), for the final pass."""
+  path = os.path.join(workdir, "study.json")
+  merged = rundir.read_json(path) or {}
+  runs = {r["workdir"]: r for r in merged.get("runs", [])}
+  for k in range(n):
+    part = rundir.read_json(os.path.join(workdir, "parts", str(k), "study.json")) or {}
+    for key in ("created", "command"):
+      merged.setdefault(key, part.get(key))
+    for r in part.get("runs", []):
+      if r.get("wall_s") is not None or r["workdir"] not in runs:
+        runs[r["workdir"]] = r
+  merged["runs"] = list(runs.values())
+  rundir.write_json(path, merged)
+
+
+def record_session(workdir: str, command: str, start: datetime.datetime) -> None:
+  """Appends this invocation to WORKDIR/sessions.json (the report's device and wall time)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  path = os.path.join(workdir, "sessions.json")
+  sessions = rundir.read_json(path) or []
+  end = datetime.datetime.now()
+  dev = jax.devices()[0]
+  sessions.append({
+      "start": start.isoformat(timespec="seconds"), "end": end.isoformat(timespec="seconds"),
+      "wall_s": round((end - start).total_seconds(), 1), "command": command,
+      "device": f"{jax.device_count()} x {getattr(dev, 'device_kind', dev.platform)}",
+      "processes": FLAGS.processes})
+  rundir.write_json(path, sessions)
 
 
 if __name__ == "__main__":

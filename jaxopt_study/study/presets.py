@@ -11,6 +11,10 @@
                optimizer (extended until bracketed), 3 seeds at each best rate, pre- and
                post-LN (about 70-110 runs of ~1 min each on 2 CPU cores; not timed under this
                protocol).
+  controls     one GPU: every control and architecture condition (shift none/switch/drift, Zipf
+               0.8/1.1/1.4, tied, post-LN, weight decay, GQA, MoE, depth 4/8/16), 4 x 256 GPT.
+  wikitext103_offline  one GPU: WikiText-103 text, trained on its validation split and
+               evaluated on held-out test articles (only those two splits exist offline).
   wikitext103  GPU/TPU: WikiText-103, a 6-layer d=256 GPT, sharded over all devices.
 
 The protocol (jaxopt_study/study/runner.py): per (condition, optimizer), sweep
@@ -166,39 +170,53 @@ def get_config(preset=None) -> ml_collections.ConfigDict:
     c.conditions.post_ln = _condition("as base with post-LN blocks",
                                       {"model": {"ln_position": "post"}})
   elif preset == "controls":
-    # One GPU (issues 10 and 11; NOT RUN YET, hours of GPU time): every control and architecture
-    # condition under the full protocol, a 4-layer d=256 GPT meant to leave the near-uniform
-    # regime, stacked sweeps.
+    # One GPU, every control and architecture condition (issues 10 and 11) under the full
+    # protocol: 12 conditions x 5 optimizers x (5 rates + extensions) x 3 seeds, ~1000 runs of
+    # 1000 steps (4.1M tokens each) of a 4-layer d=256 GPT that leaves the near-uniform regime
+    # (uniform 8.32 nats, unigram 5.91, the corpus's entropy floor 3.36). Every seed runs at
+    # every grid point (sweep_seeds = seeds), so the best rate is chosen on the mean over 3
+    # seeds and a whole sweep (5 rates x 3 seeds) is ONE stacked step: one compile per
+    # (condition, optimizer), plus one per grid extension.
+    #   python scripts/run_study.py --config=configs/study.py:controls --workdir=studies/controls \
+    #       --processes=5
     b.model.num_layers, b.model.d_model, b.model.num_heads = 4, 256, 8
     b.model.dtype = "bfloat16"
     b.model.max_len = b.seq_len = 128
-    b.batch_size = 64  # 8192 tokens per step
+    b.batch_size = 32  # 4096 tokens per step
     b.data.vocab_size = 4096
+    b.data.eval_batches = 8  # 8 x 32 windows per split (validation selects, test reports)
     b.data.synthetic.zipf_exponent = 1.1
     b.data.synthetic.shift = "switch"
-    b.data.synthetic.shift_every = 500
-    b.schedule.warmup_steps = 100
-    b.eval_every = b.checkpoint_every = 500
+    b.data.synthetic.shift_every = 250  # 3 topic switches per run
+    b.schedule.warmup_steps = 50
+    b.eval_every = 250
+    b.checkpoint_every = 500
+    b.log_every = 1
     b.sync_every = 250
-    b.diagnostics.every = 50
-    c.token_budget = 2000 * 64 * 128  # 2000 steps, 16.4M tokens per run
-    c.stack_runs = 5  # a whole 5-point sweep step in one vmapped step
+    b.diagnostics.every = 25  # 40 diagnostic and probe points per run
+    b.diagnostics.window = b.diagnostics.horizon = 50  # activity window / age horizon H
+    c.token_budget = 1000 * 32 * 128  # 1000 steps, 4.1M tokens per run
+    c.sweep_seeds = c.seeds = (0, 1, 2)
+    c.stack_runs = 15  # the whole 5-rate x 3-seed sweep in one vmapped step
+    # Primary first: the order the processes of --processes take them in.
     c.conditions.base = _condition("synthetic Zipf(1.1) over 4096 tokens, topic switch every "
-                                   "500 steps, pre-LN, untied, 4 x 256 dense MHA")
+                                   "250 steps, pre-LN, untied, 4 x 256 dense MHA")
+    # Heterogeneity (arXiv 2502.00213).
+    c.conditions.post_ln = _condition("as base, post-LN", {"model": {"ln_position": "post"}})
     # Non-stationarity: none / switch (base) / drift.
     c.conditions.stationary = _condition("as base, one topic",
                                          {"data": {"synthetic": {"shift": "none"}}})
     c.conditions.drift = _condition("as base, topics drift continuously",
                                     {"data": {"synthetic": {"shift": "drift"}}})
-    # Sparsity: Zipf exponent and tied embeddings (tied makes every embedding row's grad dense).
+    # Sparsity: tied embeddings (every embedding row's grad dense) and the Zipf exponent.
+    c.conditions.tied = _condition("as base, tied embeddings", {"model": {"tie_embeddings": True}})
     c.conditions.zipf_0_8 = _condition("as base, Zipf(0.8)",
                                        {"data": {"synthetic": {"zipf_exponent": 0.8}}})
     c.conditions.zipf_1_4 = _condition("as base, Zipf(1.4)",
                                        {"data": {"synthetic": {"zipf_exponent": 1.4}}})
-    c.conditions.tied = _condition("as base, tied embeddings", {"model": {"tie_embeddings": True}})
-    # Heterogeneity (arXiv 2502.00213).
-    c.conditions.post_ln = _condition("as base, post-LN", {"model": {"ln_position": "post"}})
     # Explicit sparsity and depth (issue 11).
+    c.conditions.no_weight_decay = _condition("as base, weight decay 0",
+                                              {"optimizer": {"weight_decay": 0.0}})
     c.conditions.gqa = _condition("as base, GQA with 2 key/value heads",
                                   {"model": {"num_kv_heads": 2}})
     c.conditions.moe = _condition(
@@ -206,22 +224,29 @@ def get_config(preset=None) -> ml_collections.ConfigDict:
         {"model": {"num_experts": 4, "moe_top_k": 1}})
     c.conditions.depth_8 = _condition("as base, 8 layers", {"model": {"num_layers": 8}})
     c.conditions.depth_16 = _condition("as base, 16 layers", {"model": {"num_layers": 16}})
-    c.conditions.no_weight_decay = _condition("as base, weight decay 0",
-                                              {"optimizer": {"weight_decay": 0.0}})
   elif preset == "wikitext103_offline":
     # Real text offline (issue 10): TRAINED ON THE WIKITEXT-103 VALIDATION SPLIT, evaluated on
-    # held-out test articles (the first half selects, the second reports), because only those
-    # two splits exist here; label every result so. Set --config.base.data.path to the folder.
+    # held-out test articles (the first half selects the rate, the second reports), because only
+    # those two splits exist here; label every result so. --config.base.data.path=<folder>.
+    # ~250k training tokens (SentencePiece 4096): 400 steps of 32 x 128 are ~6.5 passes, enough
+    # to see which optimizers overfit first; the validation split picks the rate.
     b.data = data_lib.default_config("wikitext-103-offline")
     b.model.num_layers, b.model.d_model, b.model.num_heads = 4, 256, 8
-    b.model.max_len = b.seq_len = 256
+    b.model.dtype = "bfloat16"
+    b.model.max_len = b.seq_len = 128
     b.batch_size = 32
-    b.eval_every = b.checkpoint_every = 500
-    b.diagnostics.every = 50
-    c.token_budget = 1000 * 32 * 256  # 1000 steps, ~22 passes over the 370k training tokens
-    c.stack_runs = 5
+    b.schedule.warmup_steps = 40
+    b.eval_every = 100
+    b.checkpoint_every = 400
+    b.sync_every = 200
+    b.diagnostics.every = 20
+    b.diagnostics.window = b.diagnostics.horizon = 40
+    c.token_budget = 400 * 32 * 128  # 400 steps, 1.6M tokens per run
+    c.sweep_seeds = c.seeds = (0, 1, 2)
+    c.stack_runs = 15  # the whole 5-rate x 3-seed sweep in one vmapped step
     c.conditions.base = _condition("WikiText-103 text (trained on its validation split, "
                                    "evaluated on held-out test articles), 4 x 256, pre-LN")
+    c.conditions.tied = _condition("as base, tied embeddings", {"model": {"tie_embeddings": True}})
   elif preset == "wikitext103":
     # A 6-layer d=256 GPT on WikiText-103 (SentencePiece 8192), bf16, sharded over all devices.
     b.data.name = "wikitext-103"
