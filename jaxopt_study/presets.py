@@ -94,9 +94,13 @@ def get_config(preset: str | None = None, optimizer: str = "adamw") -> ml_collec
   config.diagnostics = diagnostics_lib.default_config()  # Families, cadence; documented there.
 
   # ------------------------------------------------------------------ probes (probes.py)
-  # Measured on a fixed probe batch at every full diagnostics step (diagnostics.every).
+  # Measured on a fixed probe batch of the parameters after a step (diagnostics must be on).
   config.probes = p = ml_collections.ConfigDict()
   p.enabled = True  # Depth variance, weight sparsity, attention entropy/top-k mass.
+  # Steps between probe measurements (and at the end); 0: at every full diagnostics step. Each
+  # measurement is a forward pass with explicit attention probabilities and a host write of
+  # ~200 scalars, so long or stacked runs measure more rarely than the diagnostics.
+  p.every = 0
   p.num_sequences = 8  # Probe batch: the first N windows of the first validation batch.
   p.thresholds = (0.01, 0.1)  # weights/small_frac_<tau>: share of |w| <= tau * rms(w).
   p.top_k = (1, 4)  # attention/top<k>_mass: attention mass on the k largest keys.

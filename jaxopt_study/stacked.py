@@ -122,7 +122,9 @@ def train_stacked(configs: Sequence[ml_collections.ConfigDict],
     batch_sh = NamedSharding(s.mesh, P(None, *s.batch_sharding.spec))
     state = jax.device_put(_stack(states), state_sh)
     train_fn, eval_fn = _compile(config, s, state_sh, batch_sh)
-    probe = train.probe_batch(config, s.dataset)
+    probes = [train.probe_batch(c, ds) for c, ds in zip(configs, datasets)]
+    probe = None if probes[0] is None else jnp.stack(probes)  # [K, n, T]: each run's own
+    measure_probes = jax.vmap(lambda p, t: train.measure_probes(config, s.model, p, t))
     preemption = checkpointing.Preemption(ckpts[0])
     stack.callback(preemption.close)
     batches = data_lib.prefetch_to_device(
@@ -157,10 +159,10 @@ def train_stacked(configs: Sequence[ml_collections.ConfigDict],
       state, metrics, mode = train.advance(train_fn, state, batches, step, dcfg)
       if train.itstime(step, config.log_every, total) or "diagnostics" in metrics:
         pending.append((step, metrics))
-      if mode == "full" and probe is not None:  # each run on run 0's probe batch
+      if probe is not None and train.probes_due(step, mode, config):
+        measured = measure_probes(state.params, probe)  # every run at once
         for k in sorted(live):
-          buffers[k].add(step, train.measure_probes(config, s.model, _index(state.params, k),
-                                                    probe))
+          buffers[k].add(step, _index(measured, k))
       if train.itstime(step, config.sync_every, total):
         sync(step)
         if not live:

@@ -193,6 +193,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f"config.seq_len={config.seq_len} > config.model.max_len={config.model.max_len}; "
         "raise config.model.max_len or shorten config.seq_len."
     )
+  if int(config.probes.every) < 0:
+    raise ValueError(f"config.probes.every={config.probes.every} must be >= 0 (steps between "
+                     "probe measurements; 0 measures at every full diagnostics step).")
   if config.diagnostics.enabled and config.diagnostics.every < 1:
     raise ValueError(
         f"config.diagnostics.every={config.diagnostics.every} must be >= 1 (steps between full "
@@ -389,6 +392,13 @@ def measure_probes(config, model, params, probe) -> dict:
                                         top_k=config.probes.top_k)}
 
 
+def probes_due(step: int, mode, config) -> bool:
+  """Whether the probes are measured after step ``step``: every ``config.probes.every`` steps and
+  at the end, or at each full diagnostics step when it is 0."""
+  every = int(config.probes.every)
+  return mode == "full" if every <= 0 else itstime(step, every, config.num_steps)
+
+
 def advance(train_fn, state, batches, step: int, diag_config):
   """Runs the loop's step number ``step`` (steps done once it is): ``(state, metrics, mode)``."""
   mode = diagnostics.mode_for_step(step - 1, diag_config) if diag_config.enabled else None
@@ -457,7 +467,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> rundi
       state, metrics, mode = advance(train_fn, state, batches, step, dcfg)
       if itstime(step, config.log_every, total) or "diagnostics" in metrics:
         buffer.add(step, metrics)
-      if mode == "full" and probe is not None:
+      if probe is not None and probes_due(step, mode, config):
         buffer.add(step, measure_probes(config, s.model, state.params, probe))
       progress(step)
       if itstime(step, config.sync_every, total) and (diverged := sync(step)):

@@ -16,7 +16,8 @@ RUNS = [{"optimizer.learning_rate": 1e-3, "seed": 0}, {"optimizer.learning_rate"
 
 
 def _config(**kw):
-  return tiny_config(num_steps=STEPS, eval_every=STEPS, **kw)
+  # Probes every 5 steps and at the end (vmapped over the stack in train_stacked).
+  return tiny_config(num_steps=STEPS, eval_every=STEPS, **{"probes.every": 5}, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,9 @@ def test_a_stacked_run_equals_the_same_run_alone(runs):
     assert sr.status == ar.status == "completed" and sr.steps_done == ar.steps_done == STEPS
     assert sr.config_fingerprint == ar.config_fingerprint
     assert sr.init_params_fingerprint == ar.init_params_fingerprint
-    for key in ("train/loss", "train/grad_norm", "eval/loss", "eval_test/loss"):
+    assert sorted(losses(sd, "depth/log_var_slope")) == [5, 10, STEPS]
+    for key in ("train/loss", "train/grad_norm", "eval/loss", "eval_test/loss",
+                "depth/log_var_slope", "attention/entropy/layer=00"):
       got, want = losses(sd, key), losses(ad, key)
       assert got.keys() == want.keys() and got, key
       np.testing.assert_allclose([got[s] for s in want], list(want.values()), rtol=2e-5,
