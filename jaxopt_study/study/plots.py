@@ -19,6 +19,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.colors  # pylint: disable=g-import-not-at-top,wrong-import-position
+import matplotlib.ticker  # pylint: disable=g-import-not-at-top,wrong-import-position
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pandas as pd  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -641,6 +642,7 @@ def _layer_line(ax, table, part, measure, cond, opt, color, scale=1.0, label=Non
   lo, hi = rows["lo"].to_numpy(float) * scale, rows["hi"].to_numpy(float) * scale
   if np.isfinite(lo).any():
     ax.fill_between(x, lo, hi, color=color, alpha=0.2, lw=0)
+  ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
   return True
 
 

@@ -465,15 +465,15 @@ def depth_section(study: Study, table: pd.DataFrame, cmp: pd.DataFrame) -> list[
             "--workdir=RUN` on each run, then make the report again.", ""]
   else:
     out += ["*Useful*: a block whose replacement by its least-squares affine map raises the "
-            "loss by more than 10%; *usefulness*, *skip* and *||J - I||* are means over the "
+            "loss by more than 10%; *usefulness*, *skip* and *‖J - I‖* are means over the "
             "blocks of the loss increase when a block is replaced / skipped and of its token "
-            "Jacobian's distance from the identity (||J - I||_F / sqrt(D)); *swap*: the mean "
+            "Jacobian's distance from the identity (‖J - I‖_F / sqrt(D)); *swap*: the mean "
             "normalised loss change of swapping two blocks.", ""]
     out += _summary_table(study, table, [
         ("share of useful blocks", "layer_scores", "share_useful"),
         ("usefulness", "layer_scores", "usefulness_loss_increase"),
         ("skip", "layer_scores", "causal_skip_loss_increase"),
-        ("||J - I||", "layer_scores", "jacobian_identity_deviation"),
+        ("‖J - I‖", "layer_scores", "jacobian_identity_deviation"),
         ("swap", "layer_scores", "permutation_loss_change")])
     out += ["Loss increase (relative) when one block is replaced by its affine map:", ""]
     for cond in study.conditions:
@@ -488,13 +488,13 @@ def depth_section(study: Study, table: pd.DataFrame, cmp: pd.DataFrame) -> list[
     out += ["No probe data (`weights/small_frac_*`, `attention/*`) in any run at a best rate: "
             "the runs were trained with `probes.enabled=False` or without diagnostics.", ""]
   else:
-    out += ["*|w| <= tau rms*: share of weights (matrices and embeddings) at most tau times "
+    out += ["*abs(w) <= tau rms*: share of weights (matrices and embeddings) at most tau times "
             "their tensor's rms, pooled over the model; *attention entropy*: mean over layers "
             "of the normalised entropy of the attention distribution (1 = uniform over the "
             "visible keys); *top-k mass*: mean over layers of the probability on the k "
             "largest keys. Per layer and parameter kind: `results/depth.csv`.", ""]
     out += _summary_table(study, table, [
-        *[(f"|w| <= {m[len('small_frac_'):]} rms", "weights", m) for m in taus],
+        *[(f"abs(w) <= {m[len('small_frac_'):]} rms", "weights", m) for m in taus],
         ("attention entropy", "attention", "entropy_norm"),
         *[(f"{m[:-5]} mass", "attention", m) for m in tops]])
     if depth.has(table, "attention", "entropy_norm"):
