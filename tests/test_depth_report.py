@@ -128,7 +128,10 @@ def make_study(root: pathlib.Path):
       runs += [_write_run(root, cond, opt, 1.0, s) for s in SEEDS]
   spec = {"name": "depth", "optimizers": list(OPTS), "sweep_seeds": [0], "seeds": list(SEEDS),
           "lr_multipliers": [1.0, 3.0], "learning_rates": LR,
-          "conditions": {c: {"overrides": {}} for c in CONDS}, "runs": runs}
+          "conditions": {"base": {"overrides": {}},
+                         "depth_4": {"overrides": {"model.num_layers": 4}},
+                         "no_weight_decay": {"overrides": {"optimizer.weight_decay": 0.0}}},
+          "runs": runs}
   (root / "study.json").write_text(json.dumps(spec))
 
 
@@ -196,6 +199,8 @@ def test_depth_table_matches_numpy(made):
   assert table[(table["part"] == "layer_scores") & (table["condition"] == "no_weight_decay")
                ].empty
   assert not table["measure"].str.contains("head").any()
+  study = loading.load_study(str(made[0]))
+  assert depth.depth_conditions(study, table) == {"base": 2, "depth_4": 4}
   # The last block has no later block: no causal later-output change for it.
   assert _row(table, "base", "adamw", "layer_scores", "usefulness_loss_increase", 1)["n"] == 3
   with pytest.raises(AssertionError):
@@ -219,7 +224,7 @@ def test_depth_section_and_condition_verdicts(made):
   assert verdict[("depth_4", "lion", "share_useful")] in ("higher", "lower", "tie")
   assert ("no_weight_decay", "adamw", "share_useful") not in verdict  # no layer scores there
   assert "| `no_weight_decay` | **adamw** |" in sec and "**higher**" in sec
-  for name in ("depth_variance", "layer_scores", "sparsity_by_layer"):
+  for name in ("depth_variance", "layer_scores", "sparsity_by_layer", "depth_scaling"):
     fig = [s for s in text.split("### ") if f"plots/{name}.png" in s][0]
     assert "Data absent" not in fig
     assert (root / "plots" / f"{name}.png").stat().st_size > 5000

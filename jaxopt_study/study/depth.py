@@ -219,6 +219,23 @@ def has(table: pd.DataFrame, part: str, measure: Optional[str] = None) -> bool:
   return not select(table, part, measure).empty
 
 
+def depth_conditions(study: Study, table: pd.DataFrame) -> dict[str, int]:
+  """{condition: number of blocks} of the depth-scaling conditions: the primary (first)
+  condition and every condition whose overrides (study.json) set ``model.num_layers`` alone;
+  the number of blocks is read off the table's per-layer rows."""
+  conds = study.conditions
+  if not conds:
+    return {}
+  chosen = [conds[0]] + [c for c in conds[1:] if set(
+      (study.condition_info(c).get("overrides") or {})) == {"model.num_layers"}]
+  out = {}
+  for c in chosen:
+    layers = table.loc[(table["condition"] == c) & table["layer"].notna(), "layer"]
+    if len(layers):
+      out[c] = int(layers.max()) + 1
+  return out
+
+
 def mean_ci_of(row) -> stats.MeanCI:
   """A table row back as a MeanCI."""
   half = row["ci95"]

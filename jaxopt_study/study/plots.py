@@ -764,6 +764,48 @@ def sparsity_by_layer(study, best, runs, cond, path):
   return None
 
 
+DEPTH_SCALING_PANELS = (  # (part, measure, y label)
+    ("layer_scores", "share_useful", "share of useful blocks (> 10%)"),
+    ("layer_scores", "usefulness_loss_increase", "mean usefulness (loss increase)"),
+    ("variance", "log_var_slope", "log-variance slope per block"),
+)
+
+
+def depth_scaling(study, best, runs, cond, path):
+  """Study-level: whole-model depth measures against the number of blocks (depth conditions)."""
+  table = depth.depth_table(study, best)
+  depths = depth.depth_conditions(study, table)
+  if len(set(depths.values())) < 2:
+    _placeholder(path, "Layer usefulness vs depth", "needs conditions that differ only in "
+                 "model.num_layers")
+    return "fewer than two depths (conditions that differ from the primary in num_layers only)"
+  fig, axes = plt.subplots(1, len(DEPTH_SCALING_PANELS), figsize=(4.2 * len(DEPTH_SCALING_PANELS),
+                                                                  3.4), squeeze=False)
+  order = sorted(depths, key=depths.get)
+  for ax, (part, measure, label) in zip(axes[0], DEPTH_SCALING_PANELS):
+    for i, opt in enumerate(study.optimizers):
+      pts = []
+      for c in order:
+        r = depth.select(table, part, measure, condition=c, optimizer=opt, per_layer=False)
+        if len(r):
+          pts.append((depths[c], r["mean"].iloc[0], r["ci95"].iloc[0]))
+      if pts:
+        x, y, e = (np.array(v, float) for v in zip(*pts))
+        ax.errorbar(x, y, yerr=np.where(np.isfinite(e), e, 0.0), color=_color(opt, i),
+                    marker="o", capsize=3, lw=1.2, label=opt)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(set(depths.values())))
+    ax.set_xticklabels([str(d) for d in sorted(set(depths.values()))])
+    ax.set_xlabel("number of blocks")
+    ax.set_ylabel(label, fontsize=8)
+    ax.grid(alpha=0.3)
+  axes[0, 0].legend(fontsize=7)
+  fig.suptitle("Depth scaling: " + ", ".join(f"{c} ({depths[c]})" for c in order) +
+               " (best lr; bars: 95% t interval over seeds)", fontsize=9)
+  _save(fig, path)
+  return None
+
+
 # (name, title, caption, function, per condition?)
 FIGURES: list[tuple[str, str, str, Callable, bool]] = [
     ("loss_vs_tokens", "Loss vs tokens",
@@ -820,6 +862,10 @@ FIGURES: list[tuple[str, str, str, Callable, bool]] = [
      "is skipped (causal), and the token Jacobian's distance from the identity; per condition, "
      "one line per optimizer at its best learning rate (band: 95% t interval over seeds).",
      layer_scores, False),
+    ("depth_scaling", "Layer usefulness vs depth",
+     "Share of useful blocks, mean usefulness and the log-variance slope against the number "
+     "of blocks, over the primary condition and the conditions that change only "
+     "model.num_layers (bars: 95% t interval over seeds).", depth_scaling, False),
     ("sparsity_by_layer", "Attention and weight sparsity by layer",
      "Per layer at the final probe step: normalised attention entropy (1 = uniform over the "
      "visible keys), probability mass of the top key(s), and the share of weights below the "
