@@ -445,7 +445,8 @@ def depth_section(study: Study, table: pd.DataFrame, cmp: pd.DataFrame) -> list[
          "(`RUN/analysis/analysis.json`). Block 0 is the first block. Every value, per layer: "
          "`results/depth.csv`; the conditions against the primary one: "
          "`results/depth_comparisons.csv`; figures: *Residual-stream variance by layer*, "
-         "*Layer scores by depth*, *Attention and weight sparsity by layer*.", ""]
+         "*Layer scores by depth*, *Layer usefulness vs depth*, *Attention and weight sparsity "
+         "by layer*.", ""]
 
   out += ["### Residual-stream variance by layer", ""]
   if not depth.has(table, "variance", "residual_variance"):
@@ -527,13 +528,8 @@ def depth_section(study: Study, table: pd.DataFrame, cmp: pd.DataFrame) -> list[
 
 def render_markdown(study: Study, runs: pd.DataFrame, best: pd.DataFrame,
                     findings: pd.DataFrame, comparisons: pd.DataFrame, checks: list[dict],
-                    figures: list, depth_rows: Optional[pd.DataFrame] = None,
-                    depth_cmp: Optional[pd.DataFrame] = None) -> str:
-  if depth_rows is None:
-    depth_rows = depth.depth_table(study, best)
-  if depth_cmp is None:
-    depth_cmp = depth.condition_comparisons(depth_rows, study.conditions,
-                                            study.settings.smoke_test)
+                    figures: list, depth_rows: pd.DataFrame, depth_cmp: pd.DataFrame) -> str:
+  del best  # in findings
   sections = [header_section(study), setup_section(study), protocol_section(study, runs),
               runs_section(study, runs), findings_section(study, findings),
               comparisons_section(study, comparisons), literature_section(checks),
