@@ -6,6 +6,7 @@
   causal.py       skip one block: relative change of every later block's output
   permutation.py  swap two blocks' weights: normalised loss change
   report.py       all four on a run's validation batch -> RUN/analysis/analysis.json (+ plots.py)
+  files.py        where analysis.json lives and whether it is current (no JAX; the study reads it)
 
 ``scripts/analyze_checkpoint.py --workdir=RUN`` is the command line.
 """

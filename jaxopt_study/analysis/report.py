@@ -19,12 +19,13 @@ from jaxopt_study import restore
 from jaxopt_study import rundir
 from jaxopt_study.analysis import blocks as blocks_lib
 from jaxopt_study.analysis import causal as causal_lib
+from jaxopt_study.analysis import files
 from jaxopt_study.analysis import jacobian as jacobian_lib
 from jaxopt_study.analysis import permutation as permutation_lib
 from jaxopt_study.analysis import plots
 from jaxopt_study.analysis import usefulness as usefulness_lib
 
-DIRNAME, FILENAME = "analysis", "analysis.json"
+DIRNAME, FILENAME = files.DIRNAME, files.FILENAME
 
 
 def _tolist(x):

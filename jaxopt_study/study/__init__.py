@@ -8,7 +8,9 @@ Imports flow one way, top to bottom (each module imports only those above it):
 * :mod:`.tables`: the runs table, best-lr selection (also used by the runner), findings,
   pairwise comparisons, the long-format scalars.
 * :mod:`.literature`: claims from the literature, agrees / disagrees / inconclusive.
-* :mod:`.plots`: the figures (from loading and tables).
+* :mod:`.depth`: the depth section's tables (variance, layer scores, sparsity by layer at
+  the best rates; conditions against the primary one).
+* :mod:`.plots`: the figures (from loading, tables and depth).
 * :mod:`.report`: ``make_report``: results/, plots/, REPORT.md.
 * :mod:`.presets`: the study presets (``configs/study.py:<preset>`` loads them).
 * :mod:`.runner`: ``run_study``: expands configs/study.py into runs and trains them through

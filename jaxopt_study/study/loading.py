@@ -7,9 +7,11 @@
 * every run directory ``runs/<condition>/<optimizer>/lr=<lr>/seed=<seed>/`` (see
   :mod:`jaxopt_study.rundir`) with its ``results.json`` and ``metrics.jsonl`` (a resumed run may
   repeat a step: the last record of each (step, name) wins);
+* a run's layer scores, ``RUN/analysis/analysis.json`` (:mod:`jaxopt_study.analysis`), when
+  it was analysed;
 * for runs whose directory is absent, the study's compact archive written beside each report,
-  ``results/run_results.json`` and ``results/scalars_long.csv.gz``: a committed report is
-  regenerated from those alone.
+  ``results/run_results.json``, ``results/scalars_long.csv.gz`` and
+  ``results/layer_scores.json.gz``: a committed report is regenerated from those alone.
 
 A run listed in study.json with neither is *missing*. Nothing here imports JAX.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import gzip
 import json
 import math
 import os
@@ -27,12 +30,15 @@ import numpy as np
 import pandas as pd
 
 from jaxopt_study import rundir
+from jaxopt_study.analysis import files as analysis_files
 
 STUDY_FILE = "study.json"
 RESULTS_DIR = "results"
 # The compact archive of every run (regenerates the report without the run directories).
 ARCHIVE_RESULTS = "run_results.json"  # {relpath: results.json dict}
 ARCHIVE_SCALARS = "scalars_long.csv.gz"  # long format, see tables.scalars_long
+# {relpath: analysis.json dict} of the runs with layer scores (compact JSON, gzip).
+ARCHIVE_LAYER_SCORES = "layer_scores.json.gz"
 
 # Statuses a run can have in the report. 'missing' = expected by study.json, no results.json.
 FINISHED = ("completed",)
@@ -130,6 +136,7 @@ class Run:
   results: rundir.RunResults = dataclasses.field(default_factory=rundir.RunResults)
   metrics: Optional[pd.DataFrame] = None
   config: Optional[dict] = None
+  analysis: Optional[dict] = None  # analysis.json (layer scores of the last checkpoint)
 
   @property
   def tokens_per_step(self) -> Optional[int]:
@@ -243,9 +250,29 @@ def shift_steps_from_config(config: dict) -> list[int]:
   return list(range(every, num_steps, every))
 
 
+def write_layer_scores(path: str, scores: Mapping[str, dict]) -> None:
+  """Writes {relpath: analysis.json dict} as compact gzip JSON (atomically: temp + rename)."""
+  tmp = f"{path}.tmp"
+  with gzip.open(tmp, "wt") as f:
+    json.dump(scores, f, separators=(",", ":"), sort_keys=True)
+  os.replace(tmp, path)
+
+
+def read_layer_scores(path: str) -> dict[str, dict]:
+  """The archive :func:`write_layer_scores` wrote; {} when absent or unreadable."""
+  try:
+    with gzip.open(path, "rt") as f:
+      scores = json.load(f)
+  except (OSError, ValueError):
+    return {}
+  return scores if isinstance(scores, dict) else {}
+
+
 def _read_archive(study_dir: str, keep_param_metrics: bool):
-  """({relpath: results dict}, {relpath: wide metrics}) of results/'s archive (empty if none)."""
+  """({relpath: results dict}, {relpath: wide metrics}, {relpath: analysis dict}) of results/'s
+  archive (empty if none)."""
   results = rundir.read_json(os.path.join(study_dir, RESULTS_DIR, ARCHIVE_RESULTS)) or {}
+  scores = read_layer_scores(os.path.join(study_dir, RESULTS_DIR, ARCHIVE_LAYER_SCORES))
   path = os.path.join(study_dir, RESULTS_DIR, ARCHIVE_SCALARS)
   metrics = {}
   if os.path.exists(path):
@@ -256,7 +283,7 @@ def _read_archive(study_dir: str, keep_param_metrics: bool):
       wide = g.pivot_table(index="step", columns="metric", values="value", aggfunc="last")
       wide.columns.name = None
       metrics[rel] = _wide({int(s): row.dropna().to_dict() for s, row in wide.iterrows()})
-  return results, metrics
+  return results, metrics, scores
 
 
 def load_study(study_dir: str, settings: Optional[Mapping[str, Any]] = None) -> Study:
@@ -280,7 +307,8 @@ def load_study(study_dir: str, settings: Optional[Mapping[str, Any]] = None) -> 
         learning_rate=float(entry["learning_rate"]), seed=int(entry["seed"]), relpath=rel,
         path=os.path.join(study_dir, rel), lr_multiplier=entry.get("lr_multiplier"),
     )
-  archived_results, archived_metrics = _read_archive(study_dir, merged.keep_param_metrics)
+  archived_results, archived_metrics, archived_scores = _read_archive(
+      study_dir, merged.keep_param_metrics)
   on_disk = [os.path.relpath(d, study_dir).replace(os.sep, "/") for d in
              sorted(glob.glob(os.path.join(study_dir, "runs", "*", "*", "lr=*", "seed=*")))
              if os.path.isdir(d)]
@@ -293,8 +321,11 @@ def load_study(study_dir: str, settings: Optional[Mapping[str, Any]] = None) -> 
     res = rundir.read_json(os.path.join(run.path, rundir.RESULTS))
     metrics = read_metrics(os.path.join(run.path, rundir.METRICS),
                            keep_param_metrics=merged.keep_param_metrics)
+    analysis = analysis_files.read(run.path)
     if res is None and metrics is None:  # no run directory: the archive, if it has the run
       res, metrics = archived_results.get(run.relpath), archived_metrics.get(run.relpath)
+      analysis = archived_scores.get(run.relpath)
+    run.analysis = analysis
     if isinstance(res, dict):
       run.results = rundir.RunResults.from_dict(res)
       run.status = str(run.results.status or "unknown")

@@ -19,11 +19,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.colors  # pylint: disable=g-import-not-at-top,wrong-import-position
+import matplotlib.ticker  # pylint: disable=g-import-not-at-top,wrong-import-position
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pandas as pd  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from jaxopt_study import rundir  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jaxopt_study.study import depth  # pylint: disable=wrong-import-position
 from jaxopt_study.study import measures  # pylint: disable=wrong-import-position
 from jaxopt_study.study import tables  # pylint: disable=wrong-import-position
 from jaxopt_study.study.loading import Run, Study  # pylint: disable=wrong-import-position
@@ -625,6 +627,185 @@ def gap_vs_heterogeneity(study, best, runs, cond, path):
   return None if n > 1 else "a single condition: no trend to read"
 
 
+# ----------------------------------------------------------------------------- depth (issue 11)
+
+
+def _layer_line(ax, table, part, measure, cond, opt, color, scale=1.0, label=None, ls="-"):
+  """Mean by layer with its 95% t band (where there is one); True when something was drawn."""
+  rows = depth.select(table, part, measure, condition=cond, optimizer=opt, per_layer=True)
+  if rows.empty:
+    return False
+  rows = rows.sort_values("layer")
+  x = rows["layer"].to_numpy(float)
+  mean = rows["mean"].to_numpy(float) * scale
+  ax.plot(x, mean, ls, color=color, marker="o", ms=3, lw=1.3, label=label)
+  lo, hi = rows["lo"].to_numpy(float) * scale, rows["hi"].to_numpy(float) * scale
+  if np.isfinite(lo).any():
+    ax.fill_between(x, lo, hi, color=color, alpha=0.2, lw=0)
+  ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+  return True
+
+
+def _condition_grid(n: int, ncols: int, width: float = 3.6, height: float = 3.0):
+  ncols = max(1, min(ncols, n))
+  nrows = -(-n // ncols)
+  fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols + 0.5, height * nrows),
+                           squeeze=False)
+  for ax in axes.flat[n:]:
+    ax.axis("off")
+  return fig, axes
+
+
+def _n_label(table, cond, opt, part, measure):
+  rows = depth.select(table, part, measure, condition=cond, optimizer=opt)
+  return f"{opt} (n={int(rows['n'].max())})" if len(rows) else opt
+
+
+def depth_variance(study, best, runs, cond, path):
+  """Study-level: residual-stream variance by layer, a panel per condition."""
+  table = depth.depth_table(study, best)
+  conds = [c for c in study.conditions
+           if not depth.select(table, "variance", "residual_variance", condition=c).empty]
+  if not conds:
+    _placeholder(path, "Residual-stream variance by layer", "no depth/var/layer=NN probes")
+    return "no depth/var/layer=NN probes in any run at a best rate"
+  fig, axes = _condition_grid(len(conds), 4)
+  for ax, c in zip(axes.flat, conds):
+    for i, opt in enumerate(study.optimizers):
+      _layer_line(ax, table, "variance", "residual_variance", c, opt, _color(opt, i),
+                  label=_n_label(table, c, opt, "variance", "residual_variance"))
+    ax.set_yscale("log")
+    ax.set_title(c, fontsize=9)
+    ax.set_xlabel("block (0 = first)")
+    ax.set_ylabel("Var(residual stream)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+  fig.suptitle("Residual-stream variance by layer at the final probe step (best lr; band: "
+               "95% t interval over seeds)", fontsize=10)
+  _save(fig, path)
+  return None
+
+
+LAYER_SCORE_PANELS = (  # (measure, y label, scale)
+    ("usefulness_loss_increase", "loss increase, affine replacement (%)", 100.0),
+    ("causal_skip_loss_increase", "loss increase, block skipped (%)", 100.0),
+    ("jacobian_identity_deviation", "||J - I||_F / sqrt(D)", 1.0),
+)
+
+
+def layer_scores(study, best, runs, cond, path):
+  """Study-level: usefulness, causal (skip) and Jacobian scores by block, a row per condition."""
+  table = depth.depth_table(study, best)
+  conds = [c for c in study.conditions
+           if not depth.select(table, "layer_scores", condition=c, per_layer=True).empty]
+  if not conds:
+    _placeholder(path, "Layer scores by depth", "no analysis/analysis.json at a best rate")
+    return "no run at a best rate has analysis/analysis.json (layer scores)"
+  fig, axes = plt.subplots(len(conds), len(LAYER_SCORE_PANELS),
+                           figsize=(4.2 * len(LAYER_SCORE_PANELS), 2.8 * len(conds) + 0.6),
+                           squeeze=False)
+  for r, c in enumerate(conds):
+    for k, (measure, label, scale) in enumerate(LAYER_SCORE_PANELS):
+      ax = axes[r, k]
+      for i, opt in enumerate(study.optimizers):
+        _layer_line(ax, table, "layer_scores", measure, c, opt, _color(opt, i), scale=scale,
+                    label=_n_label(table, c, opt, "layer_scores", measure))
+      if measure == "usefulness_loss_increase":
+        ax.axhline(10.0, color="k", ls="--", lw=0.8, label="useful: > 10%")
+      ax.set_title(f"{c}: {measure}", fontsize=8)
+      ax.set_ylabel(label, fontsize=7)
+      ax.set_xlabel("block (0 = first)", fontsize=7)
+      ax.grid(alpha=0.3)
+    axes[r, 0].legend(fontsize=6)
+  fig.suptitle("Layer scores of the final checkpoint by depth (best lr; band: 95% t interval "
+               "over seeds)", fontsize=10)
+  _save(fig, path)
+  return None
+
+
+def sparsity_by_layer(study, best, runs, cond, path):
+  """Study-level: attention entropy / top-k mass and weight sparsity by layer, per condition."""
+  table = depth.depth_table(study, best)
+  conds = [c for c in study.conditions
+           if not depth.select(table, "attention", condition=c, per_layer=True).empty
+           or not depth.select(table, "weights", condition=c, per_layer=True).empty]
+  if not conds:
+    _placeholder(path, "Attention and weight sparsity by layer", "no attention/ or weights/ "
+                 "probes")
+    return "no attention/* or weights/* probes in any run at a best rate"
+  layered = depth.select(table, "weights", per_layer=True)["measure"].unique().tolist()
+  # The largest threshold (the most informative share), one line style per kind.
+  taus = sorted({m.split("/")[0] for m in layered}, key=lambda m: float(m[len("small_frac_"):]))
+  weight_measures = [m for m in layered if taus and m.startswith(taus[-1] + "/")]
+  tops = sorted({m for m in depth.select(table, "attention", per_layer=True)["measure"]
+                 if m.startswith("top")}, key=lambda m: int(m[3:-5]))
+  panels = [("attention", ["entropy_norm"], "attention entropy / log(#keys)"),
+            ("attention", tops[:1], f"attention {tops[0][:-5]} mass" if tops else "top-k mass"),
+            ("weights", weight_measures,
+             f"share |w| <= {taus[-1][len('small_frac_'):]} rms" if taus else "weights")]
+  styles = ["-", "--", ":", "-."]
+  fig, axes = plt.subplots(len(conds), 3, figsize=(12.6, 2.8 * len(conds) + 0.6), squeeze=False)
+  for r, c in enumerate(conds):
+    for k, (part, measures_, label) in enumerate(panels):
+      ax = axes[r, k]
+      for i, opt in enumerate(study.optimizers):
+        for j, m in enumerate(measures_):
+          _layer_line(ax, table, part, m, c, opt, _color(opt, i), ls=styles[j % len(styles)],
+                      label=f"{opt}" + (f" {m.split('/')[-1]}" if part == "weights" else ""))
+      ax.set_title(c, fontsize=8)
+      ax.set_ylabel(label, fontsize=7)
+      ax.set_xlabel("block (0 = first)", fontsize=7)
+      ax.grid(alpha=0.3)
+      if ax.lines:
+        ax.legend(fontsize=5)
+  fig.suptitle("Attention and weight sparsity by layer at the final probe step (best lr; band: "
+               "95% t interval over seeds)", fontsize=10)
+  _save(fig, path)
+  return None
+
+
+DEPTH_SCALING_PANELS = (  # (part, measure, y label)
+    ("layer_scores", "share_useful", "share of useful blocks (> 10%)"),
+    ("layer_scores", "usefulness_loss_increase", "mean usefulness (loss increase)"),
+    ("variance", "log_var_slope", "log-variance slope per block"),
+)
+
+
+def depth_scaling(study, best, runs, cond, path):
+  """Study-level: whole-model depth measures against the number of blocks (depth conditions)."""
+  table = depth.depth_table(study, best)
+  depths = depth.depth_conditions(study, table)
+  if len(set(depths.values())) < 2:
+    _placeholder(path, "Layer usefulness vs depth", "needs conditions that differ only in "
+                 "model.num_layers")
+    return "fewer than two depths (conditions that differ from the primary in num_layers only)"
+  fig, axes = plt.subplots(1, len(DEPTH_SCALING_PANELS), figsize=(4.2 * len(DEPTH_SCALING_PANELS),
+                                                                  3.4), squeeze=False)
+  order = sorted(depths, key=depths.get)
+  for ax, (part, measure, label) in zip(axes[0], DEPTH_SCALING_PANELS):
+    for i, opt in enumerate(study.optimizers):
+      pts = []
+      for c in order:
+        r = depth.select(table, part, measure, condition=c, optimizer=opt, per_layer=False)
+        if len(r):
+          pts.append((depths[c], r["mean"].iloc[0], r["ci95"].iloc[0]))
+      if pts:
+        x, y, e = (np.array(v, float) for v in zip(*pts))
+        ax.errorbar(x, y, yerr=np.where(np.isfinite(e), e, 0.0), color=_color(opt, i),
+                    marker="o", capsize=3, lw=1.2, label=opt)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(set(depths.values())))
+    ax.set_xticklabels([str(d) for d in sorted(set(depths.values()))])
+    ax.set_xlabel("number of blocks")
+    ax.set_ylabel(label, fontsize=8)
+    ax.grid(alpha=0.3)
+  axes[0, 0].legend(fontsize=7)
+  fig.suptitle("Depth scaling: " + ", ".join(f"{c} ({depths[c]})" for c in order) +
+               " (best lr; bars: 95% t interval over seeds)", fontsize=9)
+  _save(fig, path)
+  return None
+
+
 # (name, title, caption, function, per condition?)
 FIGURES: list[tuple[str, str, str, Callable, bool]] = [
     ("loss_vs_tokens", "Loss vs tokens",
@@ -671,6 +852,25 @@ FIGURES: list[tuple[str, str, str, Callable, bool]] = [
      "best learning rates (bars: sum of the two 95% t half-widths, a conservative interval of "
      "the difference), against SGD's measured gradient-norm CV. Tomihari & Sato (2025) relate "
      "a larger heterogeneity to a larger gap.", gap_vs_heterogeneity, False),
+    ("depth_variance", "Residual-stream variance by layer",
+     "Variance of the residual stream after each block on the fixed probe batch at the final "
+     "probe step (log scale), per condition, one line per optimizer at its best learning rate "
+     "(mean over seeds; band: 95% Student-t interval).", depth_variance, False),
+    ("layer_scores", "Layer scores by depth",
+     "Per block of the final checkpoint: loss increase when the block is replaced by its "
+     "least-squares affine map (usefulness; dashed: the 10% threshold), loss increase when it "
+     "is skipped (causal), and the token Jacobian's distance from the identity; per condition, "
+     "one line per optimizer at its best learning rate (band: 95% t interval over seeds).",
+     layer_scores, False),
+    ("depth_scaling", "Layer usefulness vs depth",
+     "Share of useful blocks, mean usefulness and the log-variance slope against the number "
+     "of blocks, over the primary condition and the conditions that change only "
+     "model.num_layers (bars: 95% t interval over seeds).", depth_scaling, False),
+    ("sparsity_by_layer", "Attention and weight sparsity by layer",
+     "Per layer at the final probe step: normalised attention entropy (1 = uniform over the "
+     "visible keys), probability mass of the top key(s), and the share of weights below the "
+     "largest threshold times their tensor's rms (line style: parameter kind).",
+     sparsity_by_layer, False),
 ]
 FIGURE_NAMES = [f[0] for f in FIGURES]
 STUDY_FIGURES = [f[0] for f in FIGURES if not f[4]]  # one file, not one per condition

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from jaxopt_study import rundir
+from jaxopt_study.study import depth
 from jaxopt_study.study import literature
 from jaxopt_study.study import loading
 from jaxopt_study.study import plots
@@ -106,11 +107,16 @@ def make_report(study_dir: str, settings: Optional[dict] = None) -> str:
       [tables.comparisons_table(runs, best, c, study.optimizers) for c in study.conditions] or
       [tables.comparisons_table(runs, best, "", [])], ignore_index=True)
   checks = literature.literature_checks(study, runs, best, findings)
+  depth_rows = depth.depth_table(study, best)
+  depth_cmp = depth.condition_comparisons(depth_rows, study.conditions,
+                                          study.settings.smoke_test)
 
   runs.to_csv(os.path.join(results_dir, "runs.csv"), index=False)
   findings.to_csv(os.path.join(results_dir, "findings.csv"), index=False)
   best.to_csv(os.path.join(results_dir, "best_lr.csv"), index=False)
   comparisons.to_csv(os.path.join(results_dir, "comparisons.csv"), index=False)
+  depth_rows.to_csv(os.path.join(results_dir, "depth.csv"), index=False)
+  depth_cmp.to_csv(os.path.join(results_dir, "depth_comparisons.csv"), index=False)
   rundir.write_json(os.path.join(results_dir, "results.json"), {
       "runs": _records(runs), "best_lr": _records(best), "findings": _records(findings),
       "comparisons": _records(comparisons), "literature": checks,
@@ -120,9 +126,14 @@ def make_report(study_dir: str, settings: Optional[dict] = None) -> str:
                     {r.relpath: r.results.to_dict() for r in study.runs if r.status != "missing"})
   tables.scalars_long(study).to_csv(os.path.join(results_dir, loading.ARCHIVE_SCALARS),
                                     index=False, compression="gzip")
+  loading.write_layer_scores(
+      os.path.join(results_dir, loading.ARCHIVE_LAYER_SCORES),
+      {r.relpath: {k: v for k, v in r.analysis.items() if k != "workdir"}  # a local path
+       for r in study.runs if r.analysis})
 
   figures = plots.make_all(study, best, runs, os.path.join(study.study_dir, "plots"))
-  text = render_markdown(study, runs, best, findings, comparisons, checks, figures)
+  text = render_markdown(study, runs, best, findings, comparisons, checks, figures,
+                         depth_rows, depth_cmp)
   path = os.path.join(study.study_dir, "REPORT.md")
   with open(path, "w") as f:
     f.write(text)
@@ -371,13 +382,158 @@ def every_run_section(runs: pd.DataFrame) -> list[str]:
           "long format, `results/scalars_long.csv.gz`.", ""]
 
 
+# ----------------------------------------------------------------------------- depth section
+
+
+def _pm(row) -> str:
+  """'1.234 ± 0.056' (the section says 95% t and gives n); '1.234' without an interval."""
+  if row is None or row["mean"] is None or not np.isfinite(row["mean"]):
+    return "–"
+  half = row["ci95"]
+  if half is None or not np.isfinite(half):
+    return _fmt(row["mean"])
+  return f"{_fmt(row['mean'])} ± {_fmt(half)}"
+
+
+def _by_layer_table(study: Study, table: pd.DataFrame, part: str, measure: str, cond: str,
+                    extra: tuple = ()) -> list[str]:
+  """Rows = blocks (then ``extra`` whole-model measures), columns = optimizers (n seeds)."""
+  rows_of = {o: depth.select(table, part, measure, condition=cond, optimizer=o, per_layer=True)
+             for o in study.optimizers}
+  opts = [o for o in study.optimizers if not rows_of[o].empty]
+  if not opts:
+    return []
+  cell = {(o, int(r["layer"])): r for o in opts for _, r in rows_of[o].iterrows()}
+  layers = sorted({l for _, l in cell})
+  lines = [[f"block {l}", *[_pm(cell.get((o, l))) for o in opts]] for l in layers]
+  for label, p, m in extra:
+    whole = {o: depth.select(table, p, m, condition=cond, optimizer=o, per_layer=False)
+             for o in opts}
+    lines.append([label, *[_pm(whole[o].iloc[0]) if len(whole[o]) else "–" for o in opts]])
+  n = {o: int(rows_of[o]["n"].max()) for o in opts}
+  return [f"#### Condition `{cond}`", "",
+          _md_table(["", *[f"**{o}** (n={n[o]})" for o in opts]], lines), ""]
+
+
+def _summary_table(study: Study, table: pd.DataFrame, columns: list[tuple[str, str, str]]
+                   ) -> list[str]:
+  """Rows = (condition, optimizer), columns = whole-model measures (label, part, measure)."""
+  rows = []
+  for cond in study.conditions:
+    for opt in study.optimizers:
+      sel = table[(table["condition"] == cond) & (table["optimizer"] == opt)
+                  & table["layer"].isna()]
+      cells = []
+      for _, part, measure in columns:
+        r = sel[(sel["part"] == part) & (sel["measure"] == measure)]
+        cells.append(_pm(r.iloc[0]) if len(r) else "–")
+      if any(c != "–" for c in cells):
+        n = int(sel[sel["part"].isin({p for _, p, _ in columns})]["n"].max())
+        rows.append([f"`{cond}`", f"**{opt}**", str(n), *cells])
+  if not rows:
+    return []
+  return [_md_table(["condition", "optimizer", "n", *[c[0] for c in columns]], rows), ""]
+
+
+def depth_section(study: Study, table: pd.DataFrame, cmp: pd.DataFrame) -> list[str]:
+  """Variance, layer scores and sparsity by layer per condition and optimizer (study/depth.py)."""
+  out = ["## Depth and sparsity", "",
+         "Per condition and optimizer at its best learning rate, over its completed seeds: "
+         "mean ± the half-width of the **95% Student-t interval** (n seeds). Probe values "
+         "(`jaxopt_study/probes.py`, a fixed probe batch) are taken at each run's final probe "
+         "step; layer scores (`jaxopt_study/analysis/`) are those of its last checkpoint "
+         "(`RUN/analysis/analysis.json`). Block 0 is the first block. Every value, per layer: "
+         "`results/depth.csv`; the conditions against the primary one: "
+         "`results/depth_comparisons.csv`; figures: *Residual-stream variance by layer*, "
+         "*Layer scores by depth*, *Layer usefulness vs depth*, *Attention and weight sparsity "
+         "by layer*.", ""]
+
+  out += ["### Residual-stream variance by layer", ""]
+  if not depth.has(table, "variance", "residual_variance"):
+    out += ["No probe data (`depth/var/layer=NN`) in any run at a best rate: the runs were "
+            "trained with `probes.enabled=False` or without diagnostics.", ""]
+  else:
+    out += ["Var of the residual stream after each block; *log-var slope*: least-squares "
+            "slope of ln Var against the block index (exp(slope) = growth per block).", ""]
+    for cond in study.conditions:
+      out += _by_layer_table(study, table, "variance", "residual_variance", cond,
+                             (("log-var slope", "variance", "log_var_slope"),))
+
+  out += ["### Layer scores by depth", ""]
+  if not depth.has(table, "layer_scores"):
+    out += ["No layer scores (`analysis/analysis.json`) for any run at a best rate: run the "
+            "study with `--config.analyze_layers=True`, or `scripts/analyze_checkpoint.py "
+            "--workdir=RUN` on each run, then make the report again.", ""]
+  else:
+    out += ["*Useful*: a block whose replacement by its least-squares affine map raises the "
+            "loss by more than 10%; *usefulness*, *skip* and *‖J - I‖* are means over the "
+            "blocks of the loss increase when a block is replaced / skipped and of its token "
+            "Jacobian's distance from the identity (‖J - I‖_F / sqrt(D)); *swap*: the mean "
+            "normalised loss change of swapping two blocks.", ""]
+    out += _summary_table(study, table, [
+        ("share of useful blocks", "layer_scores", "share_useful"),
+        ("usefulness", "layer_scores", "usefulness_loss_increase"),
+        ("skip", "layer_scores", "causal_skip_loss_increase"),
+        ("‖J - I‖", "layer_scores", "jacobian_identity_deviation"),
+        ("swap", "layer_scores", "permutation_loss_change")])
+    out += ["Loss increase (relative) when one block is replaced by its affine map:", ""]
+    for cond in study.conditions:
+      out += _by_layer_table(study, table, "layer_scores", "usefulness_loss_increase", cond)
+
+  out += ["### Weight and attention sparsity", ""]
+  taus = sorted({m for m in depth.select(table, "weights", per_layer=False)["measure"]
+                 if "/" not in m}, key=lambda m: float(m[len("small_frac_"):]))
+  tops = sorted({m for m in depth.select(table, "attention", per_layer=False)["measure"]
+                 if m.startswith("top")}, key=lambda m: int(m[3:-5]))
+  if not taus and not depth.has(table, "attention"):
+    out += ["No probe data (`weights/small_frac_*`, `attention/*`) in any run at a best rate: "
+            "the runs were trained with `probes.enabled=False` or without diagnostics.", ""]
+  else:
+    out += ["*abs(w) <= tau rms*: share of weights (matrices and embeddings) at most tau times "
+            "their tensor's rms, pooled over the model; *attention entropy*: mean over layers "
+            "of the normalised entropy of the attention distribution (1 = uniform over the "
+            "visible keys); *top-k mass*: mean over layers of the probability on the k "
+            "largest keys. Per layer and parameter kind: `results/depth.csv`.", ""]
+    out += _summary_table(study, table, [
+        *[(f"abs(w) <= {m[len('small_frac_'):]} rms", "weights", m) for m in taus],
+        ("attention entropy", "attention", "entropy_norm"),
+        *[(f"{m[:-5]} mass", "attention", m) for m in tops]])
+    if depth.has(table, "attention", "entropy_norm"):
+      out += ["Normalised attention entropy by layer:", ""]
+      for cond in study.conditions:
+        out += _by_layer_table(study, table, "attention", "entropy_norm", cond)
+
+  out += ["### Conditions against the primary one", ""]
+  if study.settings.smoke_test:
+    out += ["None: a smoke test compares nothing.", ""]
+  elif cmp.empty:
+    out += ["None: no second condition with these measures.", ""]
+  else:
+    measures_ = list(dict.fromkeys(zip(cmp["part"], cmp["measure"])))
+    out += [f"Each condition against `{cmp['reference'].iloc[0]}`, per optimizer (each at its "
+            "best rate), on the whole-model values of the tables above: *higher* / *lower* "
+            "when the condition's 95% interval lies entirely above / below the reference's, "
+            "*tie* when they overlap, *no interval* with fewer than 2 seeds; the values: "
+            "`results/depth_comparisons.csv`.", ""]
+    verdict = {(r["condition"], r["optimizer"], r["part"], r["measure"]): r["verdict"]
+               for _, r in cmp.iterrows()}
+    rows = []
+    for (cond, opt), _ in cmp.groupby(["condition", "optimizer"], sort=False):
+      rows.append([f"`{cond}`", f"**{opt}**", *[
+          f"**{verdict[(cond, opt, p, m)]}**" if (cond, opt, p, m) in verdict else "–"
+          for p, m in measures_]])
+    out += [_md_table(["condition", "optimizer", *[m for _, m in measures_]], rows), ""]
+  return out
+
+
 def render_markdown(study: Study, runs: pd.DataFrame, best: pd.DataFrame,
                     findings: pd.DataFrame, comparisons: pd.DataFrame, checks: list[dict],
-                    figures: list) -> str:
+                    figures: list, depth_rows: pd.DataFrame, depth_cmp: pd.DataFrame) -> str:
   del best  # in findings
   sections = [header_section(study), setup_section(study), protocol_section(study, runs),
               runs_section(study, runs), findings_section(study, findings),
               comparisons_section(study, comparisons), literature_section(checks),
-              notes_section(study), figures_section(study, figures), every_run_section(runs)]
+              depth_section(study, depth_rows, depth_cmp), notes_section(study),
+              figures_section(study, figures), every_run_section(runs)]
   return "\n".join(line for s in sections for line in s)
 

@@ -17,6 +17,14 @@ fewer points and seeds and is reported without verdicts):
 3. *Seeds*: every seed of ``seeds`` (at least :data:`MIN_SEEDS`) at the best rate; the report
    gives final test-split numbers over them with 95% Student-t intervals.
 
+4. *Layer scores* (``analyze_layers``, off when the field is absent): once a condition's runs
+   are done, ``analysis.report.analyze_run`` (Jacobians, usefulness, causal and permutation
+   scores of the last checkpoint, ``RUN/analysis/analysis.json``) on every completed run at
+   each optimizer's best rate, skipped where analysis.json is current
+   (``analysis.files.is_current``); a failure is logged and recorded in study.json
+   (``analysis``: 'done' or 'failed: ...'), never stops the study. A condition's runs share
+   the model's shapes, so its analyses share their compiled functions.
+
 **Many runs per device**: with ``stack_runs = K > 1``, the fresh runs of one step above (they
 differ only in learning rate and seed) train K at a time in one vmapped step
 (``stacked.train_stacked``), each in its own run directory exactly as if alone.
@@ -451,6 +459,34 @@ class _Runner:
     jax.clear_caches()  # each group compiles its own steps; free them
     self.bar.update(len(group))
 
+  def analyze(self, condition: str) -> None:
+    """Layer scores of the condition's completed runs at each best rate (step 4 of the protocol)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    from jaxopt_study.analysis import files as analysis_files  # pylint: disable=g-import-not-at-top
+    from jaxopt_study.analysis import report as analysis_report  # pylint: disable=g-import-not-at-top
+
+    for opt in self.study.optimizers:
+      best = tables.choose_lr(self.records(condition, opt))
+      if best is None:
+        continue
+      for e in self.spec["runs"]:
+        if ((e["condition"], e["optimizer"]) != (condition, opt) or e["status"] != "completed"
+            or not math.isclose(e["learning_rate"], best, rel_tol=1e-9)):
+          continue
+        rd = os.path.join(self.workdir, e["workdir"])
+        if analysis_files.is_current(rd):
+          e["analysis"] = "done"
+          continue
+        self.bar.set_postfix_str(f"{condition}/{opt} seed={e['seed']} (layer scores)")
+        try:
+          analysis_report.analyze_run(rd)
+          e["analysis"] = "done"
+        except Exception as ex:  # pylint: disable=broad-except
+          logging.exception("layer scores of run %s failed", e["workdir"])
+          e["analysis"] = f"failed: {type(ex).__name__}: {ex}"
+        self.save()
+    jax.clear_caches()
+
   def records(self, condition: str, optimizer: str) -> list[tuple[float, str, Optional[float]]]:
     """(lr, status, validation loss) of the sweep-seed runs of (condition, optimizer)."""
     out = []
@@ -524,6 +560,8 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *, command: Option
         break
     if runner.stopped:
       break
+    if study.get("analyze_layers", False):
+      runner.analyze(cond)
   runner.bar.close()
   runner.save()
   return spec
