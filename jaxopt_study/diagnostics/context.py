@@ -99,9 +99,54 @@ def role_of(path: str) -> str:
   return re.sub(r"(^|/)block_\d+(/|$)", r"\1block_*\2", path)
 
 
-def red(x):
-  """Per-member sum over all but the leading (stacking) axis."""
-  return jnp.sum(x, axis=tuple(range(1, x.ndim)))
+class Sum:
+  """A per-member sum of ``x`` [n, *shape] over all but the leading (stacking) axis, deferred
+  (:func:`red`); ``value`` ([n]: int32 for bool or integer x, else float32) is set by
+  :func:`member_sums` when the context evaluates its pending per-tensor requests."""
+  __slots__ = ("x", "value")
+
+  def __init__(self, x):
+    self.x, self.value = x, None
+
+
+def red(x) -> Sum:
+  """Per-member sum over all but the leading (stacking) axis, deferred: every sum the families
+  ask of one group is computed by ONE variadic reduction (:func:`member_sums`), so each of the
+  group's arrays is read once per full step and the sums are one kernel, not one per metric.
+  Use it only inside the ``fn`` of :meth:`Context.emit` / :meth:`Context.per_tensor`."""
+  return Sum(x)
+
+
+# Entries summed sequentially by the first stage of member_sums (a variadic reduce is a plain
+# loop on XLA:CPU: a float32 running sum over millions of entries would lose digits; over <= 256
+# entries its error is below that of the second stage's tree reduction).
+SUM_CHUNK = 256
+
+
+def member_sums(xs: list) -> list:
+  """[jnp.sum(x, axis=1..) for x in xs] (bool / integer x summed in int32, exactly; float x in
+  float32), each x read once: per distinct shape, one variadic ``lax.reduce`` over chunks of
+  <= SUM_CHUNK consecutive entries (one kernel for all the sums of a group), then a sum of the
+  [n, chunks] partial sums."""
+  xs = [x.astype(jnp.int32) if (x.dtype == jnp.bool_ or jnp.issubdtype(x.dtype, jnp.integer))
+        else x.astype(jnp.float32) for x in xs]
+  by_shape: dict[tuple, list[int]] = {}
+  for i, x in enumerate(xs):
+    by_shape.setdefault(tuple(x.shape), []).append(i)
+  out = [None] * len(xs)
+  for shape, idx in by_shape.items():
+    n, size = shape[0], int(np.prod(shape[1:], dtype=np.int64))
+    chunk = max(d for d in range(1, min(size, SUM_CHUNK) + 1) if size % d == 0)
+    ops = tuple(xs[i].reshape(n, size // chunk, chunk) for i in idx)
+    partial = jax.lax.reduce(ops, tuple(jnp.zeros((), x.dtype) for x in ops),
+                             lambda a, b: tuple(u + v for u, v in zip(a, b)), (2,))  # [n, C]
+    for dtype in (jnp.int32, jnp.float32):  # the second stage: one reduction per dtype
+      js = [j for j, i in enumerate(idx) if xs[i].dtype == dtype]
+      if js:
+        sums = jnp.sum(jnp.stack([partial[j] for j in js]), axis=2)  # [k, n]
+        for row, j in enumerate(js):
+          out[idx[j]] = sums[row]
+  return out
 
 
 @dataclasses.dataclass
@@ -157,6 +202,7 @@ class Context:
   values: list = dataclasses.field(default_factory=list)
   hists: dict = dataclasses.field(default_factory=dict)
   quantile_requests: list = dataclasses.field(default_factory=list)
+  pending: list = dataclasses.field(default_factory=list)   # (fn, then) of per_tensor
 
   @property
   def paths(self) -> list[str]:
@@ -184,6 +230,7 @@ class Context:
     self.add([name], x)
 
   def result(self) -> Metrics:
+    self.run_pending()
     if self.quantile_requests:
       xs = [x for _, x, _ in self.quantile_requests]
       mat, count = sorted_samples(xs)  # one sort serves every quantile and histogram
@@ -204,22 +251,40 @@ class Context:
     return Metrics(self.names, values, self.hists)
 
   # ---- per-tensor vectors ----
-  def per_tensor(self, fn: Callable[[Group], Any]):
-    """fn(group) -> tuple of [n] arrays, or None (absent). Returns (tuple of [T], present)."""
-    outs, present, k = [], [], None
-    for g in self.groups:
-      r = fn(g)
+  def per_tensor(self, fn: Callable[[Group], Any], then: Callable):
+    """Deferred: ``then(parts, present)`` with fn's per-tensor values, when the result is made.
+
+    fn(group) -> a tuple of [n] arrays or :func:`red` sums, or None (absent); parts = tuple of
+    [T] float32 vectors (context order, 0 where absent), present = bool [T]. All requests are
+    evaluated together (:meth:`run_pending`): one variadic reduction per group for all sums.
+    """
+    self.pending.append((fn, then))
+
+  def run_pending(self):
+    pending, self.pending = self.pending, []
+    outs = [[fn(g) for g in self.groups] for fn, _ in pending]  # [request][group]
+    for i in range(len(self.groups)):
+      sums = [t for o in outs if o[i] is not None for t in o[i] if isinstance(t, Sum)]
+      for t, v in zip(sums, member_sums([t.x for t in sums])):
+        t.value = v
+    for (_, then), rs in zip(pending, outs):
+      then(*self._vectors(rs))
+
+  def _vectors(self, rs: list):
+    """(tuple of [T] float32, present bool [T]) from one request's per-group results."""
+    present, k = [], None
+    for g, r in zip(self.groups, rs):
       present += [r is not None] * g.n
-      outs.append(r)
       if r is not None:
         k = len(r)
     if k is None:
       return None, np.zeros(len(present), bool)
+    value = lambda x: x.value if isinstance(x, Sum) else x
     vecs = []
     for j in range(k):
       vecs.append(jnp.concatenate([
-          jnp.asarray(r[j], jnp.float32).reshape(g.n) if r is not None
-          else jnp.zeros((g.n,), jnp.float32) for g, r in zip(self.groups, outs)]))
+          jnp.asarray(value(r[j]), jnp.float32).reshape(g.n) if r is not None
+          else jnp.zeros((g.n,), jnp.float32) for g, r in zip(self.groups, rs)]))
     return tuple(vecs), np.asarray(present)
 
   def group_table(self, present: np.ndarray):
@@ -242,31 +307,33 @@ class Context:
 
   def emit(self, name: str, fn: Callable[[Group], Any], combine: Callable):
     """metrics[name + suffix] = combine(*group sums of fn's per-tensor partial sums)."""
-    parts, present = self.per_tensor(fn)
-    if parts is None:
-      return
-    suffixes, mat = self.group_table(present)
-    mat = jnp.asarray(mat)
-    sums = [jnp.dot(mat, jnp.where(jnp.asarray(present), p, 0.0),
-                    precision=jax.lax.Precision.HIGHEST) for p in parts]
-    self.add([name + s for s in suffixes], combine(*sums))
+    def then(parts, present):
+      if parts is None:
+        return
+      suffixes, mat = self.group_table(present)
+      mat = jnp.asarray(mat)
+      sums = [jnp.dot(mat, jnp.where(jnp.asarray(present), p, 0.0),
+                      precision=jax.lax.Precision.HIGHEST) for p in parts]
+      self.add([name + s for s in suffixes], combine(*sums))
+    self.per_tensor(fn, then)
 
   # ---- quantiles ----
-  def sample(self, g: Group, x, total: int):
-    """Strided-grid subsample of each member of x [n, *shape] -> [n, k] float32."""
+  def sample(self, g: Group, total: int) -> Group:
+    """g with every array subsampled on the strided grid of its members (see module doc)."""
     budget = max(1, math.ceil(g.size * int(self.cfg.quantile_sample_size) / max(total, 1)))
-    s = grid_stride(g.shape, budget)
-    sl = (slice(None),) + tuple(slice(None, None, s) for _ in g.shape)
-    return x[sl].reshape(g.n, -1).astype(jnp.float32)
+    return strided(g, grid_stride(g.shape, budget))
 
   def emit_quantiles(self, name: str, fn: Callable[[Group], Any], hist: bool = False):
-    """Quantiles (global, per kind) of fn(group) ([n, *shape] or None) over the groups."""
-    sel = [(g, fn(g)) for g in self.groups]
-    sel = [(g, x) for g, x in sel if x is not None]
+    """Quantiles (global, per kind) of fn(group) ([n, *shape] or None) over the groups.
+
+    fn must be elementwise (entry i of its result depends on entry i of the group's arrays
+    only): it is evaluated on the subsampled arrays, so no full-size intermediate is made.
+    """
+    sel = [g for g in self.groups if fn(strided(g, max(g.shape, default=1))) is not None]
     if not sel:
       return
-    total = sum(g.n * g.size for g, _ in sel)
-    samples = [(g.kind, self.sample(g, x, total).reshape(-1)) for g, x in sel]
+    total = sum(g.n * g.size for g in sel)
+    samples = [(g.kind, fn(self.sample(g, total)).reshape(-1).astype(jnp.float32)) for g in sel]
     sets = [("", [s for _, s in samples])]
     if self.cfg.per_kind:
       for k in sorted({k for k, _ in samples}):
@@ -298,6 +365,21 @@ class Context:
     nb = int(self.cfg.num_freq_buckets)
     seg = lambda x: jax.ops.segment_sum(x.astype(jnp.float32), self.token_bucket, num_segments=nb)
     self.add([f"{name}/freq_bucket={b:02d}" for b in range(nb)], safe_div(seg(num), seg(den)))
+
+
+ARRAY_FIELDS = tuple(f.name for f in dataclasses.fields(Group)
+                     if f.name not in ("paths", "kind", "layers", "shape", "size", "start"))
+
+
+def strided(g: Group, s: int) -> Group:
+  """g with each member's arrays on the grid x[::s, ::s, ...] (s = 1: g itself)."""
+  if s == 1:
+    return g
+  sl = (slice(None),) + tuple(slice(None, None, s) for _ in g.shape)
+  shape = tuple(math.ceil(d / s) for d in g.shape)
+  return dataclasses.replace(
+      g, shape=shape, size=int(np.prod(shape, dtype=np.int64)),
+      **{f: getattr(g, f)[sl] for f in ARRAY_FIELDS if getattr(g, f) is not None})
 
 
 def grid_stride(shape: tuple, budget: int) -> int:
