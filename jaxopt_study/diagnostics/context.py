@@ -15,6 +15,14 @@ no communication); (ii) group aggregates are one matrix product of the per-tenso
 vectors with a static membership matrix; (iii) all scalars leave the step as ONE float32 vector
 inside :class:`Metrics`, a read-only Mapping name -> value (a pytree whose names are static).
 
+Memory traffic matters as much (the full step runs every ``every`` steps, on every parameter
+entry): (iv) :func:`red` is deferred, and every per-tensor sum that all families ask of one group
+is computed by ONE variadic reduction (:func:`member_sums`), so each of the group's arrays is read
+once per full step and the sums are one kernel per group, not one per metric (~30); (v) quantile
+functions are evaluated on the strided subsample of their inputs (:func:`strided`), never on
+full-size intermediates. ``scripts/diag_cost.py`` prints XLA's bytes and kernel counts of the
+step variants.
+
 Every additive metric is ``combine(S_1, ..., S_k)`` of sums ``S_j = sum_{b in group} s_j(b)`` of
 per-tensor partial sums. Groups: all tensors (``family/metric``), one kind (``/kind=<kind>``),
 one layer (``/layer=<NN>``), one tensor (``/param=<path>``). E.g. a fraction is (count, size) ->
@@ -149,31 +157,66 @@ def member_sums(xs: list) -> list:
   return out
 
 
+# Group's arrays (each [n, *shape]; float32 unless noted), read as attributes (group.g, ...):
+ARRAY_FIELDS = (
+    "g",          # g_t
+    "p",          # theta_t (before this step's update)
+    "u",          # u_t (params_{t+1} = params_t + u_t)
+    "m",          # first moment m_{t-1}
+    "v",          # second moment v_{t-1} (reconstructed for Adafactor)
+    "age",        # int32 t - last_active_t (t + 1: never active)
+    "seen",       # bool: active at some step < t (v_{t-1} holds its gradient)
+    "count",      # int32 active steps incl. t
+    "ema",        # raw EMA of the active indicator
+    "s",          # raw EMA of g^2
+    "prev_g",     # g_{t-1} as stored (prev_grad_dtype)
+    "prev_sign",  # int8 sign(u_{t-1})
+)
+# Members of at least this many entries are reduced one by one (Context.run_pending), never
+# stacked: stacking copies every array of the group (~90 bytes per entry at all families on).
+UNSTACKED_MIN_SIZE = 2 ** 18
+
+
 @dataclasses.dataclass
 class Group:
-  """Tensors of one role, stacked along axis 0 (n members). Arrays are float32 unless noted."""
+  """Tensors of one role (n members of one shape). ``group.<field>`` for a field of
+  :data:`ARRAY_FIELDS` is the members' arrays stacked along a new axis 0, [n, *shape] (None if
+  absent), made on first access from ``parts``; :meth:`member` and :func:`strided` make views
+  that stack nothing of the full-size arrays."""
   paths: list[str]
   kind: str
   layers: list[Optional[int]]
   shape: tuple                     # member shape
   size: int                        # member size
   start: int                       # index of the first member in the context's tensor order
-  g: Any = None                    # g_t
-  p: Any = None                    # theta_t (before this step's update)
-  u: Any = None                    # u_t (params_{t+1} = params_t + u_t)
-  m: Any = None                    # first moment m_{t-1}
-  v: Any = None                    # second moment v_{t-1} (reconstructed for Adafactor)
-  age: Any = None                  # int32 t - last_active_t (t + 1: never active)
-  seen: Any = None                 # bool: active at some step < t (v_{t-1} holds its gradient)
-  count: Any = None                # int32 active steps incl. t
-  ema: Any = None                  # raw EMA of the active indicator
-  s: Any = None                    # raw EMA of g^2
-  prev_g: Any = None
-  prev_sign: Any = None            # int8
+  parts: dict = dataclasses.field(default_factory=dict)  # field -> [n arrays of `shape`]
+
+  def __post_init__(self):
+    unknown = set(self.parts) - set(ARRAY_FIELDS)
+    if unknown:
+      raise TypeError(f"Group: unknown array fields {sorted(unknown)}; valid: {ARRAY_FIELDS}")
+    self._stacked = {}
+
+  def __getattr__(self, name):  # only called for names that are not regular attributes
+    if name not in ARRAY_FIELDS:
+      raise AttributeError(name)
+    xs = self.__dict__["parts"].get(name)
+    if xs is None:
+      return None
+    cache = self.__dict__["_stacked"]
+    if name not in cache:
+      cache[name] = xs[0][None] if len(xs) == 1 else jnp.stack(xs)
+    return cache[name]
 
   @property
   def n(self):
     return len(self.paths)
+
+  def member(self, i: int) -> "Group":
+    """The singleton group of member i."""
+    return Group(paths=[self.paths[i]], kind=self.kind, layers=[self.layers[i]],
+                 shape=self.shape, size=self.size, start=self.start + i,
+                 parts={q: [xs[i]] for q, xs in self.parts.items()})
 
 
 @dataclasses.dataclass
@@ -261,12 +304,26 @@ class Context:
     self.pending.append((fn, then))
 
   def run_pending(self):
+    """Evaluates the pending per_tensor requests: per group (or per member of a group whose
+    members have >= UNSTACKED_MIN_SIZE entries), every request's sums in one member_sums call."""
     pending, self.pending = self.pending, []
-    outs = [[fn(g) for g in self.groups] for fn, _ in pending]  # [request][group]
-    for i in range(len(self.groups)):
-      sums = [t for o in outs if o[i] is not None for t in o[i] if isinstance(t, Sum)]
-      for t, v in zip(sums, member_sums([t.x for t in sums])):
-        t.value = v
+    outs = [[] for _ in pending]  # [request][group]: per-member tuples, or None
+    for g in self.groups:
+      split = g.n > 1 and g.size >= UNSTACKED_MIN_SIZE
+      views = [g.member(i) for i in range(g.n)] if split else [g]
+      res = [[fn(v) for v in views] for fn, _ in pending]  # [request][view]
+      for i in range(len(views)):  # one member_sums per view: every request's sums of it
+        terms = [t for r in res if r[i] is not None for t in r[i] if isinstance(t, Sum)]
+        for t, v in zip(terms, member_sums([t.x for t in terms])):
+          t.value = v
+      for out, r in zip(outs, res):
+        if r[0] is None:
+          out.append(None)
+        else:
+          value = lambda x, n: (x.value if isinstance(x, Sum) else jnp.asarray(x)).reshape(n)
+          out.append(tuple(jnp.concatenate([value(o[j], v.n).astype(jnp.float32)
+                                            for o, v in zip(r, views)])
+                           for j in range(len(r[0]))))
     for (_, then), rs in zip(pending, outs):
       then(*self._vectors(rs))
 
@@ -279,11 +336,10 @@ class Context:
         k = len(r)
     if k is None:
       return None, np.zeros(len(present), bool)
-    value = lambda x: x.value if isinstance(x, Sum) else x
     vecs = []
     for j in range(k):
       vecs.append(jnp.concatenate([
-          jnp.asarray(value(r[j]), jnp.float32).reshape(g.n) if r is not None
+          jnp.asarray(r[j], jnp.float32).reshape(g.n) if r is not None
           else jnp.zeros((g.n,), jnp.float32) for g, r in zip(self.groups, rs)]))
     return tuple(vecs), np.asarray(present)
 
@@ -367,19 +423,14 @@ class Context:
     self.add([f"{name}/freq_bucket={b:02d}" for b in range(nb)], safe_div(seg(num), seg(den)))
 
 
-ARRAY_FIELDS = tuple(f.name for f in dataclasses.fields(Group)
-                     if f.name not in ("paths", "kind", "layers", "shape", "size", "start"))
-
-
 def strided(g: Group, s: int) -> Group:
   """g with each member's arrays on the grid x[::s, ::s, ...] (s = 1: g itself)."""
   if s == 1:
     return g
-  sl = (slice(None),) + tuple(slice(None, None, s) for _ in g.shape)
+  sl = tuple(slice(None, None, s) for _ in g.shape)
   shape = tuple(math.ceil(d / s) for d in g.shape)
-  return dataclasses.replace(
-      g, shape=shape, size=int(np.prod(shape, dtype=np.int64)),
-      **{f: getattr(g, f)[sl] for f in ARRAY_FIELDS if getattr(g, f) is not None})
+  return dataclasses.replace(g, shape=shape, size=int(np.prod(shape, dtype=np.int64)),
+                             parts={q: [x[sl] for x in xs] for q, xs in g.parts.items()})
 
 
 def grid_stride(shape: tuple, budget: int) -> int:
