@@ -1,8 +1,7 @@
 r"""XLA's cost of the diagnostics' step variants, from the compiled HLO: no array is allocated.
 
   JAX_PLATFORMS=cpu python scripts/diag_cost.py --config=configs/adamw.py:gpt2_small \
-      --config.model.num_layers=2 --config.batch_size=1 --config.seq_len=128 \
-      --config.model.tie_embeddings=True
+      --config.model.num_layers=2 --config.batch_size=1 --config.seq_len=128
 
 The train state is built abstractly (``memory_plan.abstract_setup``: ``jax.eval_shape`` over
 the code a run uses), and the real jitted train step (``train.compile_train_step``) of each
@@ -22,14 +21,15 @@ prints
 * ``compile s``: lowering + compilation, wall time and the process's CPU time (less noisy on a
   shared machine);
 
-and each diagnostics mode's difference to 'off'. The default config compiles in seconds on a
-CPU; on a GPU drop ``JAX_PLATFORMS`` and the size flags for the preset's real numbers. XLA:CPU
-fuses differently from XLA:GPU (e.g. fewer multi-output fusions, bf16 kept in f32 in places),
-so read the CPU table for trends and the deltas of the diagnostics (which are per-parameter
-elementwise and reduction work, fused alike on both), not for absolute GPU numbers. Each step
-per parameter entry of the diagnostics' per-entry state moves bytes at memory bandwidth: the
-``bytes`` delta / #params is the bytes per parameter the variant adds (the package docstring of
-``jaxopt_study.diagnostics`` gives the expected traffic).
+and each diagnostics mode's difference to 'off', also per parameter (the diagnostics are
+per-entry elementwise and reduction work that runs at memory bandwidth, so bytes per parameter
+is their cost; the package docstring of ``jaxopt_study.diagnostics`` gives the expected
+traffic). The command above takes about a minute on a CPU (the full step dominates); on a GPU
+drop ``JAX_PLATFORMS`` and the size flags for the preset's real numbers. XLA:CPU fuses
+differently from XLA:GPU (no sibling multi-output fusion: each of several loops reading the same
+array reads it again; bf16 kept in f32 in places), so read a CPU table for trends, not for GPU
+numbers. ``cost_analysis`` counts a fusion's whole operand even when the fusion reads only a
+strided slice of it (the quantile subsamples), an over-count.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import jax
 import numpy as np
 
 from jaxopt_study import diagnostics
-from scripts import memory_plan
+import memory_plan  # scripts/memory_plan.py (this script's directory is on sys.path)
 
 FLAGS = flags.FLAGS
 # --config (pass it: its default is memory_plan's gpt2_xl), --modes and --json_out are
