@@ -7,6 +7,7 @@ the produced metric-name set to equal the reference's, so every metric is checke
 
 import functools
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,7 @@ import pytest
 
 from jaxopt_study import presets
 from jaxopt_study import diagnostics as D
+from jaxopt_study.diagnostics import context
 from jaxopt_study import optimizers
 
 SHAPES = {
@@ -918,8 +920,61 @@ def test_subsampled_quantiles_and_histogram_bounds():
   for k, v in m.items():
     assert v.ndim == 0 or (v.ndim == 1 and 0 < v.shape[0] <= 64), k
   # The grid stride: smallest s with prod(ceil(n/s)) <= budget.
-  from jaxopt_study.diagnostics import context
   for shape, budget in [((256, 160), 1000), ((300, 8), 7), ((8,), 100), ((5, 7, 3), 10)]:
     s = context.grid_stride(shape, budget)
     size = lambda s: np.prod([math.ceil(n / s) for n in shape])
     assert size(s) <= budget and (s == 1 or size(s - 1) > budget)
+
+
+# ----------------------------------------------------------------------------------------------
+# Golden values: every metric and state leaf unchanged by performance work
+# ----------------------------------------------------------------------------------------------
+GOLDEN = pathlib.Path(__file__).parent / "golden" / "diagnostics_metrics.npz"
+
+
+def golden_run() -> dict[str, np.ndarray]:
+  """Every metric of the full steps and every diag_state leaf (sum, sum of squares, min, max)
+  after 4 steps (modes full, counters, prev, full: every = 3) for each study optimizer, jitted
+  as in the train step, on SHAPES with sparse gradients; keys '<optimizer>/t<step>/<metric>'
+  and '<optimizer>/state/<leaf>'."""
+  cfg = make_cfg(every=3, quantile_sample_size=2048, histogram_size=64)
+  step_fn = {m: jax.jit(functools.partial(D.update, cfg=cfg, mode=m)) for m in D.MODES}
+  out = {}
+  for name in optimizers.NAMES:
+    params = j(rand(7))
+    tx, _ = study_tx(name, params)
+    opt_state = tx.init(params)
+    st = D.init(params, cfg, TOKEN_FREQ, opt_state=opt_state)
+    rng = np.random.default_rng(8)
+    for t in range(4):
+      g = j(sparse_grads(t, rng))
+      u, new_opt_state = tx.update(g, opt_state, params)
+      m, st = step_fn[D.mode_for_step(t, cfg)](params, g, u, opt_state, st, t)
+      if m:
+        out.update({f"{name}/t{t}/{k}": v for k, v in m.to_numpy().items()})
+      params, opt_state = optax.apply_updates(params, u), new_opt_state
+    for kp, x in jax.tree_util.tree_flatten_with_path(st)[0]:
+      x = np.asarray(x, np.float64)
+      out[f"{name}/state/{jax.tree_util.keystr(kp)}"] = np.array(
+          [x.sum(), np.square(x).sum(), x.min(), x.max()])
+  return out
+
+
+def test_metrics_and_state_match_golden_values(monkeypatch):
+  """The values of commit e26f058 (before the diagnostics were fused for speed), recorded by
+  ``python -m tests.test_diagnostics``: same names; same values up to float32 summation order.
+  Members of >= 64 entries are reduced unstacked here (the other tests cover stacking)."""
+  monkeypatch.setattr(context, "UNSTACKED_MIN_SIZE", 64)
+  with np.load(GOLDEN) as f:
+    want = dict(zip(f["names"], np.split(f["values"], np.cumsum(f["sizes"])[:-1])))
+  got = {k: np.asarray(v, np.float64).reshape(-1) for k, v in golden_run().items()}
+  assert set(got) == set(want), (sorted(set(got) - set(want))[:5], sorted(set(want) - set(got))[:5])
+  for k, w in want.items():
+    np.testing.assert_allclose(got[k], w, rtol=1e-5, atol=1e-6, equal_nan=True, err_msg=k)
+
+
+if __name__ == "__main__":
+  GOLDEN.parent.mkdir(exist_ok=True)
+  run = {k: np.asarray(v, np.float64).reshape(-1) for k, v in golden_run().items()}
+  np.savez_compressed(GOLDEN, names=np.array(list(run)), values=np.concatenate(list(run.values())),
+                      sizes=np.array([v.size for v in run.values()]))
