@@ -619,7 +619,8 @@ def test_runner_extends_the_grid_until_bracketed(tmp_path, monkeypatch, optimum,
   assert calls == [] and len(again["runs"]) == len(spec["runs"])
 
 
-def test_runner_stacks_fresh_runs_and_resumes_started_ones_alone(tmp_path, monkeypatch):
+def test_runner_stacks_fresh_and_jointly_preempted_runs_and_resumes_others_alone(
+    tmp_path, monkeypatch):
   from jaxopt_study import stacked
   from jaxopt_study import train
   from jaxopt_study.study import runner
@@ -634,19 +635,26 @@ def test_runner_stacks_fresh_runs_and_resumes_started_ones_alone(tmp_path, monke
     groups.append(sorted((c.optimizer.learning_rate, c.seed) for c in configs))
     return [one(c, w) for c, w in zip(configs, workdirs)]
 
+  def earlier(mult, status, step, checkpoint=True):
+    rd = tmp_path / rundir.run_relpath("base", "adamw", runner.round_lr(centre * mult), 0)
+    if checkpoint:
+      (rd / rundir.CHECKPOINTS / str(step)).mkdir(parents=True)
+    rd.mkdir(parents=True, exist_ok=True)
+    rundir.RunResults(status=status, steps_done=step).save(str(rd))
+
   monkeypatch.setattr(train, "train_and_evaluate", one)
   monkeypatch.setattr(stacked, "train_stacked", fake_stacked)
-  # A sweep run that was preempted earlier: it resumes alone (stacked runs share one step).
-  started = tmp_path / rundir.run_relpath("base", "adamw", centre * 3, 0)
-  started.mkdir(parents=True)
-  rundir.RunResults(status="preempted", steps_done=3).save(str(started))
+  earlier(3.0, "preempted", 3)  # a stack stopped together at step 3: stacked again
+  earlier(9.0, "preempted", 3)
+  earlier(1 / 9, "running", 2)  # killed after a checkpoint: its step is unknown, alone
+  earlier(1 / 3, "failed", 0, checkpoint=False)  # failed before any checkpoint: fresh
   spec = runner.run_study(config, str(tmp_path), progress=False)
   assert len(calls) == 5 + 2  # 5 sweep runs (best x1: bracketed), 2 more seeds
-  lrs = sorted(runner.round_lr(centre * m) for m in (1 / 9, 1 / 3, 1.0, 9.0))
-  # Fresh sweep runs 3 at a time (the 4th alone), the started one alone, then the 2 new seeds.
-  assert groups == [[(lr, 0) for lr in lrs[:3]], [(centre, 1), (centre, 2)]]
+  lr = lambda m: runner.round_lr(centre * m)
+  assert groups == [[(lr(1 / 3), 0), (lr(1.0), 0)], [(lr(3.0), 0), (lr(9.0), 0)],
+                    [(centre, 1), (centre, 2)]]
   assert all(r["status"] == "completed" for r in spec["runs"])
-  assert {r["stacked"] for r in spec["runs"]} == {1, 2, 3}
+  assert {r["stacked"] for r in spec["runs"]} == {1, 2}
 
 
 def test_runner_reuses_resumes_and_records_failures(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@
                post-LN (about 70-110 runs of ~1 min each on 2 CPU cores; not timed under this
                protocol).
   controls     one GPU: every control and architecture condition (shift none/switch/drift, Zipf
-               0.8/1.1/1.4, tied, post-LN, weight decay, GQA, MoE, depth 4/8/16), 4 x 256 GPT.
+               0.8/1.1/1.4, tied, post-LN, weight decay, GQA, MoE, depth 2/4/8), 4 x 256 GPT.
   wikitext103_offline  one GPU: WikiText-103 text, trained on its validation split and
                evaluated on held-out test articles (only those two splits exist offline).
   wikitext103  GPU/TPU: WikiText-103, a 6-layer d=256 GPT, sharded over all devices.
@@ -117,6 +117,12 @@ def get_config(preset=None) -> ml_collections.ConfigDict:
   # time (CPU: stacking only adds up the work).
   c.stack_runs = 1
   c.make_report = True  # scripts/run_study.py writes the report after the runs.
+  # Layer scores (jaxopt_study/analysis: block Jacobians, usefulness, causal and permutation
+  # scores of the last checkpoint) of every completed run at each optimizer's best rate, run once
+  # a condition's runs are done; written to RUN/analysis/analysis.json, which the report's depth
+  # section reads. Skipped where analysis.json is newer than the checkpoint; a failure is logged
+  # and recorded in study.json, and never stops the study.
+  c.analyze_layers = False
 
   # ---------------------------------------------------------------- report (study/report.py)
   # Spike rule, shift recovery, frequency buckets, staleness window, smoke_test: every field
@@ -171,14 +177,15 @@ def get_config(preset=None) -> ml_collections.ConfigDict:
                                       {"model": {"ln_position": "post"}})
   elif preset == "controls":
     # One GPU, every control and architecture condition (issues 10 and 11) under the full
-    # protocol: 12 conditions x 5 optimizers x (5 rates + extensions) x 3 seeds, ~1000 runs of
-    # 1000 steps (4.1M tokens each) of a 4-layer d=256 GPT that leaves the near-uniform regime
+    # protocol: 12 conditions x 5 optimizers x (5 rates + extensions) x 3 seeds, 900+ runs of
+    # 500 steps (2M tokens each) of a 4-layer d=256 GPT that leaves the near-uniform regime
     # (uniform 8.32 nats, unigram 5.91, the corpus's entropy floor 3.36). Every seed runs at
     # every grid point (sweep_seeds = seeds), so the best rate is chosen on the mean over 3
     # seeds and a whole sweep (5 rates x 3 seeds) is ONE stacked step: one compile per
-    # (condition, optimizer), plus one per grid extension.
+    # (condition, optimizer), plus one per grid extension. Compiling, not the GPU, is the
+    # bottleneck of such small models: --processes overlaps the conditions' compiles.
     #   python scripts/run_study.py --config=configs/study.py:controls --workdir=studies/controls \
-    #       --processes=5
+    #       --processes=6
     b.model.num_layers, b.model.d_model, b.model.num_heads = 4, 256, 8
     b.model.dtype = "bfloat16"
     b.model.max_len = b.seq_len = 128
@@ -187,20 +194,22 @@ def get_config(preset=None) -> ml_collections.ConfigDict:
     b.data.eval_batches = 8  # 8 x 32 windows per split (validation selects, test reports)
     b.data.synthetic.zipf_exponent = 1.1
     b.data.synthetic.shift = "switch"
-    b.data.synthetic.shift_every = 250  # 3 topic switches per run
-    b.schedule.warmup_steps = 50
+    b.data.synthetic.shift_every = 125  # 3 topic switches per run
+    b.schedule.warmup_steps = 25
     b.eval_every = 250
     b.checkpoint_every = 500
     b.log_every = 1
     b.sync_every = 250
-    b.diagnostics.every = 25  # 40 diagnostic and probe points per run
+    b.diagnostics.every = 50  # 10 diagnostic points per run
     b.diagnostics.window = b.diagnostics.horizon = 50  # activity window / age horizon H
-    c.token_budget = 1000 * 32 * 128  # 1000 steps, 4.1M tokens per run
+    b.probes.every = 250  # steps 250 and 500 (the depth section reads the last)
+    c.token_budget = 500 * 32 * 128  # 500 steps, 2M tokens per run
     c.sweep_seeds = c.seeds = (0, 1, 2)
     c.stack_runs = 15  # the whole 5-rate x 3-seed sweep in one vmapped step
+    c.analyze_layers = True
     # Primary first: the order the processes of --processes take them in.
     c.conditions.base = _condition("synthetic Zipf(1.1) over 4096 tokens, topic switch every "
-                                   "250 steps, pre-LN, untied, 4 x 256 dense MHA")
+                                   "125 steps, pre-LN, untied, 4 x 256 dense MHA")
     # Heterogeneity (arXiv 2502.00213).
     c.conditions.post_ln = _condition("as base, post-LN", {"model": {"ln_position": "post"}})
     # Non-stationarity: none / switch (base) / drift.
@@ -222,8 +231,12 @@ def get_config(preset=None) -> ml_collections.ConfigDict:
     c.conditions.moe = _condition(
         "as base, 4 experts top-1 in every block (active parameters equal to base)",
         {"model": {"num_experts": 4, "moe_top_k": 1}})
-    c.conditions.depth_8 = _condition("as base, 8 layers", {"model": {"num_layers": 8}})
-    c.conditions.depth_16 = _condition("as base, 16 layers", {"model": {"num_layers": 16}})
+    # Depth scaling at equal width: 2 / 4 (base) / 8 layers. 8 layers recompute activations in
+    # the backward pass ('full' remat: the same math, a quarter of the activation memory) so
+    # that 15 stacked runs fit in one process's share of the GPU (--processes).
+    c.conditions.depth_2 = _condition("as base, 2 layers", {"model": {"num_layers": 2}})
+    c.conditions.depth_8 = _condition("as base, 8 layers",
+                                      {"model": {"num_layers": 8, "remat": "full"}})
   elif preset == "wikitext103_offline":
     # Real text offline (issue 10): TRAINED ON THE WIKITEXT-103 VALIDATION SPLIT, evaluated on
     # held-out test articles (the first half selects the rate, the second reports), because only
@@ -241,9 +254,11 @@ def get_config(preset=None) -> ml_collections.ConfigDict:
     b.sync_every = 200
     b.diagnostics.every = 20
     b.diagnostics.window = b.diagnostics.horizon = 40
+    b.probes.every = 200
     c.token_budget = 400 * 32 * 128  # 400 steps, 1.6M tokens per run
     c.sweep_seeds = c.seeds = (0, 1, 2)
     c.stack_runs = 15  # the whole 5-rate x 3-seed sweep in one vmapped step
+    c.analyze_layers = True
     c.conditions.base = _condition("WikiText-103 text (trained on its validation split, "
                                    "evaluated on held-out test articles), 4 x 256, pre-LN")
     c.conditions.tied = _condition("as base, tied embeddings", {"model": {"tie_embeddings": True}})

@@ -324,6 +324,12 @@ def is_done(results: Optional[rundir.RunResults], num_steps: int) -> bool:
   return results.status == "completed" and results.steps_done == num_steps
 
 
+def _has_checkpoint(run_dir: str) -> bool:
+  """Whether the run directory holds at least one saved step (orbax names them by number)."""
+  d = rundir.path(run_dir, rundir.CHECKPOINTS)
+  return os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d))
+
+
 def exit_code(spec: dict) -> int:
   """The process exit code of a study (the EXIT_* constants)."""
   if spec.get("stopped_early"):
@@ -388,13 +394,14 @@ class _Runner:
     return None
 
   def run(self, runs: list[RunSpec]) -> None:
-    """Trains (or reuses) ``runs``: fresh ones stacked ``stack_runs`` at a time, others alone.
+    """Trains (or reuses) ``runs``, ``stack_runs`` at a time in one vmapped step where it can.
 
-    A fresh run (no results, no checkpoint) can share one vmapped step with others of the same
-    phase (``stacked.train_stacked``: they differ only in learning rate and seed); a run with
-    progress resumes alone, since stacked runs must stand at the same step.
+    Runs of one phase differ only in learning rate and seed, so they can share a step
+    (``stacked.train_stacked``) when they stand at the same step: fresh runs (no checkpoint,
+    e.g. failed before their first one) and runs preempted at the same step (a stack stopped
+    together) are stacked again; any other run with a checkpoint resumes alone.
     """
-    fresh, alone = [], []
+    fresh, alone, resumed = [], [], {}
     for r in runs:
       entry = self.entry(r)
       res = self.check_config(r)
@@ -405,13 +412,19 @@ class _Runner:
         continue
       rd = os.path.join(self.workdir, r.relpath)
       os.makedirs(rd, exist_ok=True)
+      preempted_at = res.steps_done if res and res.status == "preempted" else None
       if res and res.status == "failed":  # clear the old failure before retrying
         res.status, res.error, res.traceback = "running", None, None
         res.save(rd)
-      started = res is not None or os.path.exists(rundir.path(rd, rundir.CHECKPOINTS))
-      (alone if started else fresh).append(r)
+      if not _has_checkpoint(rd):
+        fresh.append(r)
+      elif preempted_at is not None:
+        resumed.setdefault(preempted_at, []).append(r)
+      else:
+        alone.append(r)
     k = max(1, int(self.study.stack_runs))
-    groups = [[r] for r in alone] + [fresh[i:i + k] for i in range(0, len(fresh), k)]
+    groups = [[r] for r in alone] + [
+        g[i:i + k] for g in [fresh, *resumed.values()] for i in range(0, len(g), k)]
     for group in groups:
       if self.stopped:
         return
