@@ -162,14 +162,21 @@ def split_conditions(config, n: int) -> list[list[str]]:
 
 
 def merge_parts(workdir: str, n: int) -> None:
-  """WORKDIR/study.json holds the runs of every part (their wall times), for the final pass."""
+  """WORKDIR/study.json from the parts': every part's runs (with their wall times) and conditions.
+
+  The final pass (runner.run_study over all conditions) rewrites it; this is what it starts from,
+  and what a report reads if that pass never ran.
+  """
   path = os.path.join(workdir, "study.json")
   merged = rundir.read_json(path) or {}
   runs = {r["workdir"]: r for r in merged.get("runs", [])}
   for k in range(n):
     part = rundir.read_json(os.path.join(workdir, "parts", str(k), "study.json")) or {}
-    for key in ("created", "command"):
-      merged.setdefault(key, part.get(key))
+    for key, value in part.items():
+      if key == "conditions":
+        merged.setdefault("conditions", {}).update(value)
+      elif key not in ("runs", "command"):
+        merged.setdefault(key, value)
     for r in part.get("runs", []):
       if r.get("wall_s") is not None or r["workdir"] not in runs:
         runs[r["workdir"]] = r

@@ -495,6 +495,14 @@ def test_report_with_no_diagnostics_and_no_study_json(tmp_path):
   empty = tmp_path / "empty"
   empty.mkdir()
   assert "0 runs" in pathlib.Path(report.make_report(str(empty))).read_text()
+  # Provenance: study.json's note and sessions.json's device and wall time head the report.
+  rundir.write_json(str(empty / "study.json"), {"note": "Incomplete: 2 of 5 conditions ran."})
+  rundir.write_json(str(empty / "sessions.json"), [
+      {"start": "2026-01-01T00:00:00", "end": "2026-01-01T00:09:00", "wall_s": 540,
+       "device": "1 x NVIDIA H100", "processes": 3, "command": "python scripts/run_study.py"}])
+  head = pathlib.Path(report.make_report(str(empty))).read_text().split("## ")[0]
+  assert "> **Note.** Incomplete: 2 of 5 conditions ran." in head
+  assert "(9.0 min) on 1 x NVIDIA H100, 3 process(es)" in head
 
 
 def test_smoke_test_report_is_labelled_and_has_no_verdicts(fake_report, tmp_path):

@@ -156,9 +156,16 @@ def header_section(study: Study) -> list[str]:
              "`jaxopt_study.study.report.make_report`; every number below is computed from the "
              "runs' `results.json` / `metrics.jsonl` (or their archive in `results/`).")
   out.append("")
+  if spec.get("note"):  # study.json's "note": provenance a reader must see first (set by hand)
+    out += [f"> **Note.** {spec['note']}", ""]
   if spec.get("command"):
     out += ["Command:", "", "```", spec["command"], "```", ""]
-  return out
+  # scripts/run_study.py's record of every invocation: device and wall time.
+  sessions = rundir.read_json(os.path.join(study.study_dir, "sessions.json")) or []
+  for s in sessions:
+    out.append(f"- ran {s.get('start')} to {s.get('end')} ({s.get('wall_s', 0) / 60:.1f} min) on "
+               f"{s.get('device')}, {s.get('processes')} process(es): {s.get('command')}")
+  return out + ([""] if sessions else [])
 
 
 def setup_section(study: Study) -> list[str]:
