@@ -6,7 +6,8 @@ r"""Runs per device-hour of a study preset: K runs stacked in one vmapped step v
 For each K, trains K runs of the study's first condition and optimizer (its grid's rates and
 seeds, exactly the configs the runner would train; ``stacked.train_stacked`` for K > 1,
 ``train.train_and_evaluate`` for K = 1) for ``--steps`` steps in a temporary directory, with
-everything a study run does (evals, diagnostics, probes, checkpoints). Measured: the whole wall
+everything a study run does (evals, diagnostics, probes, checkpoints; host syncs at least 5
+times). Measured: the whole wall
 time (set-up and compilation included) and the steady-state tokens/s of the loop (results.json).
 Runs per hour at the preset's full length = 3600 K / (overhead + num_steps * tokens_per_step * K /
 tokens_per_s), where overhead = the measured wall - the timed steps' share, i.e. set-up,
@@ -56,7 +57,8 @@ def configs_for(study, condition: str, optimizer: str, k: int, steps: int):
     c = runner.run_config(study, condition, optimizer, lr, s)
     full_steps = c.num_steps
     with c.unlocked():
-      c.num_steps = steps
+      # Host syncs at least 5 times: the loop's tokens/s clock starts at the first one.
+      c.num_steps, c.sync_every = steps, max(1, min(c.sync_every, steps // 5))
     out.append(c)
   return out, full_steps
 
@@ -73,6 +75,8 @@ def measure(configs) -> dict:
     wall = time.perf_counter() - t0
     res = [rundir.RunResults.load(d) for d in dirs]
   tps_run = res[0].tokens_per_second  # steady state, per run
+  if not tps_run:
+    raise SystemExit(f"K={k}: no steady-state tokens/s (status {res[0].status}); raise --steps")
   return {"k": k, "wall_s": wall, "tokens_per_s_per_run": tps_run,
           "status": sorted({r.status for r in res})}
 
@@ -102,12 +106,12 @@ def main(argv):
                             text=True, check=True).stdout.strip()
   except Exception:  # pylint: disable=broad-except
     commit = "?"
-  base = rows[0]["runs_per_hour"]
+  base = next((m for m in rows if m["k"] == 1), rows[0])["runs_per_hour"]
   lines = [f"Device {jax.device_count()} x {getattr(dev, 'device_kind', dev.platform)}, "
            f"{datetime.date.today()}, commit {commit}, study preset `{study.preset}` condition "
            f"`{cond}`, optimizer `{opt}`, {FLAGS.steps} steps timed per setting.", "",
            "| runs stacked | wall (s) | tokens/s per run | tokens/s total | overhead (s) | "
-           f"runs / device-hour at {rows[0]['full_steps']} steps | vs one at a time |",
+           f"runs / device-hour at {rows[0]['full_steps']} steps | vs one at a time (K=1) |",
            "|---|---|---|---|---|---|---|"]
   for m in rows:
     lines.append(f"| {m['k']} | {m['wall_s']:.1f} | {m['tokens_per_s_per_run']:.0f} | "
