@@ -72,10 +72,9 @@ plus small replicated leaves: 8 B per parameter tensor (energy EMAs), 4 B per pa
 token-embedding row (row count and EMA), 4 B per vocab entry (bucket table). Per-step traffic of
 a 'counters' step: read g once, read+write last_active, update_count, update_ema, sq_ema
 (32 B/param); a 'prev' step also writes prev_grad and prev_sign (5 B/param). Everything else
-(the idle family, quantiles and histograms included) runs on full steps only; there, all the
-per-tensor sums of one tensor group are one variadic reduction, so a full step reads each
-per-entry array about once (:mod:`.context`). ``scripts/diag_cost.py`` prints XLA's bytes and
-kernel counts of each step variant (numbers in BENCHMARKS.md).
+(the idle family, quantiles and histograms included) runs on full steps only.
+``scripts/diag_cost.py`` prints XLA's bytes and kernel counts of each step variant (numbers in
+BENCHMARKS.md).
 """
 
 from jaxopt_study.diagnostics import paths

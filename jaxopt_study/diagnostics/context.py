@@ -15,14 +15,6 @@ no communication); (ii) group aggregates are one matrix product of the per-tenso
 vectors with a static membership matrix; (iii) all scalars leave the step as ONE float32 vector
 inside :class:`Metrics`, a read-only Mapping name -> value (a pytree whose names are static).
 
-Memory traffic matters as much (the full step runs every ``every`` steps, on every parameter
-entry): (iv) :func:`red` is deferred, and every per-tensor sum that all families ask of one group
-is computed by ONE variadic reduction (:func:`member_sums`), so each of the group's arrays is read
-once per full step and the sums are one kernel per group, not one per metric (~30); (v) quantile
-functions are evaluated on the strided subsample of their inputs (:func:`strided`), never on
-full-size intermediates. ``scripts/diag_cost.py`` prints XLA's bytes and kernel counts of the
-step variants.
-
 Every additive metric is ``combine(S_1, ..., S_k)`` of sums ``S_j = sum_{b in group} s_j(b)`` of
 per-tensor partial sums. Groups: all tensors (``family/metric``), one kind (``/kind=<kind>``),
 one layer (``/layer=<NN>``), one tensor (``/param=<path>``). E.g. a fraction is (count, size) ->
@@ -107,116 +99,36 @@ def role_of(path: str) -> str:
   return re.sub(r"(^|/)block_\d+(/|$)", r"\1block_*\2", path)
 
 
-class Sum:
-  """A per-member sum of ``x`` [n, *shape] over all but the leading (stacking) axis, deferred
-  (:func:`red`); ``value`` ([n]: int32 for bool or integer x, else float32) is set by
-  :func:`member_sums` when the context evaluates its pending per-tensor requests."""
-  __slots__ = ("x", "value")
-
-  def __init__(self, x):
-    self.x, self.value = x, None
-
-
-def red(x) -> Sum:
-  """Per-member sum over all but the leading (stacking) axis, deferred: every sum the families
-  ask of one group is computed by ONE variadic reduction (:func:`member_sums`), so each of the
-  group's arrays is read once per full step and the sums are one kernel, not one per metric.
-  Use it only inside the ``fn`` of :meth:`Context.emit` / :meth:`Context.per_tensor`."""
-  return Sum(x)
-
-
-# Entries summed sequentially by the first stage of member_sums (a variadic reduce is a plain
-# loop on XLA:CPU: a float32 running sum over millions of entries would lose digits; over <= 256
-# entries its error is below that of the second stage's tree reduction).
-SUM_CHUNK = 256
-
-
-def member_sums(xs: list) -> list:
-  """[jnp.sum(x, axis=1..) for x in xs] (bool / integer x summed in int32, exactly; float x in
-  float32), each x read once: per distinct shape, one variadic ``lax.reduce`` over chunks of
-  <= SUM_CHUNK consecutive entries (one kernel for all the sums of a group), then a sum of the
-  [n, chunks] partial sums."""
-  xs = [x.astype(jnp.int32) if (x.dtype == jnp.bool_ or jnp.issubdtype(x.dtype, jnp.integer))
-        else x.astype(jnp.float32) for x in xs]
-  by_shape: dict[tuple, list[int]] = {}
-  for i, x in enumerate(xs):
-    by_shape.setdefault(tuple(x.shape), []).append(i)
-  out = [None] * len(xs)
-  for shape, idx in by_shape.items():
-    n, size = shape[0], int(np.prod(shape[1:], dtype=np.int64))
-    chunk = max(d for d in range(1, min(size, SUM_CHUNK) + 1) if size % d == 0)
-    ops = tuple(xs[i].reshape(n, size // chunk, chunk) for i in idx)
-    partial = jax.lax.reduce(ops, tuple(jnp.zeros((), x.dtype) for x in ops),
-                             lambda a, b: tuple(u + v for u, v in zip(a, b)), (2,))  # [n, C]
-    for dtype in (jnp.int32, jnp.float32):  # the second stage: one reduction per dtype
-      js = [j for j, i in enumerate(idx) if xs[i].dtype == dtype]
-      if js:
-        sums = jnp.sum(jnp.stack([partial[j] for j in js]), axis=2)  # [k, n]
-        for row, j in enumerate(js):
-          out[idx[j]] = sums[row]
-  return out
-
-
-# Group's arrays (each [n, *shape]; float32 unless noted), read as attributes (group.g, ...):
-ARRAY_FIELDS = (
-    "g",          # g_t
-    "p",          # theta_t (before this step's update)
-    "u",          # u_t (params_{t+1} = params_t + u_t)
-    "m",          # first moment m_{t-1}
-    "v",          # second moment v_{t-1} (reconstructed for Adafactor)
-    "age",        # int32 t - last_active_t (t + 1: never active)
-    "seen",       # bool: active at some step < t (v_{t-1} holds its gradient)
-    "count",      # int32 active steps incl. t
-    "ema",        # raw EMA of the active indicator
-    "s",          # raw EMA of g^2
-    "prev_g",     # g_{t-1} as stored (prev_grad_dtype)
-    "prev_sign",  # int8 sign(u_{t-1})
-)
-# Members of at least this many entries are reduced one by one (Context.run_pending), never
-# stacked: stacking copies every array of the group (~90 bytes per entry at all families on).
-UNSTACKED_MIN_SIZE = 2 ** 18
+def red(x):
+  """Per-member sum over all but the leading (stacking) axis."""
+  return jnp.sum(x, axis=tuple(range(1, x.ndim)))
 
 
 @dataclasses.dataclass
 class Group:
-  """Tensors of one role (n members of one shape). ``group.<field>`` for a field of
-  :data:`ARRAY_FIELDS` is the members' arrays stacked along a new axis 0, [n, *shape] (None if
-  absent), made on first access from ``parts``; :meth:`member` and :func:`strided` make views
-  that stack nothing of the full-size arrays."""
+  """Tensors of one role, stacked along axis 0 (n members). Arrays are float32 unless noted."""
   paths: list[str]
   kind: str
   layers: list[Optional[int]]
   shape: tuple                     # member shape
   size: int                        # member size
   start: int                       # index of the first member in the context's tensor order
-  parts: dict = dataclasses.field(default_factory=dict)  # field -> [n arrays of `shape`]
-
-  def __post_init__(self):
-    unknown = set(self.parts) - set(ARRAY_FIELDS)
-    if unknown:
-      raise TypeError(f"Group: unknown array fields {sorted(unknown)}; valid: {ARRAY_FIELDS}")
-    self._stacked = {}
-
-  def __getattr__(self, name):  # only called for names that are not regular attributes
-    if name not in ARRAY_FIELDS:
-      raise AttributeError(name)
-    xs = self.__dict__["parts"].get(name)
-    if xs is None:
-      return None
-    cache = self.__dict__["_stacked"]
-    if name not in cache:
-      cache[name] = xs[0][None] if len(xs) == 1 else jnp.stack(xs)
-    return cache[name]
+  g: Any = None                    # g_t
+  p: Any = None                    # theta_t (before this step's update)
+  u: Any = None                    # u_t (params_{t+1} = params_t + u_t)
+  m: Any = None                    # first moment m_{t-1}
+  v: Any = None                    # second moment v_{t-1} (reconstructed for Adafactor)
+  age: Any = None                  # int32 t - last_active_t (t + 1: never active)
+  seen: Any = None                 # bool: active at some step < t (v_{t-1} holds its gradient)
+  count: Any = None                # int32 active steps incl. t
+  ema: Any = None                  # raw EMA of the active indicator
+  s: Any = None                    # raw EMA of g^2
+  prev_g: Any = None
+  prev_sign: Any = None            # int8
 
   @property
   def n(self):
     return len(self.paths)
-
-  def member(self, i: int) -> "Group":
-    """The singleton group of member i."""
-    return Group(paths=[self.paths[i]], kind=self.kind, layers=[self.layers[i]],
-                 shape=self.shape, size=self.size, start=self.start + i,
-                 parts={q: [xs[i]] for q, xs in self.parts.items()})
 
 
 @dataclasses.dataclass
@@ -245,7 +157,6 @@ class Context:
   values: list = dataclasses.field(default_factory=list)
   hists: dict = dataclasses.field(default_factory=dict)
   quantile_requests: list = dataclasses.field(default_factory=list)
-  pending: list = dataclasses.field(default_factory=list)   # (fn, then) of per_tensor
 
   @property
   def paths(self) -> list[str]:
@@ -273,7 +184,6 @@ class Context:
     self.add([name], x)
 
   def result(self) -> Metrics:
-    self.run_pending()
     if self.quantile_requests:
       xs = [x for _, x, _ in self.quantile_requests]
       mat, count = sorted_samples(xs)  # one sort serves every quantile and histogram
@@ -294,44 +204,13 @@ class Context:
     return Metrics(self.names, values, self.hists)
 
   # ---- per-tensor vectors ----
-  def per_tensor(self, fn: Callable[[Group], Any], then: Callable):
-    """Deferred: ``then(parts, present)`` with fn's per-tensor values, when the result is made.
-
-    fn(group) -> a tuple of [n] arrays or :func:`red` sums, or None (absent); parts = tuple of
-    [T] float32 vectors (context order, 0 where absent), present = bool [T]. All requests are
-    evaluated together (:meth:`run_pending`): one variadic reduction per group for all sums.
-    """
-    self.pending.append((fn, then))
-
-  def run_pending(self):
-    """Evaluates the pending per_tensor requests: per group (or per member of a group whose
-    members have >= UNSTACKED_MIN_SIZE entries), every request's sums in one member_sums call."""
-    pending, self.pending = self.pending, []
-    outs = [[] for _ in pending]  # [request][group]: per-member tuples, or None
+  def per_tensor(self, fn: Callable[[Group], Any]):
+    """fn(group) -> tuple of [n] arrays, or None (absent). Returns (tuple of [T], present)."""
+    outs, present, k = [], [], None
     for g in self.groups:
-      split = g.n > 1 and g.size >= UNSTACKED_MIN_SIZE
-      views = [g.member(i) for i in range(g.n)] if split else [g]
-      res = [[fn(v) for v in views] for fn, _ in pending]  # [request][view]
-      for i in range(len(views)):  # one member_sums per view: every request's sums of it
-        terms = [t for r in res if r[i] is not None for t in r[i] if isinstance(t, Sum)]
-        for t, v in zip(terms, member_sums([t.x for t in terms])):
-          t.value = v
-      for out, r in zip(outs, res):
-        if r[0] is None:
-          out.append(None)
-        else:
-          value = lambda x, n: (x.value if isinstance(x, Sum) else jnp.asarray(x)).reshape(n)
-          out.append(tuple(jnp.concatenate([value(o[j], v.n).astype(jnp.float32)
-                                            for o, v in zip(r, views)])
-                           for j in range(len(r[0]))))
-    for (_, then), rs in zip(pending, outs):
-      then(*self._vectors(rs))
-
-  def _vectors(self, rs: list):
-    """(tuple of [T] float32, present bool [T]) from one request's per-group results."""
-    present, k = [], None
-    for g, r in zip(self.groups, rs):
+      r = fn(g)
       present += [r is not None] * g.n
+      outs.append(r)
       if r is not None:
         k = len(r)
     if k is None:
@@ -340,7 +219,7 @@ class Context:
     for j in range(k):
       vecs.append(jnp.concatenate([
           jnp.asarray(r[j], jnp.float32).reshape(g.n) if r is not None
-          else jnp.zeros((g.n,), jnp.float32) for g, r in zip(self.groups, rs)]))
+          else jnp.zeros((g.n,), jnp.float32) for g, r in zip(self.groups, outs)]))
     return tuple(vecs), np.asarray(present)
 
   def group_table(self, present: np.ndarray):
@@ -363,33 +242,31 @@ class Context:
 
   def emit(self, name: str, fn: Callable[[Group], Any], combine: Callable):
     """metrics[name + suffix] = combine(*group sums of fn's per-tensor partial sums)."""
-    def then(parts, present):
-      if parts is None:
-        return
-      suffixes, mat = self.group_table(present)
-      mat = jnp.asarray(mat)
-      sums = [jnp.dot(mat, jnp.where(jnp.asarray(present), p, 0.0),
-                      precision=jax.lax.Precision.HIGHEST) for p in parts]
-      self.add([name + s for s in suffixes], combine(*sums))
-    self.per_tensor(fn, then)
+    parts, present = self.per_tensor(fn)
+    if parts is None:
+      return
+    suffixes, mat = self.group_table(present)
+    mat = jnp.asarray(mat)
+    sums = [jnp.dot(mat, jnp.where(jnp.asarray(present), p, 0.0),
+                    precision=jax.lax.Precision.HIGHEST) for p in parts]
+    self.add([name + s for s in suffixes], combine(*sums))
 
   # ---- quantiles ----
-  def sample(self, g: Group, total: int) -> Group:
-    """g with every array subsampled on the strided grid of its members (see module doc)."""
+  def sample(self, g: Group, x, total: int):
+    """Strided-grid subsample of each member of x [n, *shape] -> [n, k] float32."""
     budget = max(1, math.ceil(g.size * int(self.cfg.quantile_sample_size) / max(total, 1)))
-    return strided(g, grid_stride(g.shape, budget))
+    s = grid_stride(g.shape, budget)
+    sl = (slice(None),) + tuple(slice(None, None, s) for _ in g.shape)
+    return x[sl].reshape(g.n, -1).astype(jnp.float32)
 
   def emit_quantiles(self, name: str, fn: Callable[[Group], Any], hist: bool = False):
-    """Quantiles (global, per kind) of fn(group) ([n, *shape] or None) over the groups.
-
-    fn must be elementwise (entry i of its result depends on entry i of the group's arrays
-    only): it is evaluated on the subsampled arrays, so no full-size intermediate is made.
-    """
-    sel = [g for g in self.groups if fn(strided(g, max(g.shape, default=1))) is not None]
+    """Quantiles (global, per kind) of fn(group) ([n, *shape] or None) over the groups."""
+    sel = [(g, fn(g)) for g in self.groups]
+    sel = [(g, x) for g, x in sel if x is not None]
     if not sel:
       return
-    total = sum(g.n * g.size for g in sel)
-    samples = [(g.kind, fn(self.sample(g, total)).reshape(-1).astype(jnp.float32)) for g in sel]
+    total = sum(g.n * g.size for g, _ in sel)
+    samples = [(g.kind, self.sample(g, x, total).reshape(-1)) for g, x in sel]
     sets = [("", [s for _, s in samples])]
     if self.cfg.per_kind:
       for k in sorted({k for k, _ in samples}):
@@ -421,16 +298,6 @@ class Context:
     nb = int(self.cfg.num_freq_buckets)
     seg = lambda x: jax.ops.segment_sum(x.astype(jnp.float32), self.token_bucket, num_segments=nb)
     self.add([f"{name}/freq_bucket={b:02d}" for b in range(nb)], safe_div(seg(num), seg(den)))
-
-
-def strided(g: Group, s: int) -> Group:
-  """g with each member's arrays on the grid x[::s, ::s, ...] (s = 1: g itself)."""
-  if s == 1:
-    return g
-  sl = tuple(slice(None, None, s) for _ in g.shape)
-  shape = tuple(math.ceil(d / s) for d in g.shape)
-  return dataclasses.replace(g, shape=shape, size=int(np.prod(shape, dtype=np.int64)),
-                             parts={q: [x[sl] for x in xs] for q, xs in g.parts.items()})
 
 
 def grid_stride(shape: tuple, budget: int) -> int:

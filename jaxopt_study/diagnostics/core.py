@@ -252,7 +252,7 @@ def update(params, grads, updates, opt_state, diag_state: DiagState, step, cfg, 
     groups.append(context.Group(
         paths=members, kind=kind, layers=[paths_lib.layer_of(k) for k in members],
         shape=shape, size=int(np.prod(shape, dtype=np.int64)), start=start,
-        parts={q: [d[k] for k in members] for q, d in per_path.items() if members[0] in d}))
+        **{q: jnp.stack([d[k] for k in members]) for q, d in per_path.items() if members[0] in d}))
     start += len(members)
   order = [k for grp in groups for k in grp.paths]
   perm = np.asarray([keys.index(k) for k in order])

@@ -44,11 +44,8 @@ def _spread(x):
 
 
 def compute(ctx: context.Context):
-  ctx.per_tensor(lambda g: (context.red(jnp.square(g.g)), context.red(jnp.square(g.u))),
-                 lambda parts, _: _emit(ctx, *parts))
-
-
-def _emit(ctx: context.Context, gsq, usq):
+  (gsq, usq), _ = ctx.per_tensor(
+      lambda g: (context.red(jnp.square(g.g)), context.red(jnp.square(g.u))))
   gn, un = jnp.sqrt(gsq), jnp.sqrt(usq)
   step = jnp.where(gn > 0, un / jnp.where(gn > 0, gn, 1.0), context.NAN)
   kinds = ctx.kinds
