@@ -99,7 +99,7 @@ def train_in_processes(config, workdir: str, n: int) -> int:
   """Trains the conditions in ``n`` child processes (module docstring); their worst exit code."""
   workdir = os.path.abspath(workdir)
   runner.validate(config)
-  shares = split_conditions(config, n)
+  shares = runner.split_conditions(config, n)
   os.makedirs(os.path.join(workdir, "runs"), exist_ok=True)
   env = dict(os.environ)
   env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / len(shares):.3f}")
@@ -109,7 +109,7 @@ def train_in_processes(config, workdir: str, n: int) -> int:
   passed = [a for a in sys.argv[1:] if not a.startswith(own)]
   children = []
   for k, share in enumerate(shares):
-    part = os.path.join(workdir, "parts", str(k))
+    part = runner.part_dir(workdir, k)
     os.makedirs(part, exist_ok=True)
     link = os.path.join(part, "runs")
     if not os.path.islink(link):
@@ -134,54 +134,13 @@ def train_in_processes(config, workdir: str, n: int) -> int:
     for _, log in children:
       log.close()
   print(f"processes done, exit codes {codes}")
-  merge_parts(workdir, len(shares))
+  runner.merge_parts(workdir, len(shares))
   if any(c == runner.EXIT_PREEMPTED or c < 0 for c in codes):
     return runner.EXIT_PREEMPTED
   for c in (runner.EXIT_CONFIG_CHANGED, runner.EXIT_LOCKED):
     if c in codes:
       return c
   return runner.EXIT_OK
-
-
-def split_conditions(config, n: int) -> list[list[str]]:
-  """The conditions in at most n shares of about equal work (longest first, greedy).
-
-  A condition's work is estimated as its block matmul FLOPs per run:
-  num_steps * batch_size * seq_len * num_layers * d_model^2.
-  """
-  def work(cond):
-    c = runner.run_config(config, cond, config.optimizers[0], 1e-3, 0)
-    return c.num_steps * c.batch_size * c.seq_len * c.model.num_layers * c.model.d_model ** 2
-
-  shares, loads = [[] for _ in range(n)], [0.0] * n
-  for cond in sorted(runner.conditions_of(config), key=work, reverse=True):
-    k = loads.index(min(loads))
-    shares[k].append(cond)
-    loads[k] += work(cond)
-  return [s for s in shares if s]
-
-
-def merge_parts(workdir: str, n: int) -> None:
-  """WORKDIR/study.json from the parts': every part's runs (with their wall times) and conditions.
-
-  The final pass (runner.run_study over all conditions) rewrites it; this is what it starts from,
-  and what a report reads if that pass never ran.
-  """
-  path = os.path.join(workdir, "study.json")
-  merged = rundir.read_json(path) or {}
-  runs = {r["workdir"]: r for r in merged.get("runs", [])}
-  for k in range(n):
-    part = rundir.read_json(os.path.join(workdir, "parts", str(k), "study.json")) or {}
-    for key, value in part.items():
-      if key == "conditions":
-        merged.setdefault("conditions", {}).update(value)
-      elif key not in ("runs", "command"):
-        merged.setdefault(key, value)
-    for r in part.get("runs", []):
-      if r.get("wall_s") is not None or r["workdir"] not in runs:
-        runs[r["workdir"]] = r
-  merged["runs"] = list(runs.values())
-  rundir.write_json(path, merged)
 
 
 def record_session(workdir: str, command: str, start: datetime.datetime) -> None:

@@ -817,3 +817,29 @@ def test_quickstart_notebook_runs_a_tiny_study_end_to_end(tmp_path, monkeypatch)
     sec = [s for s in section if f"plots/{name}__base.png" in s][0]
     assert "Data absent" not in sec, (name, sec[:500])
   print(f"quickstart notebook: {elapsed:.0f} s")
+
+
+def test_processes_split_conditions_by_work_and_merge_their_study_files(tmp_path):
+  """run_study.py --processes: every condition in exactly one share, the deepest alone first;
+  the parts' study.json files merge into one with every run and condition."""
+  from jaxopt_study.study import presets as study_configs
+  from jaxopt_study.study import runner
+
+  config = study_configs.get_config("controls")
+  shares = runner.split_conditions(config, 5)
+  assert sorted(c for s in shares for c in s) == sorted(config.conditions)
+  assert shares[0][0] == "depth_8"  # the most work (2x the layers) is placed first
+  assert max(map(len, shares)) == 3 and min(map(len, shares)) == 2  # balanced: 12 over 5
+  assert len(runner.split_conditions(config, 20)) == len(config.conditions)
+  for k, (cond, wall) in enumerate([("base", 12.5), ("tied", None)]):
+    os.makedirs(runner.part_dir(str(tmp_path), k))
+    rundir.write_json(os.path.join(runner.part_dir(str(tmp_path), k), "study.json"), {
+        "preset": "controls", "command": f"child {k}", "conditions": {cond: {"num_steps": 5}},
+        "runs": [{"workdir": f"runs/{cond}/adamw/lr=0.001/seed=0", "status": "completed",
+                  "wall_s": wall}]})
+  runner.merge_parts(str(tmp_path), 2)
+  merged = rundir.read_json(str(tmp_path / "study.json"))
+  assert merged["preset"] == "controls" and set(merged["conditions"]) == {"base", "tied"}
+  assert "command" not in merged  # the parent's command, set by its final pass
+  assert sorted((r["workdir"], r["wall_s"]) for r in merged["runs"]) == [
+      ("runs/base/adamw/lr=0.001/seed=0", 12.5), ("runs/tied/adamw/lr=0.001/seed=0", None)]

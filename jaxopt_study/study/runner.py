@@ -602,6 +602,56 @@ def _sweep_and_seeds(study, runner: _Runner, cond: str, opt: str) -> bool:
   return not runner.stopped
 
 
+# ----------------------------------------------------------------------------- processes
+# scripts/run_study.py --processes=N: the conditions in N processes sharing one device.
+
+
+def part_dir(workdir: str, k: int) -> str:
+  """Process k's study directory (its study.json; its runs/ links to WORKDIR/runs)."""
+  return os.path.join(workdir, "parts", str(k))
+
+
+def split_conditions(config, n: int) -> list[list[str]]:
+  """The conditions in at most n shares of about equal work (longest first, greedy).
+
+  A condition's work is estimated as its block matmul FLOPs per run:
+  num_steps * batch_size * seq_len * num_layers * d_model^2.
+  """
+  def work(cond):
+    c = run_config(config, cond, config.optimizers[0], 1e-3, 0)
+    return c.num_steps * c.batch_size * c.seq_len * c.model.num_layers * c.model.d_model ** 2
+
+  shares, loads = [[] for _ in range(n)], [0.0] * n
+  for cond in sorted(conditions_of(config), key=work, reverse=True):
+    k = loads.index(min(loads))
+    shares[k].append(cond)
+    loads[k] += work(cond)
+  return [s for s in shares if s]
+
+
+def merge_parts(workdir: str, n: int) -> None:
+  """WORKDIR/study.json from the parts': every part's runs (with their wall times) and conditions.
+
+  The final pass (runner.run_study over all conditions) rewrites it; this is what it starts from,
+  and what a report reads if that pass never ran.
+  """
+  path = os.path.join(workdir, loading.STUDY_FILE)
+  merged = rundir.read_json(path) or {}
+  runs = {r["workdir"]: r for r in merged.get("runs", [])}
+  for k in range(n):
+    part = rundir.read_json(os.path.join(part_dir(workdir, k), loading.STUDY_FILE)) or {}
+    for key, value in part.items():
+      if key == "conditions":
+        merged.setdefault("conditions", {}).update(value)
+      elif key not in ("runs", "command"):
+        merged.setdefault(key, value)
+    for r in part.get("runs", []):
+      if r.get("wall_s") is not None or r["workdir"] not in runs:
+        runs[r["workdir"]] = r
+  merged["runs"] = list(runs.values())
+  rundir.write_json(path, merged)
+
+
 def enable_compilation_cache(path: Optional[str] = None) -> Optional[str]:
   """Turns on JAX's persistent compilation cache unless the user already chose a directory."""
   import jax  # pylint: disable=g-import-not-at-top
