@@ -281,6 +281,15 @@ def path(workdir: str, name: str) -> str:
   return os.path.join(workdir, name)
 
 
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The steps saved in workdir/checkpoints/ (orbax names each step's directory by its number),
+  sorted; [] without any. Read without orbax (the study layer imports no JAX)."""
+  directory = path(workdir, CHECKPOINTS)
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+
+
 def write_config(workdir: str, config) -> None:
   """workdir/config.json: the resolved run config (atomic)."""
   write_json(path(workdir, CONFIG), _as_dict(config))

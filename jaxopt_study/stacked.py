@@ -124,7 +124,7 @@ def train_stacked(configs: Sequence[ml_collections.ConfigDict],
     train_fn, eval_fn = _compile(config, s, state_sh, batch_sh)
     probes = [train.probe_batch(c, ds) for c, ds in zip(configs, datasets)]
     probe = None if probes[0] is None else jnp.stack(probes)  # [K, n, T]: each run's own
-    measure_probes = jax.vmap(lambda p, t: train.measure_probes(config, s.model, p, t))
+    measure_probes = jax.jit(jax.vmap(lambda p, t: train.measure_probes(config, s.model, p, t)))
     preemption = checkpointing.Preemption(ckpts[0])
     stack.callback(preemption.close)
     batches = data_lib.prefetch_to_device(

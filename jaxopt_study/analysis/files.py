@@ -23,11 +23,10 @@ def analysis_path(workdir: str) -> str:
 
 def latest_checkpoint_mtime(workdir: str) -> Optional[float]:
   """Newest modification time of the files of the run's latest checkpoint; None without one."""
-  directory = rundir.path(workdir, rundir.CHECKPOINTS)
-  steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
+  steps = rundir.checkpoint_steps(workdir)
   if not steps:
     return None
-  latest = os.path.join(directory, str(max(steps)))
+  latest = os.path.join(rundir.path(workdir, rundir.CHECKPOINTS), str(steps[-1]))
   times = [os.path.getmtime(latest)]
   for root, _, names in os.walk(latest):
     times += [os.path.getmtime(os.path.join(root, n)) for n in names]

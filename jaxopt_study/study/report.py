@@ -75,14 +75,15 @@ def _records(df: pd.DataFrame) -> list[dict]:
   return _jsonable(df.astype(object).where(pd.notna(df), None).to_dict(orient="records"))
 
 
-def _ci(mean, half, n) -> str:
-  """'4.012 ± 0.031 (n=3)' (the header says 95% t); '4.012 (n=1)'; '–'."""
+def _ci(mean, half, n=None) -> str:
+  """'4.012 ± 0.031 (n=3)' (the header says 95% t); '4.012 (n=1)'; '–'. Without ``n``: no
+  '(n=...)' (a table that gives n in its header)."""
   if mean is None or (isinstance(mean, float) and not math.isfinite(mean)):
     return "–"
-  n = _int(n)
+  count = "" if n is None else f" (n={_int(n)})"
   if half is None or not np.isfinite(pd.to_numeric(half, errors="coerce")):
-    return f"{_fmt(mean)} (n={n})"
-  return f"{_fmt(mean)} ± {_fmt(half)} (n={n})"
+    return f"{_fmt(mean)}{count}"
+  return f"{_fmt(mean)} ± {_fmt(half)}{count}"
 
 
 # ----------------------------------------------------------------------------- the tables
@@ -393,13 +394,15 @@ def every_run_section(runs: pd.DataFrame) -> list[str]:
 
 
 def _pm(row) -> str:
-  """'1.234 ± 0.056' (the section says 95% t and gives n); '1.234' without an interval."""
-  if row is None or row["mean"] is None or not np.isfinite(row["mean"]):
-    return "–"
-  half = row["ci95"]
-  if half is None or not np.isfinite(half):
-    return _fmt(row["mean"])
-  return f"{_fmt(row['mean'])} ± {_fmt(half)}"
+  """A depth-table row as '1.234 ± 0.056' (the section says 95% t and gives n)."""
+  return "–" if row is None else _ci(row["mean"], row["ci95"])
+
+
+def _by_layer_tables(study: Study, table: pd.DataFrame, part: str, measure: str,
+                     extra: tuple = ()) -> list[str]:
+  """One :func:`_by_layer_table` per condition."""
+  return [line for cond in study.conditions
+          for line in _by_layer_table(study, table, part, measure, cond, extra)]
 
 
 def _by_layer_table(study: Study, table: pd.DataFrame, part: str, measure: str, cond: str,
@@ -462,9 +465,8 @@ def depth_section(study: Study, table: pd.DataFrame, cmp: pd.DataFrame) -> list[
   else:
     out += ["Var of the residual stream after each block; *log-var slope*: least-squares "
             "slope of ln Var against the block index (exp(slope) = growth per block).", ""]
-    for cond in study.conditions:
-      out += _by_layer_table(study, table, "variance", "residual_variance", cond,
-                             (("log-var slope", "variance", "log_var_slope"),))
+    out += _by_layer_tables(study, table, "variance", "residual_variance",
+                            (("log-var slope", "variance", "log_var_slope"),))
 
   out += ["### Layer scores by depth", ""]
   if not depth.has(table, "layer_scores"):
@@ -484,8 +486,7 @@ def depth_section(study: Study, table: pd.DataFrame, cmp: pd.DataFrame) -> list[
         ("‖J - I‖", "layer_scores", "jacobian_identity_deviation"),
         ("swap", "layer_scores", "permutation_loss_change")])
     out += ["Loss increase (relative) when one block is replaced by its affine map:", ""]
-    for cond in study.conditions:
-      out += _by_layer_table(study, table, "layer_scores", "usefulness_loss_increase", cond)
+    out += _by_layer_tables(study, table, "layer_scores", "usefulness_loss_increase")
 
   out += ["### Weight and attention sparsity", ""]
   taus = sorted({m for m in depth.select(table, "weights", per_layer=False)["measure"]
@@ -507,8 +508,7 @@ def depth_section(study: Study, table: pd.DataFrame, cmp: pd.DataFrame) -> list[
         *[(f"{m[:-5]} mass", "attention", m) for m in tops]])
     if depth.has(table, "attention", "entropy_norm"):
       out += ["Normalised attention entropy by layer:", ""]
-      for cond in study.conditions:
-        out += _by_layer_table(study, table, "attention", "entropy_norm", cond)
+      out += _by_layer_tables(study, table, "attention", "entropy_norm")
 
   out += ["### Conditions against the primary one", ""]
   if study.settings.smoke_test:

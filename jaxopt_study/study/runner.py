@@ -324,12 +324,6 @@ def is_done(results: Optional[rundir.RunResults], num_steps: int) -> bool:
   return results.status == "completed" and results.steps_done == num_steps
 
 
-def _has_checkpoint(run_dir: str) -> bool:
-  """Whether the run directory holds at least one saved step (orbax names them by number)."""
-  d = rundir.path(run_dir, rundir.CHECKPOINTS)
-  return os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d))
-
-
 def exit_code(spec: dict) -> int:
   """The process exit code of a study (the EXIT_* constants)."""
   if spec.get("stopped_early"):
@@ -416,7 +410,7 @@ class _Runner:
       if res and res.status == "failed":  # clear the old failure before retrying
         res.status, res.error, res.traceback = "running", None, None
         res.save(rd)
-      if not _has_checkpoint(rd):
+      if not rundir.checkpoint_steps(rd):
         fresh.append(r)
       elif preempted_at is not None:
         resumed.setdefault(preempted_at, []).append(r)
