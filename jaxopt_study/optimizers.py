@@ -24,6 +24,7 @@ import math
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -285,3 +286,14 @@ def build(config: ml_collections.ConfigDict, params) -> tuple[optax.GradientTran
     return opt_state[-1].hyperparams["step_size"] * unit(step)
 
   return tx, learning_rate
+
+
+def with_peak_lr(opt_state, peak):
+  """``opt_state`` of ``build``'s chain with its peak learning rate set to ``peak`` (any shape
+  that broadcasts, e.g. [K] for K stacked runs; same dtype and sharding as before)."""
+  last = opt_state[-1]
+  old = last.hyperparams["step_size"]
+  new = jnp.broadcast_to(jnp.asarray(peak, old.dtype), old.shape)
+  if isinstance(old, jax.Array):
+    new = jax.device_put(new, old.sharding)
+  return (*opt_state[:-1], last._replace(hyperparams={**last.hyperparams, "step_size": new}))

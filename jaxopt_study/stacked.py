@@ -34,6 +34,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxopt_study import checkpointing
 from jaxopt_study import data as data_lib
+from jaxopt_study import diagnostics
+from jaxopt_study import optimizers
 from jaxopt_study import rundir
 from jaxopt_study import sharding
 from jaxopt_study import train
@@ -88,8 +90,6 @@ def train_stacked(configs: Sequence[ml_collections.ConfigDict],
                              process_count=jax.process_count(), num_train_steps=c.num_steps)
       for c in configs[1:]
   ]
-  states = [s.state] + [train.initial_state(c, s.model, s.mesh, ds)[0]
-                        for c, ds in zip(configs[1:], datasets[1:])]
   is_main = jax.process_index() == 0
   for w in workdirs:
     os.makedirs(w, exist_ok=True)
@@ -99,13 +99,20 @@ def train_stacked(configs: Sequence[ml_collections.ConfigDict],
     for c, w in zip(configs, workdirs):
       rundir.check_same_trajectory(w, c)
     stack.enter_context(sharding.activate(s.mesh))
-    results = [train.start_results(c, st, ds) for c, st, ds in zip(configs, states, datasets)]
+    state_sh = _stacked_sharding(s.state_sharding)
+    fresh = _initial_states(configs, datasets, s, state_sh)
+    unstack = jax.jit(lambda st: [_index(st, k) for k in range(len(configs))],
+                      out_shardings=[s.state_sharding] * len(configs))
+    results = [train.start_results(c, st, ds)
+               for c, st, ds in zip(configs, unstack(fresh), datasets)]
     ckpt_dirs = [rundir.path(w, rundir.CHECKPOINTS) for w in workdirs]
-    states = [checkpointing.restore_latest(d, st) or st for d, st in zip(ckpt_dirs, states)]
-    start_step = int(states[0].step)
-    if any(int(st.step) != start_step for st in states):
-      raise ValueError(f"stacked runs stand at different steps {[int(st.step) for st in states]}"
-                       "; resume them alone (train.train_and_evaluate).")
+    restored = [checkpointing.restore_latest(d, s.state) for d in ckpt_dirs]
+    steps = [0 if st is None else int(st.step) for st in restored]
+    if len(set(steps)) > 1:
+      raise ValueError(f"stacked runs stand at different steps {steps}; resume them alone "
+                       "(train.train_and_evaluate).")
+    start_step = steps[0]
+    state = fresh if start_step == 0 else jax.jit(_stack, out_shardings=state_sh)(restored)
     ckpts = [stack.enter_context(contextlib.closing(
         checkpointing.manager(d, keep=c.keep_checkpoints))) for d, c in zip(ckpt_dirs, configs)]
     writer_list = []
@@ -118,9 +125,7 @@ def train_stacked(configs: Sequence[ml_collections.ConfigDict],
         writer_list[-1].write_hparams(writers.hparams(c))
     buffers = [writers.MetricBuffer(w) for w in writer_list]
     speed = writers.Throughput(results[0].tokens_per_step)
-    state_sh = _stacked_sharding(s.state_sharding)
     batch_sh = NamedSharding(s.mesh, P(None, *s.batch_sharding.spec))
-    state = jax.device_put(_stack(states), state_sh)
     train_fn, eval_fn = _compile(config, s, state_sh, batch_sh)
     probes = [train.probe_batch(c, ds) for c, ds in zip(configs, datasets)]
     probe = None if probes[0] is None else jnp.stack(probes)  # [K, n, T]: each run's own
@@ -175,12 +180,13 @@ def train_stacked(configs: Sequence[ml_collections.ConfigDict],
             writer_list[k].write_scalars(step, train.eval_scalars(split, last_eval[k][split]))
       if step % config.checkpoint_every == 0 and step != total:
         sync(step)  # only finite states are saved
+        run_states = unstack(state)
         for k in sorted(live):
-          checkpointing.save(ckpts[k], step, _index(state, k))
+          checkpointing.save(ckpts[k], step, run_states[k])
+        del run_states
     sync(int(state.step[0]))
     out = []
-    for k, (w, ckpt) in enumerate(zip(workdirs, ckpts)):
-      run_state = _index(state, k)
+    for k, (w, ckpt, run_state) in enumerate(zip(workdirs, ckpts, unstack(state))):
       diverged = k in finished
       steps_done = finished.get(k, int(run_state.step))
       if diverged:
@@ -194,6 +200,25 @@ def train_stacked(configs: Sequence[ml_collections.ConfigDict],
           diverged_at=int(run_state.diverged_at) if diverged else None,
           last_train=buffers[k].last_train, last_eval=last_eval[k], tokens_per_second=tps))
   return [train.record_results(w, r, is_main) for w, r in zip(workdirs, out)]
+
+
+def _initial_states(configs, datasets, s: train.Setup, state_sh):
+  """The K runs' initial states, stacked: one compiled initialiser (run 0's, vmapped over the
+  seeds), then each run's own peak learning rate and frequency-bucket table put in place. A
+  run alone (``train.create_state``) starts from the same state."""
+  init = train.state_init(configs[0], s.model, s.tx, train.token_frequencies(s.model, datasets[0]))
+  keys = jnp.stack([jax.random.PRNGKey(c.seed) for c in configs])
+  state = jax.jit(jax.vmap(init), out_shardings=state_sh)(keys)
+  state = state.replace(opt_state=optimizers.with_peak_lr(
+      state.opt_state, [c.optimizer.learning_rate for c in configs]))
+  if state.diag_state is not None and state.diag_state.token_bucket is not None:
+    tables = np.stack([diagnostics.token_bucket_table(s.state.params, c.diagnostics,
+                                                      train.token_frequencies(s.model, ds))
+                       for c, ds in zip(configs, datasets)])
+    bucket = state.diag_state.token_bucket
+    state = state.replace(diag_state=state.diag_state._replace(
+        token_bucket=jax.device_put(tables.astype(bucket.dtype), bucket.sharding)))
+  return state
 
 
 def _stacked_eval(datasets, split):

@@ -211,43 +211,62 @@ def padded_vocab(vocab_size: int, multiple: int) -> int:
   return int(math.ceil(vocab_size / multiple) * multiple)
 
 
-def create_state(config, model, tx, mesh, token_frequencies, params_shape):
-  """Sharded initial TrainState (and its shardings) from ``config.seed`` alone."""
-  init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+def state_init(config, model, tx, token_frequencies):
+  """The pure initialiser ``PRNGKey(seed) -> TrainState`` of a run (jit it; ``stacked`` vmaps
+  it over the seeds of a sweep). The peak learning rate (in ``tx``) and the frequency-bucket
+  table (from ``token_frequencies``) are constants of it: ``stacked`` sets each run's own."""
   tokens = jnp.zeros((1, config.seq_len), jnp.int32)
-  init_params = lambda key: nn.meta.unbox(model.init(key, tokens, deterministic=True)["params"])
-  params_sh = sharding.param_shardings(params_shape, mesh)
-  params = jax.jit(init_params, out_shardings=params_sh)(init_rng)
 
-  def init_rest(params):
+  def init(key):
+    init_rng, dropout_rng = jax.random.split(key)
+    params = nn.meta.unbox(model.init(init_rng, tokens, deterministic=True)["params"])
     opt_state = tx.init(params)
     diag_state = (
         diagnostics.init(params, config.diagnostics, token_frequencies, opt_state=opt_state)
         if config.diagnostics.enabled
         else None
     )
-    return opt_state, diag_state
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                      diag_state=diag_state, rng=dropout_rng,
+                      diverged_at=jnp.full((), -1, jnp.int32))
 
-  abstract_opt, abstract_diag = jax.eval_shape(init_rest, params)
-  rest_sh = (
-      sharding.mirror_shardings(abstract_opt, params, params_sh, mesh),
-      sharding.mirror_shardings(abstract_diag, params, params_sh, mesh),
-  )
-  opt_state, diag_state = jax.jit(init_rest, out_shardings=rest_sh)(params)
+  return init
+
+
+def state_shardings(abstract_state, mesh, params_shape):
+  """TrainState of shardings: parameters by their logical axes, optimizer and diagnostics
+  state mirroring them, scalars replicated."""
+  params_sh = sharding.param_shardings(params_shape, mesh)
   rep = sharding.replicated(mesh)
-  scalar = lambda x: jax.device_put(jnp.asarray(x, jnp.int32), rep)
-  state = TrainState(step=scalar(0), params=params, opt_state=opt_state, diag_state=diag_state,
-                     rng=jax.device_put(dropout_rng, rep), diverged_at=scalar(-1))
-  state_sh = TrainState(step=rep, params=params_sh, opt_state=rest_sh[0],
-                        diag_state=rest_sh[1], rng=rep, diverged_at=rep)
-  return state, state_sh
+  return TrainState(
+      step=rep, params=params_sh,
+      opt_state=sharding.mirror_shardings(abstract_state.opt_state, abstract_state.params,
+                                          params_sh, mesh),
+      diag_state=sharding.mirror_shardings(abstract_state.diag_state, abstract_state.params,
+                                           params_sh, mesh),
+      rng=rep, diverged_at=rep)
+
+
+def create_state(config, model, tx, mesh, token_frequencies, params_shape):
+  """Sharded initial TrainState (and its shardings) from ``config.seed`` alone; initialised
+  once, already sharded."""
+  init = state_init(config, model, tx, token_frequencies)
+  key = jax.random.PRNGKey(config.seed)
+  state_sh = state_shardings(jax.eval_shape(init, key), mesh, params_shape)
+  return jax.jit(init, out_shardings=state_sh)(key), state_sh
+
+
+def token_frequencies(model, ds) -> np.ndarray:
+  """float64 [model vocab]: the dataset's training unigram, zero on the padding ids."""
+  freq = np.zeros(model.cfg.vocab_size, np.float64)
+  freq[: ds.vocab_size] = ds.token_frequencies
+  return freq
 
 
 def initial_state(config, model, mesh, ds):
   """``(state, state_shardings, tx, learning_rate)`` of run ``config``: its seed's parameters
   and its peak learning rate in the optimizer state, sharded over ``mesh``."""
-  token_freq = np.zeros(model.cfg.vocab_size, np.float64)
-  token_freq[: ds.vocab_size] = ds.token_frequencies
+  token_freq = token_frequencies(model, ds)
   # Abstract parameters (boxed with their logical axes): the optimizer's masks and the
   # shardings come from them; the real ones are initialised once, already sharded.
   params_shape = jax.eval_shape(
@@ -374,8 +393,12 @@ def start_results(config, state: TrainState, ds) -> rundir.RunResults:
 
 def params_fingerprint(params) -> list[float]:
   """[global L2 norm, sum] of the parameters: runs of a study must start from the same ones."""
-  fp = jax.jit(lambda p: jnp.stack([optax.tree.norm(p), sum(jnp.sum(x) for x in jax.tree.leaves(p))]))
-  return [float(x) for x in jax.device_get(fp(params))]
+  return [float(x) for x in jax.device_get(_fingerprint(params))]
+
+
+@jax.jit  # module level: one compile per parameter structure, not one per run
+def _fingerprint(params):
+  return jnp.stack([optax.tree.norm(params), sum(jnp.sum(x) for x in jax.tree.leaves(params))])
 
 
 def probe_batch(config, ds):

@@ -71,6 +71,36 @@ def test_synthetic_switch_schedule():
   assert len(tops[0] & tops[3]) >= 7
 
 
+@pytest.mark.parametrize("eval_at", ["seen", "last"])
+def test_synthetic_eval_at_draws_validation_and_test_at_the_last_topic_or_all_seen(eval_at):
+  # 4 topics, a switch every 10 steps, 40 steps: topics 0-3 each a quarter, topic 3 last.
+  c = _synthetic_config(vocab_size=64, num_topics=4, shift="switch", shift_every=10,
+                        copy_prob=0.0, num_eval_sequences=512, eval_at=eval_at)
+  c.eval_batches = 16
+  ds = data.build_dataset(c, seq_len=64, global_batch_size=32, seed=4, num_train_steps=40)
+  ranks = np.arange(1, 65, dtype=np.float64)
+  zipf = ranks ** -1.1 / np.sum(ranks ** -1.1)  # the rank law, by hand
+  # Expected share of each token id in the split: the last topic's Zipf, or the average of all.
+  topics = [3] if eval_at == "last" else [0, 1, 2, 3]
+  expected = np.zeros(64)
+  for k in topics:
+    expected[ds.topic_perms[k]] += zipf / len(topics)
+  for split in ("validation", "test"):
+    tokens = np.concatenate([b.ravel() for b in ds.eval_batches(split)])  # 33k tokens
+    share = np.bincount(tokens, minlength=64) / tokens.size
+    assert np.abs(share - expected).max() < 0.01, (split, np.abs(share - expected).max())
+    # Every batch is drawn at one step, i.e. one topic: its exact entropy is the Zipf law's.
+    assert ds.baselines(split)["marginal_entropy"] == pytest.approx(
+        -np.sum(zipf * np.log(zipf)), rel=1e-9)
+  # Adaptation and forgetting stay what they were.
+  assert set(ds.eval_splits) == {"validation", "test", "current", "past"}
+
+
+def test_synthetic_eval_at_is_checked():
+  with pytest.raises(ValueError, match="config.data.synthetic.eval_at='end'"):
+    data.check_config(_synthetic_config(eval_at="end"), seq_len=8, global_batch_size=4)
+
+
 def test_synthetic_drift_mixes():
   c = _synthetic_config(num_topics=2, shift="drift", shift_every=100, num_eval_sequences=4096)
   c.eval_batches = 128

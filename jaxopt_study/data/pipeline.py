@@ -87,6 +87,11 @@ def default_config(preset: str = "synthetic") -> ml_collections.ConfigDict:
   s.span_min = 4  # Span lengths are uniform in [span_min, span_max] tokens.
   s.span_max = 32  # (span_min <= span_max; a span copies only if its window has room before it.)
   s.num_eval_sequences = 512  # Held-out windows per eval split (then capped by eval_batches).
+  # Where the validation and test splits are drawn: 'seen' = the topics in the proportions
+  # training saw them (what is kept of every topic; under switches it rewards not learning the
+  # present one), 'last' = the distribution of the last training step (adaptation; forgetting
+  # is the 'past' split). Equal under shift 'none'.
+  s.eval_at = "seen"
   PRESETS[preset](c)
   return c
 
@@ -190,6 +195,9 @@ def _check_synthetic(c) -> None:
     raise ValueError(f"config.data.synthetic.span_max={s.span_max} must be >= "
                      f"config.data.synthetic.span_min={s.span_min}.")
   _positive_int(s.num_eval_sequences, "config.data.synthetic.num_eval_sequences", "e.g. 512")
+  if s.eval_at not in synthetic.EVAL_AT:
+    raise ValueError(f"config.data.synthetic.eval_at={s.eval_at!r} is not one of "
+                     f"{synthetic.EVAL_AT}.")
 
 
 def _check_text(c) -> None:
@@ -482,6 +490,7 @@ def _build_synthetic(c, *, seq_len, global_batch_size, seed, process_index, proc
       zipf_exponent=s.zipf_exponent, num_topics=s.num_topics, shift=s.shift,
       shift_every=s.shift_every, copy_prob=s.copy_prob, span_min=s.span_min,
       span_max=s.span_max, num_eval_sequences=s.num_eval_sequences, eval_batches=c.eval_batches,
+      eval_at=s.eval_at,
       num_train_steps=num_train_steps, process_index=process_index, process_count=process_count)
 
 

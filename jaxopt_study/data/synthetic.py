@@ -45,6 +45,7 @@ import numpy as np
 from jaxopt_study.data import baselines
 
 SHIFTS = ("none", "switch", "drift")
+EVAL_AT = ("seen", "last")  # where validation/test are drawn (SyntheticDataset.eval_batches)
 
 # Seed-sequence tags of the streams that are not training batches. Training uses the 2-word key
 # [seed, step]; the others use 3-word keys, so no training step can ever collide with them.
@@ -217,7 +218,7 @@ class SyntheticDataset:
                zipf_exponent: float, num_topics: int, shift: str, shift_every: int,
                copy_prob: float, span_min: int, span_max: int, num_eval_sequences: int,
                eval_batches: int, num_train_steps: int | None = None, process_index: int = 0,
-               process_count: int = 1):
+               process_count: int = 1, eval_at: str = "seen"):
     self.vocab_size = int(vocab_size)
     self.seq_len = int(seq_len)
     self.global_batch_size = int(global_batch_size)
@@ -231,6 +232,9 @@ class SyntheticDataset:
     self.span_max = int(span_max)
     self.process_index = int(process_index)
     self.process_count = int(process_count)
+    if eval_at not in EVAL_AT:
+      raise ValueError(f"eval_at={eval_at!r} is not one of {EVAL_AT}.")
+    self.eval_at = eval_at
     self.local_batch_size = self.global_batch_size // self.process_count
     self.eos_id = None
 
@@ -258,7 +262,8 @@ class SyntheticDataset:
     self._positions = self._eval_positions()  # Eval split -> schedule position of each batch.
     self.info = dict(source="synthetic", zipf_exponent=self.zipf_exponent,
                      num_topics=self.num_topics, shift=self.shift, shift_every=self.shift_every,
-                     copy_prob=self.copy_prob, horizon_steps=self.horizon_steps)
+                     copy_prob=self.copy_prob, horizon_steps=self.horizon_steps,
+                     eval_at=self.eval_at)
 
   # --- The ground truth -------------------------------------------------------------------
 
@@ -321,9 +326,10 @@ class SyntheticDataset:
     """
     n, horizon = self.num_eval_batches, self.horizon_steps
     spread = ((np.arange(n) + 0.5) * horizon / n).astype(np.int64)  # [n]
-    positions = {"validation": spread, "test": spread}
+    last = horizon - 1
+    held_out = spread if self.eval_at == "seen" else np.full(n, last, np.int64)
+    positions = {"validation": held_out, "test": held_out}
     if self.shift != "none":
-      last = horizon - 1
       positions["current"] = np.full(n, last, np.int64)
       weights = schedule_weights(np.arange(horizon), self.num_topics, self.shift,
                                  self.shift_every)  # [H, K]
@@ -356,9 +362,11 @@ class SyntheticDataset:
     step) with its own noise ``default_rng([seed, stream(s), i])``, a stream training never uses,
     so every split is held out, and the same on every call. With ``n`` batches and horizon ``H``:
 
-      validation   positions floor((i + 1/2) H / n): the topics in the proportions training saw
-                   them (expected unigram = ``token_frequencies``). Loss = what is kept of every
-                   topic; select hyperparameters on it.
+      validation   with ``eval_at='seen'`` positions floor((i + 1/2) H / n): the topics in the
+                   proportions training saw them (expected unigram = ``token_frequencies``).
+                   Loss = what is kept of every topic; under switches this rewards not
+                   learning the present topic. With ``eval_at='last'`` every batch at H - 1,
+                   like 'current' (adaptation) on another stream. Select hyperparameters on it.
       test         the same positions, another stream: report final numbers on it.
       current      every batch at the last training step H - 1: the topic (mixture) trained
                    last. Loss = adaptation to the present distribution.

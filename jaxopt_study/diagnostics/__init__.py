@@ -87,6 +87,7 @@ from jaxopt_study.diagnostics.core import init
 from jaxopt_study.diagnostics.core import mode_for_step
 from jaxopt_study.diagnostics.core import state_bytes_per_param
 from jaxopt_study.diagnostics.core import state_nbytes
+from jaxopt_study.diagnostics.core import token_bucket_table
 from jaxopt_study.diagnostics.core import update
 from jaxopt_study.diagnostics.families import FAMILIES
 from jaxopt_study.diagnostics.frequency import bucket_table
@@ -96,5 +97,5 @@ from jaxopt_study.diagnostics.opt_state import find_moments
 __all__ = [
     "DiagState", "FAMILIES", "Metrics", "MODES", "available_families", "bucket_table",
     "default_config", "find_moments", "init", "loss_by_frequency", "mode_for_step", "paths",
-    "state_bytes_per_param", "state_nbytes", "update",
+    "state_bytes_per_param", "state_nbytes", "token_bucket_table", "update",
 ]

@@ -81,15 +81,8 @@ def init(params, cfg, token_frequencies=None, opt_state=None) -> DiagState:
         if cfg.update_ema:
           r["update_ema"] = jnp.zeros((p.shape[0],), jnp.float32)
         rows[path.replace("/", ".")] = r
-  token_bucket = None
-  if cfg.loss_by_frequency and token_frequencies is not None:
-    vocab = None
-    for path, p in paths_lib.flatten(params).items():
-      if _is_row_tensor(path, p.shape):
-        vocab = p.shape[0]
-        break
-    token_bucket = jnp.asarray(frequency.bucket_table(
-        token_frequencies, cfg.num_freq_buckets, cfg.bucket_scheme, vocab_size=vocab))
+  token_bucket = token_bucket_table(params, cfg, token_frequencies)
+  token_bucket = None if token_bucket is None else jnp.asarray(token_bucket)
   return DiagState(
       count=count,
       prev_step=prev_step,
@@ -105,6 +98,18 @@ def init(params, cfg, token_frequencies=None, opt_state=None) -> DiagState:
       rows=rows,
       token_bucket=token_bucket,
   )
+
+
+def token_bucket_table(params, cfg, token_frequencies) -> np.ndarray | None:
+  """``DiagState.token_bucket``: int32 [vocab] frequency bucket of every token id
+  (``frequency.bucket_table``), or None without ``cfg.loss_by_frequency`` or frequencies. Host
+  NumPy; ``params`` may be abstract."""
+  if not (cfg.enabled and cfg.loss_by_frequency) or token_frequencies is None:
+    return None
+  vocab = next((p.shape[0] for path, p in paths_lib.flatten(params).items()
+                if _is_row_tensor(path, p.shape)), None)
+  return np.asarray(frequency.bucket_table(
+      token_frequencies, cfg.num_freq_buckets, cfg.bucket_scheme, vocab_size=vocab))
 
 
 def _needs_prev(cfg) -> bool:
