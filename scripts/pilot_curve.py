@@ -1,0 +1,64 @@
+r"""The eval-loss curve of one run of a study config, for sizing a preset (BENCHMARKS.md, lease E).
+
+  python scripts/pilot_curve.py --config=configs/study.py:controls --condition=stationary \
+      --optimizer=adamw --lr=1e-3 --steps=3000 --set=data.synthetic.copy_prob=0.9
+
+Trains ``runner.run_config(study, condition, optimizer, lr, seed)`` for ``--steps`` steps with
+diagnostics and probes off, an eval every ``--eval_every`` steps, each ``--set`` override
+(``field=python_literal``) applied, in a temporary directory, and prints the data's reference
+losses and every split's eval loss at each eval.
+"""
+
+import ast
+import json
+import os
+import sys
+import tempfile
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from jaxopt_study import train
+from jaxopt_study.study import runner
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "configs/study.py:controls", "Study config.")
+flags.DEFINE_string("condition", "base", "Condition of the study.")
+flags.DEFINE_string("optimizer", "adamw", "Optimizer.")
+flags.DEFINE_float("lr", None, "Peak learning rate (default: the optimizer's grid centre).")
+flags.DEFINE_integer("seed", 0, "Seed.")
+flags.DEFINE_integer("steps", 3000, "Steps.")
+flags.DEFINE_integer("eval_every", 500, "Steps between evals.")
+flags.DEFINE_multi_string("set", [], "field=python_literal override of the run config.")
+
+
+def main(argv):
+  del argv
+  study = FLAGS.config
+  lr = FLAGS.lr or study.learning_rates[FLAGS.optimizer]
+  c = runner.run_config(study, FLAGS.condition, FLAGS.optimizer, lr, FLAGS.seed)
+  with c.unlocked():
+    c.num_steps = FLAGS.steps
+    c.diagnostics.enabled = c.probes.enabled = False
+    c.eval_every = c.sync_every = FLAGS.eval_every
+    c.checkpoint_every = FLAGS.steps
+    for kv in FLAGS.set:
+      key, value = kv.split("=", 1)
+      runner.apply_overrides(c, {key: ast.literal_eval(value)}, "--set")
+  with tempfile.TemporaryDirectory() as tmp:
+    results = train.train_and_evaluate(c, tmp)
+    print("reference losses:", json.dumps(results.baselines))
+    with open(os.path.join(tmp, "metrics.jsonl")) as f:
+      for line in f:
+        m = json.loads(line)
+        evals = {k: round(v, 3) for k, v in m.items() if k.startswith("eval") and k.endswith("/loss")}
+        if evals:
+          print(m["step"], evals, flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
