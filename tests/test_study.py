@@ -843,3 +843,30 @@ def test_processes_split_conditions_by_work_and_merge_their_study_files(tmp_path
   assert "command" not in merged  # the parent's command, set by its final pass
   assert sorted((r["workdir"], r["wall_s"]) for r in merged["runs"]) == [
       ("runs/base/adamw/lr=0.001/seed=0", 12.5), ("runs/tied/adamw/lr=0.001/seed=0", None)]
+
+
+def test_paired_comparison_removes_the_seed_variance():
+  # Seeds move both optimizers' losses together (0, +0.3, -0.2); a is below b by 0.05, 0.06,
+  # 0.04 on the same seeds; seed 3 ran for a only (unpaired).
+  seed_shift = {0: 0.0, 1: 0.3, 2: -0.2, 3: 0.1}
+  gap = {0: 0.05, 1: 0.06, 2: 0.04}
+  rows = []
+  for s, shift in seed_shift.items():
+    rows.append(dict(condition="c", optimizer="a", learning_rate=1e-3, seed=s,
+                     status="completed", final_test_loss=4.0 + shift - gap.get(s, 0.05)))
+    if s in gap:
+      rows.append(dict(condition="c", optimizer="b", learning_rate=0.1, seed=s,
+                       status="completed", final_test_loss=4.0 + shift))
+  rows.append(dict(condition="c", optimizer="b", learning_rate=0.3, seed=0, status="completed",
+                   final_test_loss=1.0))  # another rate: not the best, never compared
+  runs = pd.DataFrame(rows)
+  best = pd.DataFrame([dict(condition="c", optimizer="a", best_lr=1e-3),
+                       dict(condition="c", optimizer="b", best_lr=0.1)])
+  r = tables.comparisons_table(runs, best, "c", ["a", "b"]).iloc[0]
+  assert r["verdict"] == "tie"  # unpaired: the seed spread (0.5) swamps a 0.05 gap
+  # Paired, by hand: d = (-0.05, -0.06, -0.04), mean -0.05, sd 0.01, t_{0.975, 2} = 4.302653.
+  half = 0.01 * 4.302653 / math.sqrt(3)
+  assert r["paired"] == f"{-0.05:.3f} ± {half:.3f} (95% t, n=3)"
+  assert r["paired_verdict"] == "lower"
+  swapped = tables.comparisons_table(runs, best, "c", ["b", "a"]).iloc[0]
+  assert swapped["paired_verdict"] == "higher"

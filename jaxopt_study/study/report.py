@@ -335,12 +335,16 @@ def comparisons_section(study: Study, comparisons: pd.DataFrame) -> list[str]:
     return out + ["None: no two optimizers have a final loss.", ""]
   out += ["Every pair of optimizers at their best learning rates: *lower* / *higher* when the "
           "95% intervals are disjoint, *tie* when they overlap, *no interval* with fewer than "
-          "2 seeds.", ""]
+          "2 seeds. *Paired*: a seed gives every optimizer the same initial parameters and data "
+          "order, so the per-seed difference a - b over the seeds both completed, with its 95% t "
+          "interval, is the sharper test: *lower* / *higher* when that interval excludes 0.", ""]
   for cond, g in comparisons.groupby("condition", sort=False):
     out += [f"### Condition `{cond}`", ""]
-    out.append(_md_table(["a", "b", "final loss of a", "final loss of b", "a vs b"],
+    out.append(_md_table(["a", "b", "final loss of a", "final loss of b", "a vs b",
+                          "paired a - b", "paired"],
                          [[f"**{r['a']}**", f"**{r['b']}**", r["a_loss"], r["b_loss"],
-                           f"**{r['verdict']}**"] for _, r in g.iterrows()]))
+                           f"**{r['verdict']}**", r["paired"], f"**{r['paired_verdict']}**"]
+                          for _, r in g.iterrows()]))
     out.append("")
   return out
 

@@ -303,18 +303,37 @@ def comparisons_table(runs: pd.DataFrame, best: pd.DataFrame, condition: str,
 
   ``verdict``: 'lower' / 'higher' (a's 95% interval entirely below / above b's), 'tie'
   (overlapping intervals), or 'no interval' (fewer than 2 completed seeds on a side).
+  ``paired_verdict``: the same on the paired difference. A seed fixes the initial parameters
+  and the data order for every optimizer, so the per-seed differences d_s = loss_a(s) -
+  loss_b(s) over the seeds both completed remove the seed's share of the variance; ``paired``
+  is mean(d) with its 95% t interval, and the verdict is 'lower' / 'higher' when the interval
+  lies below / above 0, else 'tie' ('no interval' with fewer than 2 common seeds).
   """
   col = report_column(runs)
   cis = {o: best_lr_ci(runs, best, condition, o, col) for o in optimizers}
+  per_seed = {o: _per_seed(runs, best, condition, o, col) for o in optimizers}
   rows = []
   for i, a in enumerate(optimizers):
     for b in optimizers[i + 1:]:
       if cis[a].mean is None or cis[b].mean is None:
         continue
+      common = sorted(set(per_seed[a]) & set(per_seed[b]))
+      d = stats.mean_ci([per_seed[a][s] - per_seed[b][s] for s in common])
+      zero = stats.MeanCI(0.0, 0.0, 2)  # a point at 0: compare(d, zero) reads d's sign
       rows.append({"condition": condition, "a": a, "b": b, "a_loss": cis[a].format(),
                    "b_loss": cis[b].format(),
-                   "verdict": stats.compare(cis[a], cis[b]) or "no interval"})
-  return pd.DataFrame(rows, columns=["condition", "a", "b", "a_loss", "b_loss", "verdict"])
+                   "verdict": stats.compare(cis[a], cis[b]) or "no interval",
+                   "paired": d.format(), "paired_verdict": stats.compare(d, zero) or "no interval"})
+  return pd.DataFrame(rows, columns=["condition", "a", "b", "a_loss", "b_loss", "verdict",
+                                     "paired", "paired_verdict"])
+
+
+def _per_seed(runs, best, condition, optimizer, column) -> dict[int, float]:
+  """seed -> finite ``column`` of the completed runs of (condition, optimizer) at its best lr."""
+  g = at_best_lr(runs, best, condition, optimizer)
+  g = g[g["status"].isin(FINISHED)]
+  values = pd.to_numeric(g[column], errors="coerce")
+  return {int(s): float(v) for s, v in zip(g["seed"], values) if np.isfinite(v)}
 
 
 def _mean(xs: Iterable) -> Optional[float]:
