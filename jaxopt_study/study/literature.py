@@ -9,7 +9,8 @@ the reason, whenever its inputs cannot carry a verdict:
 * the input is fixed by the configuration: a single learning rate (a "best lr" or a ratio of
   best lrs is then the configured grid centre), a best lr on the edge of its grid (not
   bracketed), a single seed (no interval);
-* the 95% intervals overlap (a tie), or the grid is too coarse to resolve the claimed range.
+* the 95% intervals overlap (a tie; for losses, the paired interval of the per-seed
+  differences contains 0), or the grid is too coarse to resolve the claimed range.
 
 References: Adam vs SGD on transformers (Zhang et al. 2020, "Why are adaptive methods good for
 attention models?"; Kunstner et al. 2023/2024); Lion's learning rate 3-10x smaller than AdamW's
@@ -75,11 +76,18 @@ def adam_beats_sgd(study, runs, best, findings, condition) -> dict:
     why = _unusable(findings, condition, o)
     if why:
       return _check(claim, measured, "inconclusive", why)
-  verdicts = {o: stats.compare(cis[o], cis["sgd_momentum"]) for o in opts}
+  # Paired over seeds (a seed fixes the initial parameters and data order of every optimizer):
+  # the per-seed difference's 95% t interval against 0 (tables.comparisons_table).
+  diffs = {o: tables.paired_ci(runs, best, condition, o, "sgd_momentum", col) for o in opts}
+  measured += "; paired " + ", ".join(f"{o} - sgd_momentum {d.format()}" for o, d in diffs.items())
+  verdicts = {o: tables.paired_verdict(d) for o, d in diffs.items()}
   if any(v is None for v in verdicts.values()):
-    return _check(claim, measured, "inconclusive", "fewer than 2 seeds at a best lr: no interval")
-  return _from_verdicts(claim, measured, verdicts, ("lower", "95% intervals disjoint: "),
-                        ("higher", "95% intervals disjoint: "), "tie within 95% intervals: ")
+    return _check(claim, measured, "inconclusive",
+                  "fewer than 2 common seeds at the best lrs: no interval")
+  return _from_verdicts(claim, measured, verdicts,
+                        ("lower", "paired 95% interval below 0: "),
+                        ("higher", "paired 95% interval above 0: "),
+                        "paired 95% interval contains 0: ")
 
 
 def _spacing(runs: pd.DataFrame, condition: str, opt: str, lr: float) -> float:

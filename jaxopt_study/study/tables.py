@@ -311,21 +311,32 @@ def comparisons_table(runs: pd.DataFrame, best: pd.DataFrame, condition: str,
   """
   col = report_column(runs)
   cis = {o: best_lr_ci(runs, best, condition, o, col) for o in optimizers}
-  per_seed = {o: _per_seed(runs, best, condition, o, col) for o in optimizers}
   rows = []
   for i, a in enumerate(optimizers):
     for b in optimizers[i + 1:]:
       if cis[a].mean is None or cis[b].mean is None:
         continue
-      common = sorted(set(per_seed[a]) & set(per_seed[b]))
-      d = stats.mean_ci([per_seed[a][s] - per_seed[b][s] for s in common])
-      zero = stats.MeanCI(0.0, 0.0, 2)  # a point at 0: compare(d, zero) reads d's sign
+      d = paired_ci(runs, best, condition, a, b, col)
       rows.append({"condition": condition, "a": a, "b": b, "a_loss": cis[a].format(),
                    "b_loss": cis[b].format(),
                    "verdict": stats.compare(cis[a], cis[b]) or "no interval",
-                   "paired": d.format(), "paired_verdict": stats.compare(d, zero) or "no interval"})
+                   "paired": d.format(), "paired_verdict": paired_verdict(d) or "no interval"})
   return pd.DataFrame(rows, columns=["condition", "a", "b", "a_loss", "b_loss", "verdict",
                                      "paired", "paired_verdict"])
+
+
+def paired_ci(runs: pd.DataFrame, best: pd.DataFrame, condition: str, a: str, b: str,
+              column: str) -> stats.MeanCI:
+  """Mean ± 95% t interval of loss_a(s) - loss_b(s) over the seeds s both completed at their
+  best lrs (see ``comparisons_table``)."""
+  la, lb = (_per_seed(runs, best, condition, o, column) for o in (a, b))
+  return stats.mean_ci([la[s] - lb[s] for s in sorted(set(la) & set(lb))])
+
+
+def paired_verdict(d: stats.MeanCI) -> Optional[str]:
+  """'lower' / 'higher' when ``d``'s interval lies below / above 0, 'tie', or None (no
+  interval)."""
+  return stats.compare(d, stats.MeanCI(0.0, 0.0, 2))  # a point at 0
 
 
 def _per_seed(runs, best, condition, optimizer, column) -> dict[int, float]:
