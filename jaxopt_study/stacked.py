@@ -113,6 +113,7 @@ def train_stacked(configs: Sequence[ml_collections.ConfigDict],
                        "(train.train_and_evaluate).")
     start_step = steps[0]
     state = fresh if start_step == 0 else jax.jit(_stack, out_shardings=state_sh)(restored)
+    del fresh, restored
     ckpts = [stack.enter_context(contextlib.closing(
         checkpointing.manager(d, keep=c.keep_checkpoints))) for d, c in zip(ckpt_dirs, configs)]
     writer_list = []
