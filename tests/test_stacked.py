@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+from jaxopt_study import checkpointing
 from jaxopt_study import rundir
 from jaxopt_study import stacked
 from jaxopt_study import train
@@ -61,6 +62,24 @@ def test_a_stacked_run_can_be_resumed_alone(runs):
     train.train_and_evaluate(more, stacked_dirs[1])
   again = train.train_and_evaluate(_config(**RUNS[1]), stacked_dirs[1])
   assert again.status == "completed" and again.steps_done == STEPS
+
+
+def test_a_preempted_stack_resumes_stacked_on_the_same_trajectory(runs, tmp_path, monkeypatch):
+  """Preempted together at step 7, the runs restore their unstacked checkpoints into one stack
+  again and end where the same runs alone end."""
+  _, _, alone_dirs, _ = runs
+  configs = [_config(**r) for r in RUNS]
+  dirs = [str(tmp_path / f"run{k}") for k in range(len(RUNS))]
+  with monkeypatch.context() as m:
+    m.setattr(checkpointing.Preemption, "reached", lambda self, step: step >= 7)
+    first = stacked.train_stacked(configs, dirs)
+  assert [r.status for r in first] == ["preempted"] * 2 and {r.steps_done for r in first} == {7}
+  again = stacked.train_stacked(configs, dirs)
+  for d, r, ad in zip(dirs, again, alone_dirs):
+    assert r.status == "completed" and r.steps_done == STEPS
+    got, want = losses(d, "train/loss"), losses(ad, "train/loss")
+    assert got.keys() == want.keys()
+    np.testing.assert_allclose([got[s] for s in want], list(want.values()), rtol=2e-5)
 
 
 def test_configs_that_differ_beyond_rate_and_seed_are_refused(tmp_path):
