@@ -293,7 +293,5 @@ def with_peak_lr(opt_state, peak):
   that broadcasts, e.g. [K] for K stacked runs; same dtype and sharding as before)."""
   last = opt_state[-1]
   old = last.hyperparams["step_size"]
-  new = jnp.broadcast_to(jnp.asarray(peak, old.dtype), old.shape)
-  if isinstance(old, jax.Array):
-    new = jax.device_put(new, old.sharding)
+  new = jax.device_put(jnp.broadcast_to(jnp.asarray(peak, old.dtype), old.shape), old.sharding)
   return (*opt_state[:-1], last._replace(hyperparams={**last.hyperparams, "step_size": new}))

@@ -207,15 +207,15 @@ def _initial_states(configs, datasets, s: train.Setup, state_sh):
   """The K runs' initial states, stacked: one compiled initialiser (run 0's, vmapped over the
   seeds), then each run's own peak learning rate and frequency-bucket table put in place. A
   run alone (``train.create_state``) starts from the same state."""
-  init = train.state_init(configs[0], s.model, s.tx, train.token_frequencies(s.model, datasets[0]))
+  freqs = [train.token_frequencies(s.model, ds) for ds in datasets]
+  init = train.state_init(configs[0], s.model, s.tx, freqs[0])
   keys = jnp.stack([jax.random.PRNGKey(c.seed) for c in configs])
   state = jax.jit(jax.vmap(init), out_shardings=state_sh)(keys)
   state = state.replace(opt_state=optimizers.with_peak_lr(
       state.opt_state, [c.optimizer.learning_rate for c in configs]))
   if state.diag_state is not None and state.diag_state.token_bucket is not None:
-    tables = np.stack([diagnostics.token_bucket_table(s.state.params, c.diagnostics,
-                                                      train.token_frequencies(s.model, ds))
-                       for c, ds in zip(configs, datasets)])
+    tables = np.stack([diagnostics.token_bucket_table(s.state.params, c.diagnostics, f)
+                       for c, f in zip(configs, freqs)])
     bucket = state.diag_state.token_bucket
     state = state.replace(diag_state=state.diag_state._replace(
         token_bucket=jax.device_put(tables.astype(bucket.dtype), bucket.sharding)))
