@@ -8,7 +8,8 @@
 Every run of the study's protocol (lr sweep, grid extensions until the best rate is bracketed,
 seeds at each best rate; jaxopt_study/study/runner.py) trains in
 WORKDIR/runs/<condition>/<optimizer>/lr=<lr>/seed=<seed>; running the same command again reuses
-finished runs and resumes interrupted ones. The report (WORKDIR/REPORT.md, results/, plots/) is
+finished runs and resumes interrupted ones. `--from_archive=docs/study_gpu_controls` first seeds
+WORKDIR with a committed study's finished runs (on a new machine the study continues there). The report (WORKDIR/REPORT.md, results/, plots/) is
 written at the end; `python scripts/make_report.py WORKDIR` rewrites it alone.
 Per-step training logs are at WARNING unless --verbosity is given (the progress bar stays
 readable); TensorBoard (every run's config as hparams): `tensorboard --logdir WORKDIR/runs`.
@@ -51,6 +52,9 @@ from jaxopt_study.study import runner  # pylint: disable=g-import-not-at-top,wro
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Study directory (runs/, study.json, REPORT.md).")
 flags.DEFINE_bool("report", None, "Write the report after the runs (default: config.make_report).")
+flags.DEFINE_string("from_archive", None, "A committed study's directory (REPORT.md, study.json, "
+                    "results/): its finished runs seed WORKDIR first, so that the study continues "
+                    "where it stopped on another machine (runner.seed_from_archive).")
 flags.DEFINE_integer("processes", 1, "Train the conditions in this many processes at once (see "
                      "the module docstring); 1: all in this process.")
 config_flags.DEFINE_config_file(
@@ -69,6 +73,9 @@ def main(argv):
     raise app.UsageError(f"--processes={FLAGS.processes} must be >= 1")
   command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
   start = datetime.datetime.now()
+  if FLAGS.from_archive:
+    n = runner.seed_from_archive(FLAGS.config, FLAGS.from_archive, FLAGS.workdir)
+    print(f"seeded {n} finished runs from {FLAGS.from_archive}")
   try:
     if FLAGS.processes > 1:
       code = train_in_processes(FLAGS.config, FLAGS.workdir, FLAGS.processes)
@@ -105,7 +112,7 @@ def train_in_processes(config, workdir: str, n: int) -> int:
   env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / len(shares):.3f}")
   # This script's own flags except --workdir, --processes and --report; the config flags pass
   # through unchanged, plus each child's share of the conditions.
-  own = ("--workdir", "--processes", "--report", "--config.only_conditions")
+  own = ("--workdir", "--processes", "--report", "--from_archive", "--config.only_conditions")
   passed = [a for a in sys.argv[1:] if not a.startswith(own)]
   children = []
   for k, share in enumerate(shares):

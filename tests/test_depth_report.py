@@ -307,6 +307,13 @@ def test_runner_scores_best_rate_runs_and_survives_a_failure(tmp_path, monkeypat
   calls.clear()
   runner.run_study(config, str(tmp_path), progress=False)
   assert calls == ["seed=1"]
+  # A run whose checkpoints are not here (trained elsewhere) is skipped, and says so.
+  shutil.rmtree(tmp_path / by[(best, 1)]["workdir"] / "checkpoints")
+  calls.clear()
+  again = {(r["learning_rate"], r["seed"]): r for r in
+           runner.run_study(config, str(tmp_path), progress=False)["runs"]}
+  assert calls == [] and again[(best, 1)]["analysis"].startswith("skipped: no checkpoint")
+  assert again[(best, 0)]["analysis"] == "done"
   # A checkpoint newer than analysis.json makes it stale.
   rd = tmp_path / by[(best, 0)]["workdir"]
   newest = analysis_files.latest_checkpoint_mtime(str(rd))

@@ -454,6 +454,7 @@ def test_report_has_every_figure_and_the_findings_table(fake_report):
   for opt in OPTS:
     assert f"| **{opt}** |" in text
   assert "**diverged**" in text and "**missing**" in text and "**failed**" in text
+  assert "| condition | optimizer | lr | seed | runs | status | detail |" in text
   assert "## Against the literature" in text and "## Comparisons" in text
   assert "unigram 6.000" in text  # the baselines
   assert "| current / past loss |" in text
@@ -579,7 +580,8 @@ def _fake_trainer(calls, val_loss, status_of=lambda c: "completed"):
         seed=config.seed, status=status, num_steps=config.num_steps,
         steps_done=config.num_steps if status == "completed" else 7,
         final_eval_loss=val_loss(config) if status == "completed" else None,
-        diverged_at_step=7 if status == "diverged" else None)
+        diverged_at_step=7 if status == "diverged" else None,
+        config_fingerprint=rundir.config_fingerprint(config))
     res.save(workdir)
     return res.to_dict()
 
@@ -630,8 +632,46 @@ def test_runner_extends_the_grid_until_bracketed(tmp_path, monkeypatch, optimum,
   assert calls == [] and len(again["runs"]) == len(spec["runs"])
 
 
-def test_runner_stacks_fresh_and_jointly_preempted_runs_and_resumes_others_alone(
-    tmp_path, monkeypatch):
+def test_a_study_continues_from_its_committed_archive(tmp_path, monkeypatch):
+  """Seeded from study.json + results/ alone, the runner retrains only what the archive lacks
+  (or trained under another config), and the report reads the archived series."""
+  from jaxopt_study import train
+  from jaxopt_study.study import runner
+
+  config = _protocol_config()
+  centre = config.learning_rates.adamw
+  calls = []
+  monkeypatch.setattr(train, "train_and_evaluate", _fake_trainer(
+      calls, lambda c: 3.0 + math.log(c.optimizer.learning_rate / centre) ** 2))
+  first = runner.run_study(config, str(tmp_path / "first"), progress=False)
+  committed = tmp_path / "committed"  # what a commit keeps: no run directories
+  (committed / "results").mkdir(parents=True)
+  shutil.copy(tmp_path / "first" / "study.json", committed)
+  archived = {r["workdir"]: json.loads((tmp_path / "first" / r["workdir"] / "results.json")
+                                       .read_text()) for r in first["runs"]}
+  changed = first["runs"][0]["workdir"]
+  archived[changed]["config_fingerprint"] = "another config"
+  (committed / "results" / "run_results.json").write_text(json.dumps(archived))
+  kept = first["runs"][1]["workdir"]
+  pd.DataFrame({"workdir": [kept], "step": [5], "metric": ["train/loss"], "value": [4.25]}).to_csv(
+      committed / "results" / "scalars_long.csv.gz", index=False, compression="gzip")
+
+  again = tmp_path / "again"
+  assert runner.seed_from_archive(config, str(committed), str(again)) == len(archived) - 1
+  calls.clear()
+  spec = runner.run_study(config, str(again), progress=False)
+  lr, seed = rundir.parse_run_relpath(changed)["learning_rate"], first["runs"][0]["seed"]
+  assert calls == [("adamw", lr, seed)]  # only the run trained under another config
+  assert len(spec["runs"]) == len(first["runs"])
+  assert all(r["status"] == "completed" for r in spec["runs"])
+  study = loading.load_study(str(again))
+  run = [r for r in study.runs if r.relpath == kept][0]
+  assert run.status == "completed" and run.series("train/loss")[1].tolist() == [4.25]
+  with pytest.raises(FileNotFoundError, match="run_results.json"):
+    runner.seed_from_archive(config, str(tmp_path / "nowhere"), str(tmp_path / "x"))
+
+
+def test_runner_stacks_fresh_runs_and_runs_checkpointed_at_one_step(tmp_path, monkeypatch):
   from jaxopt_study import stacked
   from jaxopt_study import train
   from jaxopt_study.study import runner
@@ -655,9 +695,9 @@ def test_runner_stacks_fresh_and_jointly_preempted_runs_and_resumes_others_alone
 
   monkeypatch.setattr(train, "train_and_evaluate", one)
   monkeypatch.setattr(stacked, "train_stacked", fake_stacked)
-  earlier(3.0, "preempted", 3)  # a stack stopped together at step 3: stacked again
-  earlier(9.0, "preempted", 3)
-  earlier(1 / 9, "running", 2)  # killed after a checkpoint: its step is unknown, alone
+  earlier(3.0, "preempted", 3)  # a stack stopped at step 3: stacked again, with
+  earlier(9.0, "running", 3)  # a run of it killed after that step's save (status not updated)
+  earlier(1 / 9, "running", 2)  # the only run checkpointed at step 2: alone
   earlier(1 / 3, "failed", 0, checkpoint=False)  # failed before any checkpoint: fresh
   spec = runner.run_study(config, str(tmp_path), progress=False)
   assert len(calls) == 5 + 2  # 5 sweep runs (best x1: bracketed), 2 more seeds

@@ -9,7 +9,8 @@
   repeat a step: the last record of each (step, name) wins);
 * a run's layer scores, ``RUN/analysis/analysis.json`` (:mod:`jaxopt_study.analysis`), when
   it was analysed;
-* for runs whose directory is absent, the study's compact archive written beside each report,
+* for runs whose directory is absent, or holds just the archived results.json (seeded by
+  ``runner.seed_from_archive``), the study's compact archive written beside each report,
   ``results/run_results.json``, ``results/scalars_long.csv.gz`` and
   ``results/layer_scores.json.gz``: a committed report is regenerated from those alone.
 
@@ -322,9 +323,14 @@ def load_study(study_dir: str, settings: Optional[Mapping[str, Any]] = None) -> 
     metrics = read_metrics(os.path.join(run.path, rundir.METRICS),
                            keep_param_metrics=merged.keep_param_metrics)
     analysis = analysis_files.read(run.path)
-    if res is None and metrics is None:  # no run directory: the archive, if it has the run
-      res, metrics = archived_results.get(run.relpath), archived_metrics.get(run.relpath)
-      analysis = archived_scores.get(run.relpath)
+    archived = archived_results.get(run.relpath)
+    if (res is None and metrics is None) or (res is not None and archived is not None and (
+        json.dumps(res, sort_keys=True) == json.dumps(archived, sort_keys=True))):
+      # No run directory, or one seeded from the archive (runner.seed_from_archive): the
+      # archive's series and layer scores, if it has the run.
+      res = archived if res is None else res
+      metrics = archived_metrics.get(run.relpath) if metrics is None else metrics
+      analysis = analysis or archived_scores.get(run.relpath)
     run.analysis = analysis
     if isinstance(res, dict):
       run.results = rundir.RunResults.from_dict(res)

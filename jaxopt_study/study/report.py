@@ -238,8 +238,9 @@ def runs_section(study: Study, runs: pd.DataFrame) -> list[str]:
                f"{study.spec.get('updated', '?')}); tokens/s per run: see the last table.")
   odd = runs[runs["status"] != "completed"] if len(runs) else runs
   if len(odd):
-    out += ["", "Runs that did not complete (kept in every table and marked):", ""]
-    rows = []
+    out += ["", "Runs that did not complete (kept in every table and marked; runs of one sweep "
+            "with the same status and detail share a row):", ""]
+    groups: dict[tuple, list] = {}  # (condition, optimizer, status, detail) -> [(lr, seed)]
     for _, r in odd.iterrows():
       if r["status"] == "diverged":
         at = pd.to_numeric(r.get("diverged_at_step"), errors="coerce")
@@ -250,9 +251,15 @@ def runs_section(study: Study, runs: pd.DataFrame) -> list[str]:
         detail = "no results.json"
       else:
         detail = f"{_int(r.get('steps_done'))} / {_int(r.get('num_steps'))} steps"
-      rows.append([r["condition"], r["optimizer"], rundir.lr_str(r["learning_rate"]), r["seed"],
-                   f"**{r['status']}**", detail])
-    out.append(_md_table(["condition", "optimizer", "lr", "seed", "status", "detail"], rows))
+      key = (r["condition"], r["optimizer"], f"**{r['status']}**", detail)
+      groups.setdefault(key, []).append((r["learning_rate"], r["seed"]))
+    rows = []
+    for (cond, opt, status, detail), members in groups.items():
+      lrs = ", ".join(rundir.lr_str(lr) for lr in sorted({lr for lr, _ in members}))
+      seeds = ", ".join(str(s) for s in sorted({s for _, s in members}))
+      rows.append([cond, opt, lrs, seeds, str(len(members)), status, detail])
+    out.append(_md_table(["condition", "optimizer", "lr", "seed", "runs", "status", "detail"],
+                         rows))
   out.append("")
   return out
 

@@ -17,13 +17,14 @@ fewer points and seeds and is reported without verdicts):
 3. *Seeds*: every seed of ``seeds`` (at least :data:`MIN_SEEDS`) at the best rate; the report
    gives final test-split numbers over them with 95% Student-t intervals.
 
-4. *Layer scores* (``analyze_layers``, off when the field is absent): once a condition's runs
-   are done, ``analysis.report.analyze_run`` (Jacobians, usefulness, causal and permutation
-   scores of the last checkpoint, ``RUN/analysis/analysis.json``) on every completed run at
-   each optimizer's best rate, skipped where analysis.json is current
-   (``analysis.files.is_current``); a failure is logged and recorded in study.json
-   (``analysis``: 'done' or 'failed: ...'), never stops the study. A condition's runs share
-   the model's shapes, so its analyses share their compiled functions.
+4. *Layer scores* (``analyze_layers``, off when the field is absent): as soon as an
+   optimizer's runs of a condition are done (its checkpoints are then on this machine),
+   ``analysis.report.analyze_run`` (Jacobians, usefulness, causal and permutation scores of
+   the last checkpoint, ``RUN/analysis/analysis.json``) on every completed run at its best
+   rate, skipped where analysis.json is current (``analysis.files.is_current``) or the run has
+   no checkpoint here (trained elsewhere); a failure is logged and recorded in study.json
+   (``analysis``: 'done', 'skipped: ...' or 'failed: ...'), never stops the study. A
+   condition's runs share the model's shapes, so its analyses share their compiled functions.
 
 **Many runs per device**: with ``stack_runs = K > 1``, the fresh runs of one step above (they
 differ only in learning rate and seed) train K at a time in one vmapped step
@@ -392,10 +393,10 @@ class _Runner:
 
     Runs of one phase differ only in learning rate and seed, so they can share a step
     (``stacked.train_stacked``) when they stand at the same step: fresh runs (no checkpoint,
-    e.g. failed before their first one) and runs preempted at the same step (a stack stopped
-    together) are stacked again; any other run with a checkpoint resumes alone.
+    e.g. failed before their first one) are stacked, and so are runs whose latest checkpoints
+    are at the same step (a stack stopped together, by SIGTERM or killed after its last save).
     """
-    fresh, alone, resumed = [], [], {}
+    fresh, resumed = [], {}
     for r in runs:
       entry = self.entry(r)
       res = self.check_config(r)
@@ -406,19 +407,16 @@ class _Runner:
         continue
       rd = os.path.join(self.workdir, r.relpath)
       os.makedirs(rd, exist_ok=True)
-      preempted_at = res.steps_done if res and res.status == "preempted" else None
       if res and res.status == "failed":  # clear the old failure before retrying
         res.status, res.error, res.traceback = "running", None, None
         res.save(rd)
-      if not rundir.checkpoint_steps(rd):
-        fresh.append(r)
-      elif preempted_at is not None:
-        resumed.setdefault(preempted_at, []).append(r)
+      steps = rundir.checkpoint_steps(rd)
+      if steps:
+        resumed.setdefault(steps[-1], []).append(r)
       else:
-        alone.append(r)
+        fresh.append(r)
     k = max(1, int(self.study.stack_runs))
-    groups = [[r] for r in alone] + [
-        g[i:i + k] for g in [fresh, *resumed.values()] for i in range(0, len(g), k)]
+    groups = [g[i:i + k] for g in [fresh, *resumed.values()] for i in range(0, len(g), k)]
     for group in groups:
       if self.stopped:
         return
@@ -466,33 +464,33 @@ class _Runner:
     jax.clear_caches()  # each group compiles its own steps; free them
     self.bar.update(len(group))
 
-  def analyze(self, condition: str) -> None:
-    """Layer scores of the condition's completed runs at each best rate (step 4 of the protocol)."""
-    import jax  # pylint: disable=g-import-not-at-top
+  def analyze(self, condition: str, opt: str) -> None:
+    """Layer scores of (condition, opt)'s completed runs at its best rate (protocol step 4)."""
     from jaxopt_study.analysis import files as analysis_files  # pylint: disable=g-import-not-at-top
     from jaxopt_study.analysis import report as analysis_report  # pylint: disable=g-import-not-at-top
 
-    for opt in self.study.optimizers:
-      best = tables.choose_lr(self.records(condition, opt))
-      if best is None:
+    best = tables.choose_lr(self.records(condition, opt))
+    if best is None:
+      return
+    for e in self.spec["runs"]:
+      if ((e["condition"], e["optimizer"]) != (condition, opt) or e["status"] != "completed"
+          or not math.isclose(e["learning_rate"], best, rel_tol=1e-9)):
         continue
-      for e in self.spec["runs"]:
-        if ((e["condition"], e["optimizer"]) != (condition, opt) or e["status"] != "completed"
-            or not math.isclose(e["learning_rate"], best, rel_tol=1e-9)):
-          continue
-        rd = os.path.join(self.workdir, e["workdir"])
-        if analysis_files.is_current(rd):
-          e["analysis"] = "done"
-          continue
-        self.bar.set_postfix_str(f"{condition}/{opt} seed={e['seed']} (layer scores)")
-        try:
-          analysis_report.analyze_run(rd)
-          e["analysis"] = "done"
-        except Exception as ex:  # pylint: disable=broad-except
-          logging.exception("layer scores of run %s failed", e["workdir"])
-          e["analysis"] = f"failed: {type(ex).__name__}: {ex}"
-        self.save()
-    jax.clear_caches()
+      rd = os.path.join(self.workdir, e["workdir"])
+      if analysis_files.is_current(rd):
+        e["analysis"] = "done"
+        continue
+      if not rundir.checkpoint_steps(rd):
+        e["analysis"] = "skipped: no checkpoint in this run directory (trained elsewhere)"
+        continue
+      self.bar.set_postfix_str(f"{condition}/{opt} seed={e['seed']} (layer scores)")
+      try:
+        analysis_report.analyze_run(rd)
+        e["analysis"] = "done"
+      except Exception as ex:  # pylint: disable=broad-except
+        logging.exception("layer scores of run %s failed", e["workdir"])
+        e["analysis"] = f"failed: {type(ex).__name__}: {ex}"
+      self.save()
 
   def records(self, condition: str, optimizer: str) -> list[tuple[float, str, Optional[float]]]:
     """(lr, status, validation loss) of the sweep-seed runs of (condition, optimizer)."""
@@ -565,10 +563,13 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *, command: Option
     for opt in study.optimizers:
       if not _sweep_and_seeds(study, runner, cond, opt):
         break
+      if study.get("analyze_layers", False):
+        runner.analyze(cond, opt)
     if runner.stopped:
       break
     if study.get("analyze_layers", False):
-      runner.analyze(cond)
+      import jax  # pylint: disable=g-import-not-at-top
+      jax.clear_caches()  # the analyses' compiled functions
   runner.bar.close()
   runner.save()
   return spec
@@ -594,6 +595,49 @@ def _sweep_and_seeds(study, runner: _Runner, cond: str, opt: str) -> bool:
   runner.run([make_run(study, cond, opt, mult, seed, "seeds") for seed in study.seeds
               if seed not in tuple(study.sweep_seeds)])
   return not runner.stopped
+
+
+def seed_from_archive(study: ml_collections.ConfigDict, archive: str, workdir: str) -> int:
+  """Seeds ``workdir`` with the finished runs of a committed study so that the runner reuses them.
+
+  ``archive`` is a study directory as committed beside its report (study.json, sessions.json,
+  ``results/`` with :data:`loading.ARCHIVE_RESULTS`): on another machine, or after the run
+  directories are gone, the study continues where it stopped. Every archived run that
+  completed or diverged under this study's config of it (same config fingerprint) gets
+  ``RUN/results.json`` and ``RUN/config.json``; the report then reads its per-step series and
+  layer scores from the archive, copied to ``workdir/results/`` (:func:`loading.load_study`).
+  Nothing already in ``workdir`` is overwritten. Returns the number of runs seeded.
+  """
+  import shutil  # pylint: disable=g-import-not-at-top
+
+  archived = rundir.read_json(
+      os.path.join(archive, loading.RESULTS_DIR, loading.ARCHIVE_RESULTS))
+  if not archived:
+    raise FileNotFoundError(f"--from_archive={archive}: no {loading.RESULTS_DIR}/"
+                            f"{loading.ARCHIVE_RESULTS} there (a committed study's directory)")
+  os.makedirs(workdir, exist_ok=True)
+  for name in (loading.STUDY_FILE, "sessions.json", loading.RESULTS_DIR):
+    src, dst = os.path.join(archive, name), os.path.join(workdir, name)
+    if os.path.exists(src) and not os.path.exists(dst):
+      (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, dst)
+  n = 0
+  for rel, res in archived.items():
+    ident = rundir.parse_run_relpath(rel)
+    rd = os.path.join(workdir, rel)
+    if (not ident or res.get("status") not in ("completed", "diverged")
+        or ident["condition"] not in study.conditions
+        or os.path.exists(rundir.path(rd, rundir.RESULTS))):
+      continue
+    config = run_config(study, ident["condition"], ident["optimizer"], ident["learning_rate"],
+                        ident["seed"])
+    if rundir.config_fingerprint(config) != res.get("config_fingerprint"):
+      logging.warning("%s: trained under another config; not seeded", rel)
+      continue
+    os.makedirs(rd, exist_ok=True)
+    rundir.write_config(rd, config)
+    rundir.write_json(rundir.path(rd, rundir.RESULTS), res)
+    n += 1
+  return n
 
 
 # ----------------------------------------------------------------------------- processes
@@ -637,6 +681,8 @@ def merge_parts(workdir: str, n: int) -> None:
     for key, value in part.items():
       if key == "conditions":
         merged.setdefault("conditions", {}).update(value)
+      elif key == "updated":  # the latest part's
+        merged[key] = max(value, merged.get(key, value))
       elif key not in ("runs", "command"):
         merged.setdefault(key, value)
     for r in part.get("runs", []):
