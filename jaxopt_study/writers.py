@@ -36,6 +36,9 @@ class TensorboardXWriter:
   def __init__(self, logdir: str):
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
 
+    # Non-finite scalars are results (a diverged loss, a statistic of an empty set) and are
+    # written as they are; tensorboardX would log one warning per such value.
+    logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
     self._tb = SummaryWriter(logdir, flush_secs=30)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):

@@ -4,7 +4,7 @@
 
 Needs only the run directories (results.json, metrics.jsonl) and study.json when present, or,
 without run directories, the archive an earlier report wrote (results/run_results.json and
-results/scalars_long.csv.gz): a committed report is regenerated from the committed files. Runs
+results/scalars_long.parquet): a committed report is regenerated from the committed files. Runs
 that are missing, failed or diverged are marked, never dropped.
 """
 
@@ -21,7 +21,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("study_dir", help="the study's --workdir")
   parser.add_argument("--keep-param-metrics", action="store_true",
-                      help="also keep '/param=' series in results/scalars_long.csv.gz (large)")
+                      help="also keep '/param=' series in results/scalars_long.parquet (large)")
   args = parser.parse_args(argv)
   if not os.path.isdir(args.study_dir):
     parser.error(f"{args.study_dir} is not a directory")

@@ -371,7 +371,7 @@ def test_aggregation_of_hand_made_runs(fake_report):
   assert v[("adamw", "lion")] == "tie"  # lion: 2 seeds, 4.02 vs 4.00: overlapping intervals
   assert v[("sgd_momentum", "adamw")] == "higher"
 
-  long = pd.read_csv(root / "results" / "scalars_long.csv.gz")
+  long = pd.read_parquet(root / "results" / "scalars_long.parquet")
   assert set(long.columns) == {"condition", "optimizer", "learning_rate", "seed", "workdir",
                                "step", "tokens", "metric", "value"}
   assert not long["metric"].str.contains("/param=").any()
@@ -653,8 +653,8 @@ def test_a_study_continues_from_its_committed_archive(tmp_path, monkeypatch):
   archived[changed]["config_fingerprint"] = "another config"
   (committed / "results" / "run_results.json").write_text(json.dumps(archived))
   kept = first["runs"][1]["workdir"]
-  pd.DataFrame({"workdir": [kept], "step": [5], "metric": ["train/loss"], "value": [4.25]}).to_csv(
-      committed / "results" / "scalars_long.csv.gz", index=False, compression="gzip")
+  pd.DataFrame({"workdir": [kept], "step": [5], "metric": ["train/loss"], "value": [4.25]}).to_parquet(
+      committed / "results" / "scalars_long.parquet", index=False)
 
   again = tmp_path / "again"
   assert runner.seed_from_archive(config, str(committed), str(again)) == len(archived) - 1

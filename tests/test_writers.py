@@ -96,3 +96,15 @@ def test_metric_buffer_writes_every_buffered_step_once_and_keeps_the_last_finite
   assert rec.hists[0][0] == 1 and list(rec.hists[0][1]["h"]) == [1.0, 2.0]
   buf.flush()
   assert len(rec.scalars) == 3  # flushed entries are not written again
+
+
+def test_tensorboardx_writes_non_finite_scalars_without_a_warning_each(tmp_path, caplog):
+  w = writers.create_writer(str(tmp_path), backend="tensorboardx")
+  with caplog.at_level("WARNING"):
+    for step in range(3):
+      w.write_scalars(step, {"train/loss": float("nan"), "sparsity/zero_frac": float("inf")})
+  w.close()
+  assert not [r for r in caplog.records if "NaN or Inf" in r.getMessage()]
+  scalars, _ = _read_scalars(str(tmp_path))
+  assert np.isnan([v for _, v in scalars["train/loss"]]).all()
+  assert [v for _, v in scalars["sparsity/zero_frac"]] == [np.inf] * 3

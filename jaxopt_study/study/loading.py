@@ -11,7 +11,7 @@
   it was analysed;
 * for runs whose directory is absent, or holds just the archived results.json (seeded by
   ``runner.seed_from_archive``), the study's compact archive written beside each report,
-  ``results/run_results.json``, ``results/scalars_long.csv.gz`` and
+  ``results/run_results.json``, ``results/scalars_long.parquet`` and
   ``results/layer_scores.json.gz``: a committed report is regenerated from those alone.
 
 A run listed in study.json with neither is *missing*. Nothing here imports JAX.
@@ -37,7 +37,9 @@ STUDY_FILE = "study.json"
 RESULTS_DIR = "results"
 # The compact archive of every run (regenerates the report without the run directories).
 ARCHIVE_RESULTS = "run_results.json"  # {relpath: results.json dict}
-ARCHIVE_SCALARS = "scalars_long.csv.gz"  # long format, see tables.scalars_long
+ARCHIVE_SCALARS = "scalars_long.parquet"  # long format (tables.scalars_long), zstd parquet
+# The same table as gzipped CSV, as archives were written before parquet (read if present).
+LEGACY_ARCHIVE_SCALARS = "scalars_long.csv.gz"
 # {relpath: analysis.json dict} of the runs with layer scores (compact JSON, gzip).
 ARCHIVE_LAYER_SCORES = "layer_scores.json.gz"
 
@@ -275,9 +277,12 @@ def _read_archive(study_dir: str, keep_param_metrics: bool):
   results = rundir.read_json(os.path.join(study_dir, RESULTS_DIR, ARCHIVE_RESULTS)) or {}
   scores = read_layer_scores(os.path.join(study_dir, RESULTS_DIR, ARCHIVE_LAYER_SCORES))
   path = os.path.join(study_dir, RESULTS_DIR, ARCHIVE_SCALARS)
+  legacy = os.path.join(study_dir, RESULTS_DIR, LEGACY_ARCHIVE_SCALARS)
   metrics = {}
-  if os.path.exists(path):
-    long = pd.read_csv(path)
+  long = (pd.read_parquet(path) if os.path.exists(path) else
+          pd.read_csv(legacy) if os.path.exists(legacy) else None)
+  if long is not None:
+    long = long.astype({"workdir": str, "metric": str})
     if not keep_param_metrics:
       long = long[~long["metric"].str.contains("/param=", regex=False)]
     for rel, g in long.groupby("workdir", sort=False):

@@ -125,8 +125,11 @@ def make_report(study_dir: str, settings: Optional[dict] = None) -> str:
   # The compact archive: regenerates this report without the run directories.
   rundir.write_json(os.path.join(results_dir, loading.ARCHIVE_RESULTS),
                     {r.relpath: r.results.to_dict() for r in study.runs if r.status != "missing"})
-  tables.scalars_long(study).to_csv(os.path.join(results_dir, loading.ARCHIVE_SCALARS),
-                                    index=False, compression="gzip")
+  tables.scalars_long(study).to_parquet(os.path.join(results_dir, loading.ARCHIVE_SCALARS),
+                                        index=False, compression="zstd")
+  legacy = os.path.join(results_dir, loading.LEGACY_ARCHIVE_SCALARS)
+  if os.path.exists(legacy):  # superseded by the parquet file just written
+    os.remove(legacy)
   loading.write_layer_scores(
       os.path.join(results_dir, loading.ARCHIVE_LAYER_SCORES),
       {r.relpath: {k: v for k, v in r.analysis.items() if k != "workdir"}  # a local path
@@ -398,7 +401,7 @@ def every_run_section(runs: pd.DataFrame) -> list[str]:
           "Tables: `results/runs.csv` (every run), `results/findings.csv`, "
           "`results/best_lr.csv`, `results/comparisons.csv`, `results/results.json`. Archive "
           "(regenerates this report): `results/run_results.json` and the per-step scalars in "
-          "long format, `results/scalars_long.csv.gz`.", ""]
+          "long format, `results/scalars_long.parquet`.", ""]
 
 
 # ----------------------------------------------------------------------------- depth section

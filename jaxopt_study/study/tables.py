@@ -115,7 +115,8 @@ def runs_table(study: Study) -> pd.DataFrame:
 def scalars_long(study: Study) -> pd.DataFrame:
   """Long format: condition, optimizer, learning_rate, seed, workdir, step, tokens, metric, value.
 
-  Written compressed beside every report (``results/scalars_long.csv.gz``): with
+  Written beside every report (``results/scalars_long.parquet``, zstd; parquet's dictionary
+  encoding stores each repeated name once): with
   ``results/run_results.json`` it regenerates the report without the run directories.
   """
   frames = []
