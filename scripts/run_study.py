@@ -8,10 +8,10 @@
 Every run of the study's protocol (lr sweep, grid extensions until the best rate is bracketed,
 seeds at each best rate; jaxopt_study/study/runner.py) trains in
 WORKDIR/runs/<condition>/<optimizer>/lr=<lr>/seed=<seed>; running the same command again reuses
-finished runs and resumes interrupted ones. `--from_archive=docs/study_gpu_controls` first seeds
-WORKDIR with a committed study's finished runs (on a new machine the study continues there). The report (WORKDIR/REPORT.md, results/, plots/) is
-written at the end; `python scripts/make_report.py WORKDIR` rewrites it alone.
-Per-step training logs are at WARNING unless --verbosity is given (the progress bar stays
+finished runs and resumes interrupted ones; `--from_archive=docs/study_gpu_controls` first seeds
+WORKDIR with a committed study's finished runs, so that it continues on a new machine. The
+report (WORKDIR/REPORT.md, results/, plots/) is written at the end;
+`python scripts/make_report.py WORKDIR` rewrites it alone. Per-step training logs are at WARNING unless --verbosity is given (the progress bar stays
 readable); TensorBoard (every run's config as hparams): `tensorboard --logdir WORKDIR/runs`.
 
 One GPU, many conditions: `--processes=N` trains the conditions in N processes at once (each

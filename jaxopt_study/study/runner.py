@@ -603,7 +603,7 @@ def seed_from_archive(study: ml_collections.ConfigDict, archive: str, workdir: s
   ``archive`` is a study directory as committed beside its report (study.json, sessions.json,
   ``results/`` with :data:`loading.ARCHIVE_RESULTS`): on another machine, or after the run
   directories are gone, the study continues where it stopped. Every archived run that
-  completed or diverged under this study's config of it (same config fingerprint) gets
+  completed or diverged, with the config fingerprint of this study's config for it, gets
   ``RUN/results.json`` and ``RUN/config.json``; the report then reads its per-step series and
   layer scores from the archive, copied to ``workdir/results/`` (:func:`loading.load_study`).
   Nothing already in ``workdir`` is overwritten. Returns the number of runs seeded.
