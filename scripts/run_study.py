@@ -11,8 +11,8 @@ WORKDIR/runs/<condition>/<optimizer>/lr=<lr>/seed=<seed>; running the same comma
 finished runs and resumes interrupted ones; `--from_archive=docs/study_gpu_controls` first seeds
 WORKDIR with a committed study's finished runs, so that it continues on a new machine. The
 report (WORKDIR/REPORT.md, results/, plots/) is written at the end;
-`python scripts/make_report.py WORKDIR` rewrites it alone. Per-step training logs are at WARNING unless --verbosity is given (the progress bar stays
-readable); TensorBoard (every run's config as hparams): `tensorboard --logdir WORKDIR/runs`.
+`python scripts/make_report.py WORKDIR` rewrites it alone. Per-step training logs are at
+WARNING unless --verbosity is given (the progress bar stays readable); TensorBoard (every run's config as hparams): `tensorboard --logdir WORKDIR/runs`.
 
 One GPU, many conditions: `--processes=N` trains the conditions in N processes at once (each
 takes every N-th condition, its own share of device memory, XLA_PYTHON_CLIENT_MEM_FRACTION =
