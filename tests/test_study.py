@@ -632,6 +632,38 @@ def test_runner_extends_the_grid_until_bracketed(tmp_path, monkeypatch, optimum,
   assert calls == [] and len(again["runs"]) == len(spec["runs"])
 
 
+def test_extension_points_are_added_together_and_trained_in_one_stack(tmp_path, monkeypatch):
+  """Two points at once on the high edge: x27 and x81 in one stack; the optimum (x27) is then
+  bracketed, so the grid is the one that one point at a time gives."""
+  from jaxopt_study import stacked
+  from jaxopt_study import train
+  from jaxopt_study.study import runner
+
+  config = _protocol_config()
+  config.lr_grid_extension_points, config.stack_runs = 2, 5
+  centre = config.learning_rates.adamw
+  calls, groups = [], []
+  one = _fake_trainer(calls, lambda c: 3.0 + math.log(c.optimizer.learning_rate / (centre * 27))
+                      ** 2)
+
+  def fake_stacked(configs, workdirs):
+    groups.append(sorted(c.optimizer.learning_rate for c in configs))
+    return [one(c, w) for c, w in zip(configs, workdirs)]
+
+  monkeypatch.setattr(train, "train_and_evaluate", one)
+  monkeypatch.setattr(stacked, "train_stacked", fake_stacked)
+  spec = runner.run_study(config, str(tmp_path), progress=False)
+  lr = lambda m: runner.round_lr(centre * m)
+  assert groups == [[lr(m) for m in (1 / 9, 1 / 3, 1, 3, 9)], [lr(27), lr(81)],
+                    [lr(27), lr(27)]]  # sweep, both extension points, seeds 1 and 2 at x27
+  assert spec["lr_grid_extension_points"] == 2
+  assert [r["phase"] for r in spec["runs"] if r["learning_rate"] in (lr(27), lr(81))
+          and r["seed"] == 0] == ["extension", "extension"]
+  config.lr_grid_extension_points = 0
+  with pytest.raises(ValueError, match="lr_grid_extension_points"):
+    runner.run_study(config, str(tmp_path / "bad"), progress=False)
+
+
 def test_a_study_continues_from_its_committed_archive(tmp_path, monkeypatch):
   """Seeded from study.json + results/ alone, the runner retrains only what the archive lacks
   (or trained under another config), and the report reads the archived series."""

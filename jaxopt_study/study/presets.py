@@ -92,6 +92,9 @@ def get_config(preset=None) -> ml_collections.ConfigDict:
   c.lr_multipliers = (1 / 9, 1 / 3, 1.0, 3.0, 9.0)
   # A best rate on an edge of the grid: add up to this many points (same ratio) on that side.
   c.lr_grid_max_extensions = 2
+  # Points added at once on that side (each counts towards the limit): 2 trains both in one
+  # stacked step, one compile instead of two, when stack_runs > 1.
+  c.lr_grid_extension_points = 1
   # Seeds of the lr sweep (a seed fixes initial parameters and data order, the same for every
   # optimizer); the best rate is chosen on the validation loss averaged over them.
   c.sweep_seeds = (0,)
@@ -217,6 +220,7 @@ def get_config(preset=None) -> ml_collections.ConfigDict:
     # Lion's best rate sat on the high edge after 2 extensions (x81 of its 1e-4 centre) in
     # every condition of the first GPU runs: up to x729 (the extensions are 3-run stacks).
     c.lr_grid_max_extensions = 4
+    c.lr_grid_extension_points = 2  # an extension stack compiles as long as a sweep's
     c.stack_runs = 15  # the whole 5-rate x 3-seed sweep in one vmapped step
     c.analyze_layers = True
     # Primary first: the order the processes of --processes take them in.

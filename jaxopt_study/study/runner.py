@@ -11,9 +11,10 @@ fewer points and seeds and is reported without verdicts):
    the multipliers ``lr_multipliers`` (at least :data:`MIN_GRID_POINTS`, log-spaced: one
    constant ratio) with each of ``sweep_seeds``.
 2. *Bracket*: the best rate is chosen on the validation split (``tables.choose_lr``, the
-   report's rule). While it is on an edge of the grid, the grid is extended on that side by one
-   point (the same ratio), at most ``lr_grid_max_extensions`` points per side; the report says
-   when the optimum is still not bracketed.
+   report's rule). While it is on an edge of the grid, the grid is extended on that side by
+   ``lr_grid_extension_points`` points (the same ratio, trained together), at most
+   ``lr_grid_max_extensions`` points per side; the report says when the optimum is still not
+   bracketed.
 3. *Seeds*: every seed of ``seeds`` (at least :data:`MIN_SEEDS`) at the best rate; the report
    gives final test-split numbers over them with 95% Student-t intervals.
 
@@ -189,6 +190,9 @@ def validate(study: ml_collections.ConfigDict) -> None:
                      "'rerun'")
   if int(study.lr_grid_max_extensions) < 0:
     raise ValueError("config.lr_grid_max_extensions must be >= 0")
+  if int(study.get("lr_grid_extension_points", 1)) < 1:
+    raise ValueError("config.lr_grid_extension_points must be >= 1 (grid points added at once "
+                     "on an edge)")
   if not study.report.smoke_test:
     if len(mults) < MIN_GRID_POINTS:
       raise ValueError(
@@ -231,12 +235,17 @@ def expand(study: ml_collections.ConfigDict) -> list[RunSpec]:
   return runs
 
 
-def next_multiplier(study, multipliers: list[float], records, extended: dict[str, int]
-                    ) -> Optional[float]:
-  """The grid point to add when the best lr of ``records`` is on an edge, else None.
+def next_multipliers(study, multipliers: list[float], records, extended: dict[str, int]
+                     ) -> list[float]:
+  """The grid points to add when the best lr of ``records`` is on an edge, else [].
+
+  ``lr_grid_extension_points`` points at once (the same ratio, going outwards), so that a
+  stacked study trains them in one step (one compile), at most ``lr_grid_max_extensions`` per
+  side in all. One point at a time and two at once give the same grid whenever the optimum is
+  bracketed before the limit, except possibly one point beyond it.
 
   Args:
-    study: the study config (lr_grid_max_extensions).
+    study: the study config (lr_grid_max_extensions, lr_grid_extension_points).
     multipliers: the (sorted) grid so far.
     records: (lr, status, validation loss) of the sweep runs.
     extended: points added so far per side ('low', 'high'); updated.
@@ -244,11 +253,15 @@ def next_multiplier(study, multipliers: list[float], records, extended: dict[str
   ratio = grid_ratio(multipliers)
   side = tables.unbracketed_side(tables.swept_lrs(records), tables.choose_lr(records))
   if ratio is None or side not in ("low", "high"):
-    return None
-  if extended[side] >= int(study.lr_grid_max_extensions):
-    return None
-  extended[side] += 1
-  return multipliers[0] / ratio if side == "low" else multipliers[-1] * ratio
+    return []
+  n = min(int(study.get("lr_grid_extension_points", 1)),
+          int(study.lr_grid_max_extensions) - extended[side])
+  if n <= 0:
+    return []
+  extended[side] += n
+  if side == "low":
+    return [multipliers[0] / ratio ** (i + 1) for i in range(n)]
+  return [multipliers[-1] * ratio ** (i + 1) for i in range(n)]
 
 
 # ----------------------------------------------------------------------------- study.json
@@ -542,6 +555,7 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *, command: Option
       "lr_multipliers": list(study.lr_multipliers),
       "learning_rates": dict(study.learning_rates),
       "lr_grid_max_extensions": int(study.lr_grid_max_extensions),
+      "lr_grid_extension_points": int(study.get("lr_grid_extension_points", 1)),
       "sweep_seeds": list(study.sweep_seeds),
       "seeds": list(study.seeds),
       "token_budget": int(study.token_budget),
@@ -584,8 +598,8 @@ def _sweep_and_seeds(study, runner: _Runner, cond: str, opt: str) -> bool:
                 for mult in todo for seed in study.sweep_seeds])
     if runner.stopped:
       return False
-    new = next_multiplier(study, mults, runner.records(cond, opt), extended)
-    todo, phase = ([], phase) if new is None else ([new], "extension")
+    todo = next_multipliers(study, mults, runner.records(cond, opt), extended)
+    phase = "extension" if todo else phase
     mults = sorted(mults + todo)
   best = tables.choose_lr(runner.records(cond, opt))
   if best is None:
