@@ -12,6 +12,7 @@ import os
 import pathlib
 import shutil
 import time
+import types
 
 import numpy as np
 import pandas as pd
@@ -455,6 +456,9 @@ def test_report_has_every_figure_and_the_findings_table(fake_report):
     assert f"| **{opt}** |" in text
   assert "**diverged**" in text and "**missing**" in text and "**failed**" in text
   assert "| condition | optimizer | lr | seed | runs | status | detail |" in text
+  # base misses one lion run (MISSING); diverged and failed runs have an outcome.
+  assert ("Coverage: complete: post_ln; partial: base (lion incomplete); no run finished: none."
+          in text)
   assert "## Against the literature" in text and "## Comparisons" in text
   assert "unigram 6.000" in text  # the baselines
   assert "| current / past loss |" in text
@@ -464,6 +468,16 @@ def test_report_has_every_figure_and_the_findings_table(fake_report):
   assert "no distribution shift" in text
   gap = [sec for sec in text.split("### ") if "plots/gap_vs_heterogeneity.png" in sec][0]
   assert "Data absent" not in gap  # two conditions with SGD, SignSGD, AdamW and the CV
+
+
+def test_coverage_names_complete_partial_and_unstarted_conditions():
+  rows = [("a", "x", "completed"), ("a", "y", "diverged"), ("a", "y", "failed"),
+          ("b", "x", "completed"), ("b", "x", "preempted"), ("b", "y", "missing"),
+          ("c", "x", "preempted"), ("c", "y", "missing")]
+  runs = pd.DataFrame(rows, columns=["condition", "optimizer", "status"])
+  study = types.SimpleNamespace(conditions=["a", "b", "c"], optimizers=["x", "y"])
+  assert report.coverage(study, runs) == (
+      "Coverage: complete: a; partial: b (x incomplete, y no run finished); no run finished: c.")
 
 
 def test_report_regenerates_from_its_archive_alone(fake_report, tmp_path):

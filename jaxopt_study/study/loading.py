@@ -254,10 +254,13 @@ def shift_steps_from_config(config: dict) -> list[int]:
 
 
 def write_layer_scores(path: str, scores: Mapping[str, dict]) -> None:
-  """Writes {relpath: analysis.json dict} as compact gzip JSON (atomically: temp + rename)."""
+  """Writes {relpath: analysis.json dict} as compact gzip JSON (atomically: temp + rename).
+
+  The gzip header's time is 0, so the same scores give the same bytes (no churn in git)."""
   tmp = f"{path}.tmp"
-  with gzip.open(tmp, "wt") as f:
-    json.dump(scores, f, separators=(",", ":"), sort_keys=True)
+  text = json.dumps(scores, separators=(",", ":"), sort_keys=True).encode()
+  with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+    f.write(text)
   os.replace(tmp, path)
 
 

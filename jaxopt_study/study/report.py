@@ -229,11 +229,37 @@ def protocol_section(study: Study, runs: pd.DataFrame) -> list[str]:
   return out
 
 
+def coverage(study: Study, runs: pd.DataFrame) -> str:
+  """One line: the conditions whose every planned run has an outcome (complete), none (no run
+  finished), or some (partial, naming each optimizer with runs left: 'incomplete', or 'no run
+  finished').
+
+  An outcome is completed, diverged or failed; missing, preempted or running runs have none.
+  """
+  done = runs["status"].isin(("completed",) + loading.UNSTABLE)
+  complete, partial, empty = [], [], []
+  for cond in study.conditions:
+    in_cond = runs["condition"] == cond
+    if not done[in_cond].any():
+      empty.append(cond)
+      continue
+    gaps = []
+    for opt in study.optimizers:
+      mine = in_cond & (runs["optimizer"] == opt)
+      if not done[mine].all() or not mine.any():
+        gaps.append(f"{opt} {'incomplete' if done[mine].any() else 'no run finished'}")
+    (partial if gaps else complete).append(f"{cond} ({', '.join(gaps)})" if gaps else cond)
+  return (f"Coverage: complete: {', '.join(complete) or 'none'}; partial: "
+          f"{'; '.join(partial) or 'none'}; no run finished: {', '.join(empty) or 'none'}.")
+
+
 def runs_section(study: Study, runs: pd.DataFrame) -> list[str]:
   out = ["## Runs", ""]
   counts = runs["status"].value_counts().to_dict() if len(runs) else {}
   out.append(f"{len(runs)} runs: " + (", ".join(f"{v} {k}" for k, v in counts.items()) or
                                       "none found") + ".")
+  if len(runs):
+    out.append(coverage(study, runs))
   walls = [r.get("wall_s") for r in study.spec.get("runs", []) if r.get("wall_s") is not None]
   if walls:
     out.append(f"Training wall time: {sum(walls) / 60:.1f} min over {len(walls)} runs "
