@@ -15,7 +15,6 @@ writes) and ``ckpt_save``. BENCHMARKS.md, lease D, has a table made by this scri
 
 from __future__ import annotations
 
-import ast
 import collections
 import functools
 import os
@@ -62,13 +61,6 @@ def _timed(name, fn, totals, counts):
   return wrapper
 
 
-def apply_variant(config, variant: str) -> None:
-  for item in filter(None, variant.split(",")):
-    field, value = item.split("=", 1)
-    runner.apply_overrides(config, {field.strip(): ast.literal_eval(value.strip())},
-                           f"--variants '{variant}'")
-
-
 def main(argv):
   del argv
   study = FLAGS.config
@@ -80,7 +72,7 @@ def main(argv):
     config = runner.run_config(study, cond, opt, study.learning_rates[opt], 0)
     with config.unlocked():
       config.num_steps, config.sync_every = FLAGS.steps, FLAGS.sync_every
-      apply_variant(config, variant)
+      runner.apply_overrides(config, runner.parse_overrides(variant), f"--variants '{variant}'")
     totals.clear()
     counts.clear()
     with tempfile.TemporaryDirectory() as tmp:

@@ -9,7 +9,6 @@ diagnostics and probes off, an eval every ``--eval_every`` steps, each ``--set``
 losses and every split's eval loss at each eval.
 """
 
-import ast
 import json
 import os
 import sys
@@ -22,7 +21,9 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from jaxopt_study import rundir
 from jaxopt_study import train
+from jaxopt_study.study import loading
 from jaxopt_study.study import runner
 
 FLAGS = flags.FLAGS
@@ -47,17 +48,14 @@ def main(argv):
     c.eval_every = c.sync_every = FLAGS.eval_every
     c.checkpoint_every = FLAGS.steps
     for kv in FLAGS.set:
-      key, value = kv.split("=", 1)
-      runner.apply_overrides(c, {key: ast.literal_eval(value)}, "--set")
+      runner.apply_overrides(c, runner.parse_overrides(kv), "--set")
   with tempfile.TemporaryDirectory() as tmp:
     results = train.train_and_evaluate(c, tmp)
     print("reference losses:", json.dumps(results.baselines))
-    with open(os.path.join(tmp, "metrics.jsonl")) as f:
-      for line in f:
-        m = json.loads(line)
-        evals = {k: round(v, 3) for k, v in m.items() if k.startswith("eval") and k.endswith("/loss")}
-        if evals:
-          print(m["step"], evals, flush=True)
+    metrics = loading.read_metrics(rundir.path(tmp, rundir.METRICS))
+    evals = metrics[[k for k in metrics.columns if k.startswith("eval") and k.endswith("/loss")]]
+    for step, row in evals.dropna(how="all").iterrows():
+      print(step, row.dropna().round(3).to_dict(), flush=True)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ sync after each so that the time lands here), ``eval``, ``ckpt_save`` and metric
 BENCHMARKS.md, lease E, has a table made by it.
 """
 
-import ast
 import collections
 import functools
 import os
@@ -74,9 +73,8 @@ def main(argv):
     k, _, sets = setting.partition(";")
     k = int(k)
     configs, _ = benchmark_stacking.configs_for(presets.get_config(preset), cond, opt, k, steps)
-    overrides = dict(kv.split("=", 1) for kv in filter(None, sets.split(",")))
     for c in configs:
-      runner.apply_overrides(c, {k: ast.literal_eval(v) for k, v in overrides.items()}, setting)
+      runner.apply_overrides(c, runner.parse_overrides(sets), setting)
     SECONDS.clear()
     COUNTS.clear()
     t0 = time.perf_counter()

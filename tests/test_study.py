@@ -959,3 +959,11 @@ def test_paired_comparison_removes_the_seed_variance():
   assert r["paired_verdict"] == "lower"
   swapped = tables.comparisons_table(runs, best, "c", ["b", "a"]).iloc[0]
   assert swapped["paired_verdict"] == "higher"
+
+
+def test_parse_overrides_reads_the_scripts_field_literal_syntax():
+  from jaxopt_study.study import runner
+
+  assert runner.parse_overrides("diagnostics.enabled=False, optimizer.b1=0.95,,name='x'") == {
+      "diagnostics.enabled": False, "optimizer.b1": 0.95, "name": "x"}
+  assert runner.parse_overrides("") == {}

@@ -121,6 +121,21 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
     node[parts[-1]] = value
 
 
+def parse_overrides(text: str) -> dict[str, Any]:
+  """``'field=python_literal,...'`` (the scripts' override syntax) as {dotted field: value}.
+
+  >>> parse_overrides("diagnostics.enabled=False,optimizer.b1=0.95")
+  {'diagnostics.enabled': False, 'optimizer.b1': 0.95}
+  """
+  import ast  # pylint: disable=g-import-not-at-top
+
+  out = {}
+  for item in filter(None, (i.strip() for i in text.split(","))):
+    field, value = item.split("=", 1)
+    out[field.strip()] = ast.literal_eval(value.strip())
+  return out
+
+
 def round_lr(lr: float) -> float:
   """Learning rates are rounded to 3 significant digits (the run directory's spelling)."""
   return float(rundir.lr_str(lr))
