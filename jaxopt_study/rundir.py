@@ -60,6 +60,13 @@ NON_TRAJECTORY = ("log_every", "sync_every", "eval_every", "checkpoint_every", "
                   "prefetch", "mesh", "diagnostics", "probes", "data.cache_dir",
                   "inject_nan_at_step")
 
+# Trajectory fields added after runs were recorded, with the value that reproduces what the code
+# did before the field existed. A config holding that value also matches the fingerprint
+# computed without the field (:func:`config_fingerprints`), so the runs recorded before keep
+# their identity (e.g. the committed WikiText study, trained before the synthetic corpus got
+# ``eval_at``). Add a field here only with the value that keeps the old behaviour.
+ADDED_FIELDS = {"data.synthetic.eval_at": "seen"}
+
 
 # ----------------------------------------------------------------------------- JSON files
 
@@ -163,25 +170,51 @@ def _canonical(x):
   return str(x)
 
 
+def _pop(tree: dict, dotted: str, only_if=None) -> None:
+  """Removes ``tree[a][b]...`` (``dotted`` = 'a.b...') if present (and equal to ``only_if``)."""
+  node, parts = tree, dotted.split(".")
+  for p in parts[:-1]:
+    node = node.get(p) if isinstance(node, dict) else None
+    if node is None:
+      return
+  if isinstance(node, dict) and parts[-1] in node and (
+      only_if is None or node[parts[-1]] == only_if):
+    node.pop(parts[-1])
+
+
 def trajectory_config(config) -> dict:
   """The config as a plain dict without the :data:`NON_TRAJECTORY` fields."""
   tree = _as_dict(config)
   for dotted in NON_TRAJECTORY:
-    node, parts = tree, dotted.split(".")
-    for p in parts[:-1]:
-      node = node.get(p) if isinstance(node, dict) else None
-      if node is None:
-        break
-    if isinstance(node, dict):
-      node.pop(parts[-1], None)
+    _pop(tree, dotted)
   return tree
+
+
+def _hash(tree: dict) -> str:
+  text = json.dumps(_canonical(tree), sort_keys=True, separators=(",", ":"))
+  return hashlib.sha256(text.encode()).hexdigest()
 
 
 def config_fingerprint(config) -> str:
   """sha256 (hex) of the canonical JSON of :func:`trajectory_config` (ConfigDict or dict)."""
-  text = json.dumps(_canonical(trajectory_config(config)), sort_keys=True,
-                    separators=(",", ":"))
-  return hashlib.sha256(text.encode()).hexdigest()
+  return _hash(trajectory_config(config))
+
+
+def config_fingerprints(config) -> set[str]:
+  """Every fingerprint under which ``config``'s trajectory may have been recorded: today's
+  :func:`config_fingerprint`, and the one without the :data:`ADDED_FIELDS` that hold their
+  old-behaviour value (a run recorded before those fields existed)."""
+  tree = trajectory_config(config)
+  out = {_hash(tree)}
+  for dotted, before in ADDED_FIELDS.items():
+    _pop(tree, dotted, only_if=before)
+  return out | {_hash(tree)}
+
+
+def same_trajectory(a, b) -> bool:
+  """Whether configs ``a`` and ``b`` (ConfigDict or dict, e.g. a config.json) train the same
+  parameters step for step (:func:`config_fingerprints` intersect)."""
+  return bool(config_fingerprints(a) & config_fingerprints(b))
 
 
 # ----------------------------------------------------------------------------- results.json
@@ -398,7 +431,7 @@ def check_same_trajectory(workdir: str, config) -> None:
   run's files under ``workdir/replaced-<time>/``.
   """
   old = read_json(path(workdir, CONFIG))
-  if old is None or config_fingerprint(old) == config_fingerprint(config):
+  if old is None or same_trajectory(old, config):
     return
   diff = config_diff(old, config)
   shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(diff.items())[:8])

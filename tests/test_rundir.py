@@ -65,6 +65,23 @@ def test_config_fingerprint_covers_the_trajectory_only():
   assert rundir.config_fingerprint(as_dict) == fp
 
 
+def test_fields_added_later_keep_the_runs_recorded_before():
+  # A run recorded before data.synthetic.eval_at existed matches a config holding the value that
+  # reproduces the old behaviour ('seen'), and no other value.
+  base = presets.get_config("tiny")
+  recorded = json.loads(base.to_json_best_effort())
+  del recorded["data"]["synthetic"]["eval_at"]
+  old_fp = rundir.config_fingerprint(recorded)
+  for value, same in (("seen", True), ("last", False)):
+    c = base.copy_and_resolve_references()
+    c.data.synthetic.eval_at = value
+    assert (old_fp in rundir.config_fingerprints(c)) == same, value
+    assert rundir.same_trajectory(recorded, c) == same, value
+    assert rundir.config_fingerprint(c) in rundir.config_fingerprints(c)
+  c.optimizer.learning_rate *= 2
+  assert not rundir.same_trajectory(recorded, c)
+
+
 def test_run_results_roundtrip_and_old_bucket_format(tmp_path):
   r = rundir.RunResults(optimizer="adamw", learning_rate=1e-3, seed=0, status="completed",
                         eval_loss_by_frequency=[1.0, None, 3.0],

@@ -403,7 +403,7 @@ class _Runner:
     """The run's results if its directory was trained under r.config (module docstring)."""
     rd = os.path.join(self.workdir, r.relpath)
     old = rundir.read_json(rundir.path(rd, rundir.CONFIG))
-    if old is None or rundir.config_fingerprint(old) == rundir.config_fingerprint(r.config):
+    if old is None or rundir.same_trajectory(old, r.config):
       return rundir.RunResults.load(rd)
     diff = ", ".join(f"{k}: {a!r} -> {b!r}"
                      for k, (a, b) in rundir.config_diff(old, r.config).items())
@@ -659,7 +659,7 @@ def seed_from_archive(study: ml_collections.ConfigDict, archive: str, workdir: s
       continue
     config = run_config(study, ident["condition"], ident["optimizer"], ident["learning_rate"],
                         ident["seed"])
-    if rundir.config_fingerprint(config) != res.get("config_fingerprint"):
+    if res.get("config_fingerprint") not in rundir.config_fingerprints(config):
       logging.warning("%s: trained under another config; not seeded", rel)
       continue
     os.makedirs(rd, exist_ok=True)
