@@ -106,7 +106,7 @@ def train_in_processes(config, workdir: str, n: int) -> int:
   """Trains the conditions in ``n`` child processes (module docstring); their worst exit code."""
   workdir = os.path.abspath(workdir)
   runner.validate(config)
-  shares = runner.split_conditions(config, n)
+  shares = runner.split_conditions(config, n, workdir)
   os.makedirs(os.path.join(workdir, "runs"), exist_ok=True)
   env = dict(os.environ)
   env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / len(shares):.3f}")

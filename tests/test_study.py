@@ -920,14 +920,32 @@ def test_processes_split_conditions_by_work_and_merge_their_study_files(tmp_path
   assert shares[0][0] == "depth_8"  # the most work (2x the layers) is placed first
   assert max(map(len, shares)) == 3 and min(map(len, shares)) == 2  # balanced: 12 over 5
   assert len(runner.split_conditions(config, 20)) == len(config.conditions)
+  # Resumed: finished sweeps weigh nothing, so the two conditions left get a process each.
+  for cond in config.conditions:
+    if cond not in ("base", "tied"):
+      for lr in range(len(config.optimizers) * len(config.lr_multipliers)):
+        for seed in config.sweep_seeds:
+          rd = tmp_path / "resumed" / rundir.run_relpath(cond, "adamw", lr + 1.0, seed)
+          os.makedirs(rd)
+          rundir.write_json(str(rd / "results.json"), {"status": "completed"})
+  resumed = runner.split_conditions(config, 2, str(tmp_path / "resumed"))
+  assert sorted(s[0] for s in resumed) == ["base", "tied"], resumed
   for k, (cond, wall) in enumerate([("base", 12.5), ("tied", None)]):
     os.makedirs(runner.part_dir(str(tmp_path), k))
     rundir.write_json(os.path.join(runner.part_dir(str(tmp_path), k), "study.json"), {
         "preset": "controls", "command": f"child {k}", "conditions": {cond: {"num_steps": 5}},
         "runs": [{"workdir": f"runs/{cond}/adamw/lr=0.001/seed=0", "status": "completed",
                   "wall_s": wall}]})
+  # A part written before a re-split says "preempted"; the run's results.json says completed.
+  rd = tmp_path / "runs/tied/adamw/lr=0.001/seed=0"
+  os.makedirs(rd)
+  rundir.write_json(str(rd / "results.json"), {"status": "completed"})
+  part = rundir.read_json(os.path.join(runner.part_dir(str(tmp_path), 1), "study.json"))
+  part["runs"][0]["status"] = "preempted"
+  rundir.write_json(os.path.join(runner.part_dir(str(tmp_path), 1), "study.json"), part)
   runner.merge_parts(str(tmp_path), 2)
   merged = rundir.read_json(str(tmp_path / "study.json"))
+  assert {r["status"] for r in merged["runs"]} == {"completed"}
   assert merged["preset"] == "controls" and set(merged["conditions"]) == {"base", "tied"}
   assert "command" not in merged  # the parent's command, set by its final pass
   assert sorted((r["workdir"], r["wall_s"]) for r in merged["runs"]) == [

@@ -55,8 +55,10 @@ again continues where it stopped. :func:`exit_code` maps the outcome to the proc
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
+import glob
 import json
 import logging
 import math
@@ -678,15 +680,27 @@ def part_dir(workdir: str, k: int) -> str:
   return os.path.join(workdir, "parts", str(k))
 
 
-def split_conditions(config, n: int) -> list[list[str]]:
+def split_conditions(config, n: int, workdir: Optional[str] = None) -> list[list[str]]:
   """The conditions in at most n shares of about equal work (longest first, greedy).
 
-  A condition's work is estimated as its block matmul FLOPs per run:
-  num_steps * batch_size * seq_len * num_layers * d_model^2.
+  A condition's work is its block matmul FLOPs per run (num_steps * batch_size * seq_len *
+  num_layers * d_model^2) times its sweep runs not yet finished in ``workdir`` (optimizers x
+  lr_multipliers x sweep_seeds, less the run directories whose results.json says completed or
+  diverged; at least 1: extensions, seeds and layer scores may remain). So a study resumed with
+  most conditions done spreads the ones left over the processes instead of pairing them.
   """
+  finished = collections.Counter()
+  for res_path in glob.glob(os.path.join(workdir or "", "runs", "*", "*", "*", "*",
+                                         rundir.RESULTS)) if workdir else ():
+    res = rundir.read_json(res_path) or {}
+    if res.get("status") in ("completed", "diverged"):
+      finished[res_path.split(os.sep)[-5]] += 1
+  planned = len(config.optimizers) * len(config.lr_multipliers) * len(config.sweep_seeds)
+
   def work(cond):
     c = run_config(config, cond, config.optimizers[0], 1e-3, 0)
-    return c.num_steps * c.batch_size * c.seq_len * c.model.num_layers * c.model.d_model ** 2
+    per_run = c.num_steps * c.batch_size * c.seq_len * c.model.num_layers * c.model.d_model ** 2
+    return per_run * max(planned - finished[cond], 1)
 
   shares, loads = [[] for _ in range(n)], [0.0] * n
   for cond in sorted(conditions_of(config), key=work, reverse=True):
@@ -717,6 +731,10 @@ def merge_parts(workdir: str, n: int) -> None:
     for r in part.get("runs", []):
       if r.get("wall_s") is not None or r["workdir"] not in runs:
         runs[r["workdir"]] = r
+  for r in runs.values():  # a run's results.json is the truth (parts may predate a re-split)
+    res = rundir.read_json(rundir.path(os.path.join(workdir, r["workdir"]), rundir.RESULTS))
+    if res and res.get("status"):
+      r["status"] = res["status"]
   merged["runs"] = list(runs.values())
   rundir.write_json(path, merged)
 
