@@ -91,9 +91,10 @@ class Preemption:
       self._old = None
 
   def _handle(self, signum, frame):
-    del signum, frame
     logging.warning("SIGTERM: checkpointing and stopping.")
     self.sigterm = True
+    if callable(self._old):  # e.g. the study runner's: it stops after this run
+      self._old(signum, frame)
 
   def reached(self, step: int) -> bool:
     # With jax.distributed's preemption service every host gets True at the same step; without

@@ -853,6 +853,32 @@ def test_runner_stops_on_a_locked_run_without_recording_a_failure(tmp_path, monk
   assert not list(tmp_path.glob("runs/*/*/*/*/results.json"))  # the other process's run
 
 
+def test_sigterm_that_breaks_a_compile_is_a_stop_not_a_failure(tmp_path, monkeypatch):
+  """SIGTERM reaches the compiler's child processes too (ptxas exits with code 15) and the step
+  raises: the runs are recorded as preempted, not failed, and no other run starts."""
+  import signal
+  from jaxopt_study import train
+  from jaxopt_study.study import runner
+
+  calls = []
+
+  def stopped_mid_compile(config, workdir):
+    calls.append(config.seed)
+    os.kill(os.getpid(), signal.SIGTERM)  # the runner's handler takes it (no run handler yet)
+    raise RuntimeError("INTERNAL: ptxas exited with non-zero error code 15")
+
+  monkeypatch.setattr(train, "train_and_evaluate", stopped_mid_compile)
+  old = signal.getsignal(signal.SIGTERM)
+  spec = runner.run_study(_protocol_config(), str(tmp_path), progress=False)
+  assert signal.getsignal(signal.SIGTERM) == old  # the runner's handler is removed again
+  assert len(calls) == 1 and spec["stopped_early"]
+  statuses = {r["status"] for r in spec["runs"]}
+  assert statuses == {"preempted", "pending"}, statuses
+  res = rundir.RunResults.load(str(tmp_path / spec["runs"][0]["workdir"]))
+  assert res.status == "preempted" and res.error is None
+  assert runner.exit_code(spec) == runner.EXIT_PREEMPTED
+
+
 def test_exit_codes():
   from jaxopt_study.study import runner
 

@@ -63,6 +63,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 import traceback
 from typing import Any, Optional
@@ -379,7 +380,21 @@ class _Runner:
     self.prev_wall = {r.get("workdir"): r.get("wall_s") for r in previous.get("runs", [])}
     self.entries: dict[str, dict] = {}
     self.bar = tqdm(total=0, desc=f"study {study.name}", unit="run", disable=not progress)
-    self.stopped = False
+    self.stopped = False  # set by a preempted run or SIGTERM: no new run starts
+    try:  # SIGTERM between runs stops the study; during a run, checkpointing.Preemption chains here
+      self._old_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+    except ValueError:  # not the main thread
+      self._old_sigterm = None
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM: the study stops after the current run")
+    self.stopped = True
+
+  def close(self) -> None:
+    self.bar.close()
+    if self._old_sigterm is not None:
+      signal.signal(signal.SIGTERM, self._old_sigterm)
 
   def entry(self, r: RunSpec) -> dict:
     """The run's study.json entry (added, as pending, the first time)."""
@@ -471,12 +486,22 @@ class _Runner:
     except (KeyboardInterrupt, rundir.Locked, rundir.ConfigChanged):
       raise  # not this run's failure: another process holds it, or it belongs to another config
     except Exception as e:  # pylint: disable=broad-except
-      logging.exception("run(s) %s failed", ", ".join(r.relpath for r in group))
-      errors = [(f"{type(e).__name__}: {e}", traceback.format_exc())] * len(group)
+      if self.stopped:  # SIGTERM reached the compiler too (e.g. ptxas): a stop, not a failure
+        logging.warning("run(s) %s stopped by SIGTERM: %s", ", ".join(r.relpath for r in group), e)
+        errors = [("preempted", None)] * len(group)
+      else:
+        logging.exception("run(s) %s failed", ", ".join(r.relpath for r in group))
+        errors = [(f"{type(e).__name__}: {e}", traceback.format_exc())] * len(group)
     wall = time.perf_counter() - t0
     for r, rd, err in zip(group, rds, errors):
       entry = self.entry(r)
-      if err is not None:
+      if err == ("preempted", None):
+        (rundir.RunResults.load(rd) or rundir.RunResults(
+            optimizer=r.optimizer, learning_rate=r.learning_rate, seed=r.seed,
+            num_steps=int(r.config.num_steps),
+            config_fingerprint=rundir.config_fingerprint(r.config))).merge(
+                rundir.RunResults(status="preempted")).save(rd)
+      elif err is not None:
         failed = rundir.RunResults(
             optimizer=r.optimizer, learning_rate=r.learning_rate, seed=r.seed,
             num_steps=int(r.config.num_steps), status="failed",
@@ -585,23 +610,25 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *, command: Option
       "runs": [],
   }
   runner = _Runner(study, workdir, spec, previous, progress)
-  for r in sweep:
-    if study.on_config_change == "refuse":  # refuse a changed config before anything trains
-      runner.check_config(r)
-    runner.entry(r)
-  runner.save()
-  for cond in conditions_of(study):
-    for opt in study.optimizers:
-      if not _sweep_and_seeds(study, runner, cond, opt):
+  try:
+    for r in sweep:
+      if study.on_config_change == "refuse":  # refuse a changed config before anything trains
+        runner.check_config(r)
+      runner.entry(r)
+    runner.save()
+    for cond in conditions_of(study):
+      for opt in study.optimizers:
+        if not _sweep_and_seeds(study, runner, cond, opt):
+          break
+        if study.get("analyze_layers", False):
+          runner.analyze(cond, opt)
+      if runner.stopped:
         break
       if study.get("analyze_layers", False):
-        runner.analyze(cond, opt)
-    if runner.stopped:
-      break
-    if study.get("analyze_layers", False):
-      import jax  # pylint: disable=g-import-not-at-top
-      jax.clear_caches()  # the analyses' compiled functions
-  runner.bar.close()
+        import jax  # pylint: disable=g-import-not-at-top
+        jax.clear_caches()  # the analyses' compiled functions
+  finally:
+    runner.close()
   runner.save()
   return spec
 
