@@ -386,7 +386,11 @@ def test_aggregation_of_hand_made_runs(fake_report):
 def test_literature_checks(fake_report):
   root, _ = fake_report
   lit = json.loads((root / "results" / "results.json").read_text())["literature"]
-  by = {c["claim"].split()[0]: c for c in lit}
+  # The per-condition claims on every condition (primary first), then the LN pair.
+  assert [(c["claim"].split()[0], c["condition"]) for c in lit] == [
+      ("Adam-family", "base"), ("Adam-family", "post_ln"), ("Lion's", "base"),
+      ("Lion's", "post_ln"), ("Post-LN", "base -> post_ln")]
+  by = {c["claim"].split()[0]: c for c in lit if c["condition"] != "post_ln"}
   assert by["Adam-family"]["verdict"] == "agrees", by["Adam-family"]
   # Decided on the per-seed differences (the seeds share data and initial parameters).
   assert by["Adam-family"]["reason"].startswith("paired 95% interval below 0: adamw lower")
@@ -395,13 +399,19 @@ def test_literature_checks(fake_report):
   assert "6.00x" in by["Lion's"]["measured"] and by["Lion's"]["verdict"] == "inconclusive"
   assert "too coarse" in by["Lion's"]["reason"]
   assert by["Post-LN"]["verdict"] == "agrees", by["Post-LN"]
+  # The report tallies each claim's verdicts over the conditions above its table.
+  text = (root / "REPORT.md").read_text()
+  adam = [l for l in text.splitlines() if l.startswith("- Adam-family")]
+  assert len(adam) == 1 and "**agrees** in base" in adam[0], adam
+  assert "| claim | condition | measured here | verdict | why |" in text
 
 
 def _literature(study):
   runs = tables.runs_table(study)
   best = tables.select_best_lr(runs, study.spec.get("sweep_seeds"))
   return {c["claim"].split()[0]: c for c in literature.literature_checks(
-      study, runs, best, tables.findings_table(runs, best))}
+      study, runs, best, tables.findings_table(runs, best))
+          if c["condition"] in (study.conditions[0], "base -> post_ln")}
 
 
 def _checks(root, status_of):

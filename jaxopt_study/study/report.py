@@ -386,10 +386,17 @@ def comparisons_section(study: Study, comparisons: pd.DataFrame) -> list[str]:
 
 
 def literature_section(checks: list[dict]) -> list[str]:
-  return ["## Against the literature", "",
-          _md_table(["claim", "measured here", "verdict", "why"],
-                    [[c["claim"], c["measured"], f"**{c['verdict']}**", c["reason"]]
-                     for c in checks]), ""]
+  """One row per claim and condition (the claims were measured on stationary data; a shifting
+  corpus may move them), with a one-line tally per claim."""
+  tally = {}
+  for c in checks:
+    tally.setdefault(c["claim"], {}).setdefault(c["verdict"], []).append(c["condition"])
+  lines = [f"- {claim}: " + "; ".join(f"**{v}** in {', '.join(conds)}"
+                                      for v, conds in by.items()) for claim, by in tally.items()]
+  return ["## Against the literature", "", *lines, "",
+          _md_table(["claim", "condition", "measured here", "verdict", "why"],
+                    [[c["claim"], c["condition"], c["measured"], f"**{c['verdict']}**",
+                      c["reason"]] for c in checks]), ""]
 
 
 def notes_section(study: Study) -> list[str]:
