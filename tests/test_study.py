@@ -98,7 +98,7 @@ def _write_run(root, cond, opt, mult, seed, status="completed"):
         rec["eval/loss"] = float(l) + 0.05
       f.write(json.dumps(rec) + "\n")
     # A resumed run repeats a step: the last record wins.
-    f.write(json.dumps({"step": 10, "train/grad_norm": 1.0}) + "\n")
+    f.write(json.dumps({"step": 10, "train/moe_aux_loss": 1.0}) + "\n")
     f.write('{"step": 11, "train/lo')  # truncated last line (killed mid-write)
   val = float(loss[stop - 1]) + 0.05
   res = {
@@ -376,8 +376,13 @@ def test_aggregation_of_hand_made_runs(fake_report):
   assert set(long.columns) == {"condition", "optimizer", "learning_rate", "seed", "workdir",
                                "step", "tokens", "metric", "value"}
   assert not long["metric"].str.contains("/param=").any()
+  # Series the report never reads stay in the run directories only; rows in a fixed order.
+  assert "train/loss" in set(long["metric"]) and not set(long["metric"]) & set(
+      tables.NOT_ARCHIVED)
+  key = list(zip(long["metric"], long["workdir"], long["step"]))
+  assert key == sorted(key)
   one = long[(long["optimizer"] == "adamw") & (long["seed"] == 0) & (long["metric"] ==
-             "train/grad_norm") & (long["condition"] == "base")]
+             "train/moe_aux_loss") & (long["condition"] == "base")]
   assert one["value"].tolist() == [1.0] * 3  # the repeated step 10 record, three adamw lrs
   res = json.loads((root / "results" / "results.json").read_text())
   assert len(res["runs"]) == len(runs) and res["literature"]

@@ -482,32 +482,27 @@ class _Runner:
         train.train_and_evaluate(r0.config, rds[0])
       else:
         stacked.train_stacked([r.config for r in group], rds)
-      errors = [None] * len(group)
+      errors, killed = [None] * len(group), False
     except (KeyboardInterrupt, rundir.Locked, rundir.ConfigChanged):
       raise  # not this run's failure: another process holds it, or it belongs to another config
     except Exception as e:  # pylint: disable=broad-except
-      if self.stopped:  # SIGTERM reached the compiler too (e.g. ptxas): a stop, not a failure
-        logging.warning("run(s) %s stopped by SIGTERM: %s", ", ".join(r.relpath for r in group), e)
-        errors = [("preempted", None)] * len(group)
-      else:
-        logging.exception("run(s) %s failed", ", ".join(r.relpath for r in group))
-        errors = [(f"{type(e).__name__}: {e}", traceback.format_exc())] * len(group)
+      # After SIGTERM the error is the stop's (it reached the compiler too, e.g. ptxas exits
+      # with code 15): the runs are preempted, not failed.
+      killed = self.stopped
+      logging.log(logging.WARNING if killed else logging.ERROR, "run(s) %s %s",
+                  ", ".join(r.relpath for r in group),
+                  f"stopped by SIGTERM: {e}" if killed else "failed", exc_info=not killed)
+      errors = [(f"{type(e).__name__}: {e}", traceback.format_exc())] * len(group)
     wall = time.perf_counter() - t0
     for r, rd, err in zip(group, rds, errors):
       entry = self.entry(r)
-      if err == ("preempted", None):
-        (rundir.RunResults.load(rd) or rundir.RunResults(
+      if err is not None:
+        outcome = rundir.RunResults(
             optimizer=r.optimizer, learning_rate=r.learning_rate, seed=r.seed,
-            num_steps=int(r.config.num_steps),
-            config_fingerprint=rundir.config_fingerprint(r.config))).merge(
-                rundir.RunResults(status="preempted")).save(rd)
-      elif err is not None:
-        failed = rundir.RunResults(
-            optimizer=r.optimizer, learning_rate=r.learning_rate, seed=r.seed,
-            num_steps=int(r.config.num_steps), status="failed",
+            num_steps=int(r.config.num_steps), status="preempted" if killed else "failed",
             config_fingerprint=rundir.config_fingerprint(r.config),
-            error=err[0], traceback=err[1])
-        (rundir.RunResults.load(rd) or rundir.RunResults()).merge(failed).save(rd)
+            error=None if killed else err[0], traceback=None if killed else err[1])
+        (rundir.RunResults.load(rd) or rundir.RunResults()).merge(outcome).save(rd)
       entry["status"] = (rundir.RunResults.load(rd) or rundir.RunResults()).status or "unknown"
       # This run's share of the group's wall time (study.json sums to the study's).
       entry["wall_s"], entry["stacked"] = round(wall / len(group), 1), len(group)

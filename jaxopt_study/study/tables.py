@@ -112,12 +112,20 @@ def runs_table(study: Study) -> pd.DataFrame:
   return df
 
 
+# Per-step series that no table or figure of the report reads (they stay in each run's
+# metrics.jsonl and TensorBoard): left out of the archive, where they were a third of its bytes.
+# A report that starts reading one must take it off this list.
+NOT_ARCHIVED = ("train/learning_rate", "train/grad_norm", "train/param_norm", "train/update_norm")
+
+
 def scalars_long(study: Study) -> pd.DataFrame:
   """Long format: condition, optimizer, learning_rate, seed, workdir, step, tokens, metric, value.
 
   Written beside every report (``results/scalars_long.parquet``, zstd; parquet's dictionary
   encoding stores each repeated name once): with
-  ``results/run_results.json`` it regenerates the report without the run directories.
+  ``results/run_results.json`` it regenerates the report without the run directories. Every
+  series but :data:`NOT_ARCHIVED`, sorted by (metric, workdir, step): one metric's values side
+  by side compress about 1.3x better, and the same runs give the same rows in the same order.
   """
   frames = []
   for r in study.runs:
@@ -134,7 +142,9 @@ def scalars_long(study: Study) -> pd.DataFrame:
           "metric", "value"]
   if not frames:
     return pd.DataFrame(columns=cols)
-  return pd.concat(frames, ignore_index=True)[cols]
+  long = pd.concat(frames, ignore_index=True)[cols]
+  long = long[~long["metric"].isin(NOT_ARCHIVED)]
+  return long.sort_values(["metric", "workdir", "step"], kind="stable").reset_index(drop=True)
 
 
 # ----------------------------------------------------------------------------- best lr
