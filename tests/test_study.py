@@ -707,7 +707,9 @@ def test_a_study_continues_from_its_committed_archive(tmp_path, monkeypatch):
   first = runner.run_study(config, str(tmp_path / "first"), progress=False)
   committed = tmp_path / "committed"  # what a commit keeps: no run directories
   (committed / "results").mkdir(parents=True)
-  shutil.copy(tmp_path / "first" / "study.json", committed)
+  spec = json.loads((tmp_path / "first" / "study.json").read_text())
+  spec["note"] = "INCOMPLETE: a hand-written note"  # kept when the study continues
+  (committed / "study.json").write_text(json.dumps(spec))
   archived = {r["workdir"]: json.loads((tmp_path / "first" / r["workdir"] / "results.json")
                                        .read_text()) for r in first["runs"]}
   changed = first["runs"][0]["workdir"]
@@ -725,6 +727,7 @@ def test_a_study_continues_from_its_committed_archive(tmp_path, monkeypatch):
   assert calls == [("adamw", lr, seed)]  # only the run trained under another config
   assert len(spec["runs"]) == len(first["runs"])
   assert all(r["status"] == "completed" for r in spec["runs"])
+  assert spec["note"] == "INCOMPLETE: a hand-written note"
   study = loading.load_study(str(again))
   run = [r for r in study.runs if r.relpath == kept][0]
   assert run.status == "completed" and run.series("train/loss")[1].tolist() == [4.25]

@@ -604,6 +604,8 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *, command: Option
       "config": json.loads(study.to_json_best_effort()),
       "runs": [],
   }
+  if previous.get("note"):  # hand-written (the report prints it first): kept, for its author
+    spec["note"] = previous["note"]
   runner = _Runner(study, workdir, spec, previous, progress)
   try:
     for r in sweep:
