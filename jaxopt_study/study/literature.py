@@ -187,7 +187,6 @@ def post_ln_heterogeneity(study, runs, best, findings, condition) -> dict:
 # stationary pretraining data, and whether they survive a shifting corpus is this study's
 # question. The LN check compares conditions (ln_pairs), so it runs once.
 PER_CONDITION = (adam_beats_sgd, lion_lr_ratio)
-CHECKS = (*PER_CONDITION, post_ln_heterogeneity)
 
 
 def literature_checks(study: Study, runs: pd.DataFrame, best: pd.DataFrame,

@@ -714,10 +714,10 @@ def split_conditions(config, n: int, workdir: Optional[str] = None) -> list[list
   most conditions done spreads the ones left over the processes instead of pairing them.
   """
   finished = collections.Counter()  # condition -> finished runs (runs/<cond>/<opt>/<lr>/<seed>)
-  pattern = os.path.join(workdir or "", "runs", "*", "*", "*", "*", rundir.RESULTS)
-  for res_path in glob.glob(pattern) if workdir else ():
-    if (rundir.read_json(res_path) or {}).get("status") in ("completed", "diverged"):
-      finished[res_path.split(os.sep)[-5]] += 1
+  if workdir:
+    for res_path in glob.glob(os.path.join(workdir, "runs", "*", "*", "*", "*", rundir.RESULTS)):
+      if (rundir.read_json(res_path) or {}).get("status") in ("completed", "diverged"):
+        finished[res_path.split(os.sep)[-5]] += 1
   planned = len(config.optimizers) * len(config.lr_multipliers) * len(config.sweep_seeds)
 
   def work(cond):

@@ -131,7 +131,8 @@ def scalars_long(study: Study) -> pd.DataFrame:
   for r in study.runs:
     if r.metrics is None or r.metrics.empty:
       continue
-    m = r.metrics.reset_index().melt(id_vars="step", var_name="metric", value_name="value")
+    m = r.metrics.drop(columns=list(NOT_ARCHIVED), errors="ignore").reset_index().melt(
+        id_vars="step", var_name="metric", value_name="value")
     m = m.dropna(subset=["value"])
     tps = r.tokens_per_step
     m["tokens"] = m["step"] * tps if tps else np.nan
@@ -143,7 +144,6 @@ def scalars_long(study: Study) -> pd.DataFrame:
   if not frames:
     return pd.DataFrame(columns=cols)
   long = pd.concat(frames, ignore_index=True)[cols]
-  long = long[~long["metric"].isin(NOT_ARCHIVED)]
   return long.sort_values(["metric", "workdir", "step"], kind="stable").reset_index(drop=True)
 
 
