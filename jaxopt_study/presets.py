@@ -117,6 +117,9 @@ def get_config(preset: str | None = None, optimizer: str = "adamw") -> ml_collec
     config.seq_len, config.batch_size, config.num_steps = 1024, 32, 20000
     s.warmup_steps = 700
     config.log_every, config.eval_every, config.checkpoint_every = 50, 1000, 1000
+    # Per-entry counters on ~1M sampled entries (shares to ~0.1%): on all 124M they move 32 B
+    # per parameter every step, ~2% of the step on an H100 (BENCHMARKS.md, issue 8).
+    config.diagnostics.entry_sample_size = 2 ** 20
   elif preset == "gpt2_xl":
     m.num_layers, m.d_model, m.num_heads, m.max_len = 48, 1600, 25, 1024
     m.dtype = "bfloat16"
@@ -128,4 +131,5 @@ def get_config(preset: str | None = None, optimizer: str = "adamw") -> ml_collec
     config.seq_len, config.batch_size, config.num_steps = 1024, 32, 20000
     s.warmup_steps = 700
     config.log_every, config.eval_every, config.checkpoint_every = 50, 1000, 1000
+    config.diagnostics.entry_sample_size = 2 ** 20  # as gpt2_small
   return config

@@ -201,6 +201,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f"config.diagnostics.every={config.diagnostics.every} must be >= 1 (steps between full "
         "diagnostics); turn them off with --config.diagnostics.enabled=False."
     )
+  n = config.diagnostics.entry_sample_size
+  if not isinstance(n, int) or n < 0:
+    raise ValueError(
+        f"config.diagnostics.entry_sample_size={n!r} must be an integer >= 0 (0: per-entry "
+        "counters on every parameter entry; N: on a fixed grid of about N entries).")
   optimizers.validate(config)
   gpt.from_config(config.model, vocab_size=1)  # model-field checks
   data_lib.check_config(config.data, seq_len=config.seq_len, global_batch_size=config.batch_size,

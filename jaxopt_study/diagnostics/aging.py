@@ -27,6 +27,11 @@ n = number of update() calls including this one.
   (log(b2/d) = 0.054): 0.142 at n = 7, 0.068 at n = 20, within 0.005 of 0.054 from n = 30.
   Adafactor's decay 1 - t^-0.8 varies with t, so its idle growth has no constant rate.
 
+With ``entry_sample_size`` > 0 the per-entry statistics above (ages, s) are kept on a fixed
+strided grid of entries of each tensor (``core.entry_strides``; v is read on the same grid) and
+estimate the all-entry values; the row metrics below are exact in both cases (rows keep their
+own last active step and EMA of the row mean of g^2).
+
 Token-embedding rows (age of a row = min over its entries; v and s_hat row means):
 
 * ``aging/emb_row_age_mean``, ``aging/emb_row_age_q<Q>``, ``aging/emb_row_frac_older_than_H``;
@@ -55,7 +60,8 @@ def compute(ctx: context.Context):
   cfg = ctx.cfg
   red = context.red
   h = int(cfg.horizon)
-  size = lambda g: jnp.full((g.n,), g.size, jnp.float32)
+  # Ages and s live on each tensor's counters grid (all entries unless entry_sample_size > 0).
+  size = lambda g: g.grid_size()
   ctx.emit("aging/age_mean", lambda g: (red(g.age.astype(jnp.float32)), size(g)),
            context.safe_div)
   ctx.emit_quantiles("aging/age", lambda g: g.age, hist=True)
@@ -66,8 +72,9 @@ def compute(ctx: context.Context):
   def log_stale(g):
     if g.v is None or g.s is None:
       return None
-    ok = g.seen & (g.v > 0) & (g.s > 0)
-    return jnp.where(ok, jnp.log(jnp.where(ok, g.v, 1.0))
+    v = g.on_grid(g.v)
+    ok = g.seen & (v > 0) & (g.s > 0)
+    return jnp.where(ok, jnp.log(jnp.where(ok, v, 1.0))
                      - jnp.log(jnp.where(ok, g.s / s_bc, 1.0)), jnp.nan)
 
   def log_stale_sums(g):
@@ -80,7 +87,9 @@ def compute(ctx: context.Context):
     sfx = f"/param={r.path}" if len(ctx.rows) > 1 else ""
     grp = r.group
     v = grp.shape[0]
-    row_age = jnp.min(grp.age[0].reshape(v, -1), axis=1).astype(jnp.float32)
+    if r.last_active is None:
+      continue
+    row_age = (ctx.step - r.last_active).astype(jnp.float32)
     old = (row_age >= h).astype(jnp.float32)
     ctx.add_scalar("aging/emb_row_age_mean" + sfx, jnp.mean(row_age))
     ctx.add_scalar("aging/emb_row_frac_older_than_H" + sfx, jnp.mean(old))
@@ -88,10 +97,10 @@ def compute(ctx: context.Context):
                   row_age[::context.grid_stride((v,), int(cfg.quantile_sample_size))], sfx)
     ctx.emit_buckets("aging/emb_row_age_mean" + sfx, row_age)
     ctx.emit_buckets("aging/emb_row_frac_older_than_H" + sfx, old)
-    if grp.v is not None and grp.s is not None:
+    if grp.v is not None and r.s is not None:
       vm = jnp.mean(grp.v[0].reshape(v, -1), axis=1)
-      sm = jnp.mean(grp.s[0].reshape(v, -1), axis=1) / s_bc
-      ok = jnp.any(grp.seen[0].reshape(v, -1), axis=1) & (vm > 0) & (sm > 0)
+      sm = r.s / s_bc  # the row mean of s (rows keep their own exact EMA of mean_row g^2)
+      ok = r.seen & (vm > 0) & (sm > 0)
       x = jnp.log(jnp.where(ok, vm, 1.0)) - jnp.log(jnp.where(ok, sm, 1.0))
       ctx.add_scalar("aging/emb_row_log_staleness_mean" + sfx,
                      context.safe_div(jnp.sum(jnp.where(ok, x, 0.0)), jnp.sum(ok)))

@@ -66,6 +66,15 @@ def default_config() -> ml_collections.ConfigDict:
   # 1-d histogram samples: this many evenly spaced quantiles of the entries (<= 23170).
   c.histogram_size = 1024
 
+  # --- per-entry counters (last active step, update count, update EMA, g^2 EMA) ---
+  # 0: kept for every parameter entry (exact; ~16 B/param of state read and written at every
+  # step). N > 0: kept on a fixed strided grid of at most ~N entries spread over the tensors in
+  # proportion to their sizes (diagnostics.entry_strides), as the quantiles already are: the
+  # per-entry update_freq*, active_frac_window, ages and log_staleness then estimate the
+  # all-entry values from that sample, and the per-step cost no longer grows with the model.
+  # Embedding-row and per-expert statistics stay exact (their own counters) either way.
+  c.entry_sample_size = 0
+
   # --- storage ---
   c.prev_grad_dtype = "float32"     # dtype of the stored g_{t-1} (drift): float32 or bfloat16
   return c

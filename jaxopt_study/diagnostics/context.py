@@ -113,11 +113,13 @@ class Group:
   shape: tuple                     # member shape
   size: int                        # member size
   start: int                       # index of the first member in the context's tensor order
+  grid: int = 1                    # stride of the per-entry counters' grid (core.entry_strides)
   g: Any = None                    # g_t
   p: Any = None                    # theta_t (before this step's update)
   u: Any = None                    # u_t (params_{t+1} = params_t + u_t)
   m: Any = None                    # first moment m_{t-1}
   v: Any = None                    # second moment v_{t-1} (reconstructed for Adafactor)
+  # Per-entry counters, on the grid x[:, ::grid, ::grid, ...] (all entries when grid == 1):
   age: Any = None                  # int32 t - last_active_t (t + 1: never active)
   seen: Any = None                 # bool: active at some step < t (v_{t-1} holds its gradient)
   count: Any = None                # int32 active steps incl. t
@@ -130,6 +132,16 @@ class Group:
   def n(self):
     return len(self.paths)
 
+  def on_grid(self, x):
+    """A full-shape stacked array [n, *shape] on the counters' grid (like ``age``, ``s``)."""
+    if x is None or self.grid == 1:
+      return x
+    return x[(slice(None),) + (slice(None, None, self.grid),) * len(self.shape)]
+
+  def grid_size(self):
+    """[n] float32: the number of entries on the counters' grid of each member."""
+    return jnp.full((self.n,), math.prod(-(-d // self.grid) for d in self.shape), jnp.float32)
+
 
 @dataclasses.dataclass
 class Rows:
@@ -138,6 +150,9 @@ class Rows:
   group: Group                        # its (singleton) group; arrays [1, V, D]
   count: Optional[jax.Array] = None   # int32 [V] steps in which the row was active
   ema: Optional[jax.Array] = None     # float32 [V] raw EMA of the row-active indicator
+  last_active: Optional[jax.Array] = None  # int32 [V] last step the row was active (-1: never)
+  seen: Optional[jax.Array] = None    # bool [V] the row was active at some step < t
+  s: Optional[jax.Array] = None       # float32 [V] raw EMA of the row mean of g^2
 
 
 @dataclasses.dataclass
@@ -153,6 +168,7 @@ class Context:
   energy_short: Optional[jax.Array] = None   # raw, per tensor in context order
   energy_long: Optional[jax.Array] = None
   init_grad_sq: Optional[jax.Array] = None   # |g_0(b)|^2 per tensor in context order (NaN: unseen)
+  experts: dict = dataclasses.field(default_factory=dict)  # DiagState.experts after this step
   names: list = dataclasses.field(default_factory=list)
   values: list = dataclasses.field(default_factory=list)
   hists: dict = dataclasses.field(default_factory=dict)
@@ -252,12 +268,14 @@ class Context:
     self.add([name + s for s in suffixes], combine(*sums))
 
   # ---- quantiles ----
-  def sample(self, g: Group, x, total: int):
+  def sample(self, x, total: int):
     """Strided-grid subsample of each member of x [n, *shape] -> [n, k] float32."""
-    budget = max(1, math.ceil(g.size * int(self.cfg.quantile_sample_size) / max(total, 1)))
-    s = grid_stride(g.shape, budget)
-    sl = (slice(None),) + tuple(slice(None, None, s) for _ in g.shape)
-    return x[sl].reshape(g.n, -1).astype(jnp.float32)
+    shape = tuple(x.shape[1:])
+    budget = max(1, math.ceil(math.prod(shape) * int(self.cfg.quantile_sample_size)
+                              / max(total, 1)))
+    s = grid_stride(shape, budget)
+    sl = (slice(None),) + tuple(slice(None, None, s) for _ in shape)
+    return x[sl].reshape(x.shape[0], -1).astype(jnp.float32)
 
   def emit_quantiles(self, name: str, fn: Callable[[Group], Any], hist: bool = False):
     """Quantiles (global, per kind) of fn(group) ([n, *shape] or None) over the groups."""
@@ -265,8 +283,8 @@ class Context:
     sel = [(g, x) for g, x in sel if x is not None]
     if not sel:
       return
-    total = sum(g.n * g.size for g, _ in sel)
-    samples = [(g.kind, self.sample(g, x, total).reshape(-1)) for g, x in sel]
+    total = sum(math.prod(x.shape) for _, x in sel)
+    samples = [(g.kind, self.sample(x, total).reshape(-1)) for g, x in sel]
     sets = [("", [s for _, s in samples])]
     if self.cfg.per_kind:
       for k in sorted({k for k, _ in samples}):

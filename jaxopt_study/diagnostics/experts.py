@@ -35,8 +35,11 @@ Aggregates over all (layer, expert) pairs: ``experts/got_grad_frac`` (mean of go
 ``experts/age_mean``, ``experts/frac_older_than_H`` (share of experts with age >= H = horizon),
 ``experts/log_staleness_mean`` (over experts where it is defined).
 
-Needs the counters of :mod:`.core` (``last_active`` for age/active_window, ``update_count``,
-``update_ema``, ``sq_ema``); a metric whose state is not allocated is absent.
+The counters behind age, update_freq(_ema) and log_staleness are exact per-expert sums kept by
+:mod:`.core` (``DiagState.experts``: last step with any active entry, the running sum and EMA of
+the share of active entries, the EMA of the sum of g^2), equal to the per-entry definitions
+above for every ``entry_sample_size``; a metric whose switch is off (``update_count``,
+``update_ema``, no second moment) is absent.
 """
 
 from __future__ import annotations
@@ -50,7 +53,11 @@ EXPERT_KIND = "moe_expert"
 
 
 def _per_expert(ctx: context.Context):
-  """{quantity: float32 [num_layers, E]} summed over each layer's expert tensors, and layers."""
+  """{quantity: float32 [num_layers, E]} summed over each layer's expert tensors, and layers.
+
+  zero / active / v come from this step's stacked groups; age, freq (sum over steps of the
+  share of active entries), ema (its EMA) and s (EMA of the sum of g^2) from the exact
+  per-expert counters ``ctx.experts`` (:class:`.core.DiagState`)."""
   cfg = ctx.cfg
   sums: dict[int, dict[str, list]] = {}
   for grp in ctx.groups:
@@ -63,14 +70,8 @@ def _per_expert(ctx: context.Context):
         "zero": jnp.sum(f32(grp.g == 0), axis=axes),
         "active": jnp.max(f32(jnp.abs(grp.g) > cfg.active_threshold), axis=axes),
     }
-    if grp.age is not None:
-      q["age"] = jnp.min(f32(grp.age), axis=axes)
-    if grp.count is not None:
-      q["count"] = jnp.sum(f32(grp.count), axis=axes)
-    if grp.ema is not None:
-      q["ema"] = jnp.sum(grp.ema, axis=axes)
-    if grp.v is not None and grp.s is not None:
-      q["v"], q["s"] = jnp.sum(grp.v, axis=axes), jnp.sum(grp.s, axis=axes)
+    if grp.v is not None:
+      q["v"] = jnp.sum(grp.v, axis=axes)
     for i, layer in enumerate(grp.layers):
       if layer is None:
         continue
@@ -80,11 +81,21 @@ def _per_expert(ctx: context.Context):
   layers = sorted(sums)
   if not layers:
     return {}, []
-  reducers = {"active": jnp.max, "age": jnp.min}
+  reducers = {"active": jnp.max}
   out = {}
   for name in sums[layers[0]]:
     red = reducers.get(name, jnp.sum)
     out[name] = jnp.stack([red(jnp.stack(sums[l][name]), axis=0) for l in layers])  # [L, E]
+  state = [ctx.experts.get(f"layer_{l:02d}") for l in layers]
+  if all(x is not None for x in state):
+    for name, key in (("last_active", "last_active"), ("freq", "active_frac"),
+                      ("ema", "active_frac_ema"), ("s", "sq_ema")):
+      if key in state[0]:
+        out[name] = jnp.stack([x[key] for x in state]).astype(jnp.float32)
+    if "last_active" in out:
+      out["age"] = ctx.step.astype(jnp.float32) - out.pop("last_active")
+  if "s" not in out:
+    out.pop("v", None)
   return out, layers
 
 
@@ -97,10 +108,10 @@ def compute(ctx: context.Context):
   names = lambda metric: [f"experts/{metric}/layer={l:02d}/expert={e:02d}"
                           for l in layers for e in range(num_experts)]
   per = {"grad_zero_frac": q["zero"] / q["size"], "got_grad": q["active"]}
-  if "count" in q:
-    per["update_freq"] = q["count"] / q["size"] / ctx.n.astype(jnp.float32)
+  if "freq" in q:
+    per["update_freq"] = q["freq"] / ctx.n.astype(jnp.float32)
   if "ema" in q:
-    per["update_freq_ema"] = q["ema"] / q["size"] / ctx.bias_correction(cfg.update_ema_decay)
+    per["update_freq_ema"] = q["ema"] / ctx.bias_correction(cfg.update_ema_decay)
   if "age" in q:
     per["age"] = q["age"]
     per["active_window"] = (q["age"] < cfg.window).astype(jnp.float32)

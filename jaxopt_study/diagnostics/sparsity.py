@@ -15,6 +15,12 @@ the counters), ``rms_b = sqrt(mean(g_b^2))``.
 * ``sparsity/active_frac_window``   = #{entries active at least once in steps max(0, t-W+1)..t}
   / N (W = window); an entry never active is not counted, also in the first W steps.
 
+The per-entry counters (c, e, the last active step) are kept for every entry, or, with
+``entry_sample_size`` > 0, for a fixed strided grid of entries of each tensor
+(``core.entry_strides``): then N in update_freq*, active_frac_window is the grid's size and
+those metrics estimate the all-entry values. zero_frac, small_frac and every row metric use all
+entries in both cases.
+
 Token-embedding rows (each ``(V, D)`` tensor of kind ``token_embedding``; a row is active at a
 step iff any of its entries is active):
 
@@ -51,27 +57,31 @@ def compute(ctx: context.Context):
     return red(jnp.abs(g.g) <= cfg.rel_threshold * rms), size(g)
   ctx.emit("sparsity/zero_frac", lambda g: (red(g.g == 0), size(g)), context.safe_div)
   ctx.emit("sparsity/small_frac", small, context.safe_div)
+  # Per-entry counters live on each tensor's grid (all entries unless entry_sample_size > 0).
+  grid = lambda g: g.grid_size()
   freq = lambda g: None if g.count is None else g.count.astype(jnp.float32) / nf
   ctx.emit("sparsity/update_freq_mean",
-           lambda g: None if g.count is None else (red(freq(g)), size(g)), context.safe_div)
+           lambda g: None if g.count is None else (red(freq(g)), grid(g)), context.safe_div)
   ctx.emit_quantiles("sparsity/update_freq", freq, hist=True)
   bc = ctx.bias_correction(cfg.update_ema_decay)
   ema = lambda g: None if g.ema is None else g.ema / bc
   ctx.emit("sparsity/update_freq_ema_mean",
-           lambda g: None if g.ema is None else (red(ema(g)), size(g)), context.safe_div)
+           lambda g: None if g.ema is None else (red(ema(g)), grid(g)), context.safe_div)
   ctx.emit_quantiles("sparsity/update_freq_ema", ema)
   # age <= t: active at some step 0..t (a never-active entry has age t + 1).
   window = lambda age: (age < cfg.window) & (age <= ctx.step)
-  ctx.emit("sparsity/active_frac_window", lambda g: (red(window(g.age)), size(g)),
+  ctx.emit("sparsity/active_frac_window",
+           lambda g: None if g.age is None else (red(window(g.age)), grid(g)),
            context.safe_div)
 
   for r in ctx.rows:
     sfx = f"/param={r.path}" if len(ctx.rows) > 1 else ""
     g = r.group.g[0].reshape(r.group.shape[0], -1)
     zero_rows = jnp.all(g == 0, axis=1).astype(jnp.float32)
-    row_age = jnp.min(r.group.age[0].reshape(g.shape[0], -1), axis=1)
-    active_w = window(row_age).astype(jnp.float32)
-    stats = [("zero_frac", zero_rows, False), ("active_frac_window", active_w, False)]
+    stats = [("zero_frac", zero_rows, False)]
+    if r.last_active is not None:
+      stats.append(("active_frac_window", window(ctx.step - r.last_active).astype(jnp.float32),
+                    False))
     if r.count is not None:
       stats.append(("update_freq", r.count.astype(jnp.float32) / nf, True))
     if r.ema is not None:
