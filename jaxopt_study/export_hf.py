@@ -98,11 +98,13 @@ def gpt2_state_dict(p, cfg: gpt.GPTConfig, *,
     raise ValueError(f"vocab_size={v} must be in [1, {cfg.vocab_size}] (the checkpoint's rows).")
   f32 = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))
   d = cfg.d_model
+  # use_bias=False: HF GPT-2 always has biases; zeros compute the same function.
+  bias = lambda m, n: f32(m["bias"]) if "bias" in m else np.zeros(n, np.float32)
   out = {
       "transformer.wte.weight": f32(p["wte"]["embedding"])[:v],
       "transformer.wpe.weight": f32(p["wpe"]["embedding"]),
       "transformer.ln_f.weight": f32(p["ln_f"]["scale"]),
-      "transformer.ln_f.bias": f32(p["ln_f"]["bias"]),
+      "transformer.ln_f.bias": bias(p["ln_f"], d),
   }
   for i in range(cfg.num_layers):
     b, h = p[f"block_{i}"], f"transformer.h.{i}."
@@ -110,18 +112,19 @@ def gpt2_state_dict(p, cfg: gpt.GPTConfig, *,
     qkv = ("query", "key", "value")
     out.update({
         h + "ln_1.weight": f32(b["ln_attn"]["scale"]),
-        h + "ln_1.bias": f32(b["ln_attn"]["bias"]),
+        h + "ln_1.bias": bias(b["ln_attn"], d),
         h + "attn.c_attn.weight": np.concatenate(
             [f32(attn[n]["kernel"]).reshape(d, -1) for n in qkv], axis=1),  # [D, 3D]
-        h + "attn.c_attn.bias": np.concatenate([f32(attn[n]["bias"]).reshape(-1) for n in qkv]),
+        h + "attn.c_attn.bias": np.concatenate(
+            [bias(attn[n], attn[n]["kernel"].shape[1:]).reshape(-1) for n in qkv]),
         h + "attn.c_proj.weight": f32(attn["out"]["kernel"]).reshape(-1, d),  # [H*K, D]
-        h + "attn.c_proj.bias": f32(attn["out"]["bias"]),
+        h + "attn.c_proj.bias": bias(attn["out"], d),
         h + "ln_2.weight": f32(b["ln_mlp"]["scale"]),
-        h + "ln_2.bias": f32(b["ln_mlp"]["bias"]),
+        h + "ln_2.bias": bias(b["ln_mlp"], d),
         h + "mlp.c_fc.weight": f32(mlp["fc"]["kernel"]),
-        h + "mlp.c_fc.bias": f32(mlp["fc"]["bias"]),
+        h + "mlp.c_fc.bias": bias(mlp["fc"], mlp["fc"]["kernel"].shape[1]),
         h + "mlp.c_proj.weight": f32(mlp["proj"]["kernel"]),
-        h + "mlp.c_proj.bias": f32(mlp["proj"]["bias"]),
+        h + "mlp.c_proj.bias": bias(mlp["proj"], d),
     })
   if not cfg.tie_embeddings:
     out["lm_head.weight"] = f32(p["lm_head"]["kernel"]).T[:v]  # [V, D]

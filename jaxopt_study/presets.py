@@ -44,6 +44,9 @@ def get_config(preset: str | None = None, optimizer: str = "adamw") -> ml_collec
   m.max_len = 64  # Learned position embeddings; sequences may not be longer.
   m.dropout_rate = 0.0  # 0: modern LM pre-training practice (nanoGPT, OLMo) at these scales.
   m.ln_position = "pre"  # 'pre' (GPT-2) or 'post'; post-LN raises gradient heterogeneity.
+  # Biases in the attention and MLP projections and the LayerNorms (GPT-2). False: none, as in
+  # nanoGPT's bench.py (bias=False) and most recent LMs; MoE experts keep theirs.
+  m.use_bias = True
   # Untied by default: tied output weights make every embedding row's gradient dense.
   m.tie_embeddings = False
   m.dtype = "float32"  # Compute dtype; parameters stay float32. 'bfloat16' on GPU/TPU.

@@ -32,8 +32,10 @@ then completed from its last good checkpoint, records no divergence), as are ``e
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -65,7 +67,7 @@ NON_TRAJECTORY = ("log_every", "sync_every", "eval_every", "checkpoint_every", "
 # computed without the field (:func:`config_fingerprints`), so the runs recorded before keep
 # their identity (e.g. the committed WikiText study, trained before the synthetic corpus got
 # ``eval_at``). Add a field here only with the value that keeps the old behaviour.
-ADDED_FIELDS = {"data.synthetic.eval_at": "seen"}
+ADDED_FIELDS = {"data.synthetic.eval_at": "seen", "model.use_bias": True}
 
 
 # ----------------------------------------------------------------------------- JSON files
@@ -170,15 +172,27 @@ def _canonical(x):
   return str(x)
 
 
-def _pop(tree: dict, dotted: str, only_if=None) -> None:
-  """Removes ``tree[a][b]...`` (``dotted`` = 'a.b...') if present (and equal to ``only_if``)."""
+_MISSING = object()
+
+
+def _get(tree: dict, dotted: str):
+  """``tree[a][b]...`` (``dotted`` = 'a.b...'), or a sentinel when absent."""
+  node = tree
+  for p in dotted.split("."):
+    if not isinstance(node, dict) or p not in node:
+      return _MISSING
+    node = node[p]
+  return node
+
+
+def _pop(tree: dict, dotted: str) -> None:
+  """Removes ``tree[a][b]...`` (``dotted`` = 'a.b...') if present."""
   node, parts = tree, dotted.split(".")
   for p in parts[:-1]:
     node = node.get(p) if isinstance(node, dict) else None
     if node is None:
       return
-  if isinstance(node, dict) and parts[-1] in node and (
-      only_if is None or node[parts[-1]] == only_if):
+  if isinstance(node, dict) and parts[-1] in node:
     node.pop(parts[-1])
 
 
@@ -205,10 +219,15 @@ def config_fingerprints(config) -> set[str]:
   :func:`config_fingerprint`, and the one without the :data:`ADDED_FIELDS` that hold their
   old-behaviour value (a run recorded before those fields existed)."""
   tree = trajectory_config(config)
-  out = {_hash(tree)}
-  for dotted, before in ADDED_FIELDS.items():
-    _pop(tree, dotted, only_if=before)
-  return out | {_hash(tree)}
+  old = [d for d, before in ADDED_FIELDS.items() if _get(tree, d) == before]
+  out = set()
+  for k in range(len(old) + 1):  # a run may predate any subset of them
+    for fields in itertools.combinations(old, k):
+      t = copy.deepcopy(tree)
+      for dotted in fields:
+        _pop(t, dotted)
+      out.add(_hash(t))
+  return out
 
 
 def same_trajectory(a, b) -> bool:

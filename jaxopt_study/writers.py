@@ -239,14 +239,18 @@ class Throughput:
 
   def __init__(self, tokens_per_step: int):
     self._tokens_per_step = tokens_per_step
-    self._t0 = self._step0 = None
+    self._t0 = self._step0 = self._last = None
     self.tokens_per_second: float | None = None
 
   def update(self, step: int) -> float | None:
+    """Called at each host sync; returns tokens/s since the first sync (None at the first, and
+    at a repeated sync of the same step, e.g. the loop's final one after the last evaluation,
+    which would otherwise count that evaluation as training time)."""
     now = time.perf_counter()
     if self._t0 is None:
-      self._t0, self._step0 = now, step
-    elif step > self._step0:
+      self._t0, self._step0, self._last = now, step, step
+    elif step > self._last:
+      self._last = step
       self.tokens_per_second = (step - self._step0) * self._tokens_per_step / (now - self._t0)
       return self.tokens_per_second
     return None

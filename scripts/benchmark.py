@@ -65,6 +65,9 @@ flags.DEFINE_integer("warmup", 5, "Untimed steps per setting after compilation."
 flags.DEFINE_string("append", None, "Markdown file to append the table to (e.g. BENCHMARKS.md).")
 flags.DEFINE_string("json_out", None, "Also write the rows as JSON here.")
 flags.DEFINE_bool("breakdown", False, "Also time forward and forward+backward alone (first setting).")
+flags.DEFINE_integer("loop_steps", 0, "Also train each setting with train.train_and_evaluate "
+                     "itself for this many steps (in a temporary workdir) and report the loop's "
+                     "tokens/s beside the step's (issue 8: the loop within 2% of the step).")
 flags.DEFINE_string("profile", None, "Trace the first setting into this folder; print top kernels.")
 
 
@@ -196,6 +199,22 @@ def profile_steps(run, state, step: int, steps: int, out_dir: str, top: int = 30
   return state, "\n".join(lines)
 
 
+def loop_tokens_per_sec(config, steps: int) -> float:
+  """tokens/s of ``train.train_and_evaluate`` itself (metric buffer, probes, progress, preemption
+  checks, host syncs: everything the loop adds to the step) on ``config`` for ``steps`` steps:
+  its own ``results.tokens_per_second``, between its first and last host sync (every quarter of
+  the run, in whole diagnostics periods), so compilation, the final evaluation and the final
+  checkpoint are not counted."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  c = config.copy_and_resolve_references()
+  period = c.diagnostics.every if c.diagnostics.enabled else 1
+  c.num_steps = steps
+  c.sync_every = max(period, steps // 4 // period * period)
+  c.eval_every = c.checkpoint_every = steps
+  with tempfile.TemporaryDirectory() as workdir:
+    return float(train.train_and_evaluate(c, workdir).tokens_per_second)
+
+
 def _median_ms(fn, *args, reps=10, donates=False):
   """Median device-synchronised time of fn(*args); a donating fn is fed its own output."""
   out = jax.block_until_ready(fn(*args))
@@ -278,6 +297,9 @@ def main(argv):
                    "diagnostics": d, "error": msg})
       continue
     row["mfu_pct"] = 100 * row["tokens_per_sec"] * row["flops_per_token"] / (rate * 1e12 * row["devices"])
+    if FLAGS.loop_steps:
+      row["loop_tokens_per_sec"] = loop_tokens_per_sec(config, FLAGS.loop_steps)
+      row["loop_vs_step_pct"] = 100 * (row["tokens_per_sec"] / row["loop_tokens_per_sec"] - 1)
     rows.append(row)
     print(json.dumps(row), flush=True)
     if FLAGS.json_out:  # after every row: a run cut short keeps what it measured
@@ -300,20 +322,22 @@ def render(rows, device, rate) -> str:
       f"`{' '.join(['python'] + sys.argv)}`\n\n"
       f"jax {jax.__version__}; measured bf16 matmul rate {rate:.3g} TFLOP/s per device.\n\n"
       "| optimizer | batch | tied | diagnostics | step ms | spread ms | tokens/s | MFU % | "
-      "compile s | step GiB | peak GiB | input wait % |\n"
-      "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+      "compile s | step GiB | peak GiB | input wait % | loop tokens/s (step - loop) |\n"
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
   )
   lines = []
   for r in rows:
     if "error" in r:
       lines.append(f"| {r['optimizer']} | {r['batch']} | {r['tied']} | {r['diagnostics']} | "
-                   f"failed: {r['error']} | | | | | | | |")
+                   f"failed: {r['error']} | | | | | | | | |")
       continue
     lines.append(
         f"| {r['optimizer']} | {r['batch']} | {r['tied']} | {r['diagnostics']} | "
         f"{r['step_ms']:.1f} | {r['step_ms_spread']:.1f} | {r['tokens_per_sec']:,.0f} | "
         f"{r['mfu_pct']:.1f} | {r['compile_s']:.0f} | {r['step_gib']:.1f} | {r['peak_gib']:.1f} | "
-        f"{r['input_wait_pct']:.2f} |"
+        f"{r['input_wait_pct']:.2f} | "
+        + (f"{r['loop_tokens_per_sec']:,.0f} ({r['loop_vs_step_pct']:+.1f}%) |"
+           if "loop_tokens_per_sec" in r else "|")
     )
   return head + "\n".join(lines)
 

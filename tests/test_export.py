@@ -93,6 +93,7 @@ CASES = {
     "tied": (dict(tie_embeddings=True), None),
     "untied_cropped": (dict(tie_embeddings=False), V_DATA),
     "tied_cropped": (dict(tie_embeddings=True), V_DATA),
+    "no_bias": (dict(tie_embeddings=True, use_bias=False), None),  # exported with zero biases
 }
 
 
@@ -104,6 +105,12 @@ def exported(request, tmp_path_factory):
   out = export_hf.export(params, cfg, str(tmp_path_factory.mktemp(request.param)), vocab_size=vocab)
   ours = np.asarray(gpt.GPT(cfg).apply({"params": params}, _tokens()))
   return out, ours[..., : vocab or V_PADDED]
+
+
+def test_use_bias_false_leaves_no_bias_parameter():
+  params = _params(dataclasses.replace(CFG, use_bias=False))
+  paths = ["/".join(str(k.key) for k in kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  assert paths and not [p for p in paths if p.endswith("bias")]
 
 
 def test_numpy_gpt2_reproduces_our_logits(exported):

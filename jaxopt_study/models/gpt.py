@@ -62,6 +62,7 @@ class GPTConfig:
   mlp_dim: int
   dropout_rate: float = 0.0
   ln_position: str = "pre"
+  use_bias: bool = True  # projection and LayerNorm biases (GPT-2); MoE experts keep theirs
   tie_embeddings: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -109,7 +110,7 @@ class Projection(nn.Module):
         cfg.param_dtype,
     )
     y = jnp.einsum(self.spec, x.astype(cfg.dtype), kernel.astype(cfg.dtype))
-    if self.use_bias:
+    if self.use_bias and cfg.use_bias:
       bias_shape = self.shape[-self.bias_ndim:]
       bias = self.param(
           "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[-self.bias_ndim:]),
@@ -124,6 +125,7 @@ def _layer_norm(name, cfg: GPTConfig):
       epsilon=1e-5,
       dtype=cfg.dtype,
       param_dtype=cfg.param_dtype,
+      use_bias=cfg.use_bias,
       scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
       name=name,
@@ -297,6 +299,7 @@ def from_config(model_config, vocab_size: int) -> GPTConfig:
       mlp_dim=m.mlp_ratio * m.d_model,
       dropout_rate=m.dropout_rate,
       ln_position=m.ln_position,
+      use_bias=bool(m.get("use_bias", True)),  # configs saved before the field: GPT-2's biases
       tie_embeddings=m.tie_embeddings,
       dtype=_DTYPES[m.dtype],
       attention_impl=attention_impl,
