@@ -67,12 +67,16 @@ prev_sign          1      sign (int8)
 total              21     (17 for SGD / Lion / SignSGD when init gets their opt_state)
 =================  =====  ==========================================================
 
-plus small replicated leaves: 8 B per parameter tensor (energy EMAs), 4 B per parameter tensor
-(heterogeneity: gradient norms at step 0, written by the full step at step 0 only), 8 B per
-token-embedding row (row count and EMA), 4 B per vocab entry (bucket table). Per-step traffic of
-a 'counters' step: read g once, read+write last_active, update_count, update_ema, sq_ema
-(32 B/param); a 'prev' step also writes prev_grad and prev_sign (5 B/param). Everything else
-(the idle family, quantiles and histograms included) runs on full steps only.
+With ``cfg.entry_sample_size`` = N > 0 the first four are not per parameter: each is one vector
+over a fixed strided grid of at most ~N entries (``entry_strides``), 16 B per grid entry in all,
+and the total is 5 B/param. Plus small replicated leaves: 8 B per parameter tensor (energy
+EMAs), 4 B per parameter tensor (heterogeneity: gradient norms at step 0, written by the full
+step at step 0 only), 16 B per token-embedding row and per expert (their exact counters: last
+active step, count or summed active share, EMA, g^2 EMA), 4 B per vocab entry (bucket table).
+Per-step traffic of a 'counters' step: read g once (the per-tensor energies, the row and expert
+counters), read+write the four per-entry counters (32 B/param, or 32 B per grid entry when
+sampled); a 'prev' step also writes prev_grad and prev_sign (5 B/param). Everything else (the
+idle family, quantiles and histograms included) runs on full steps only.
 ``scripts/diag_cost.py`` prints XLA's bytes and kernel counts of each step variant (numbers in
 BENCHMARKS.md).
 """
