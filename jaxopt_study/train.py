@@ -481,11 +481,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> rundi
 
     def sync(step) -> bool:
       """Host sync: writes the buffered metrics; True once the run has diverged."""
+      diverged = int(state.diverged_at) >= 0  # waits for the step: the clock below is exact
       buffer.flush()
       lock.heartbeat()
       if (tps := speed.update(step)) is not None:
         writer.write_scalars(step, {"train/tokens_per_sec": tps})
-      return int(state.diverged_at) >= 0
+      return diverged
 
     status, diverged, last_eval = "completed", False, {}
     for step in range(start_step + 1, total + 1):  # `step`: steps done once this one is

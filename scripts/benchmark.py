@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import gc
 import glob
 import gzip
 import importlib
@@ -291,6 +292,7 @@ def main(argv):
     opt, b = config.optimizer.name, config.batch_size
     d = config.diagnostics.every if config.diagnostics.enabled else "off"
     windows = -(-FLAGS.steps // FLAGS.window) if FLAGS.steps else FLAGS.windows
+    gc.collect()  # the previous setting's buffers, before this one's large temporaries
     try:
       row = bench_one(config, windows, FLAGS.window, FLAGS.warmup,
                       FLAGS.profile if i == 0 else None)
@@ -302,6 +304,7 @@ def main(argv):
       continue
     row["mfu_pct"] = 100 * row["tokens_per_sec"] * row["flops_per_token"] / (rate * 1e12 * row["devices"])
     if FLAGS.loop_steps:
+      gc.collect()
       row["loop_tokens_per_sec"] = loop_tokens_per_sec(config, FLAGS.loop_steps)
       row["loop_vs_step_pct"] = 100 * (row["tokens_per_sec"] / row["loop_tokens_per_sec"] - 1)
     rows.append(row)

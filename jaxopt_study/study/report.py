@@ -168,7 +168,8 @@ def header_section(study: Study) -> list[str]:
   sessions = rundir.read_json(os.path.join(study.study_dir, "sessions.json")) or []
   for s in sessions:
     out.append(f"- ran {s.get('start')} to {s.get('end')} ({s.get('wall_s', 0) / 60:.1f} min) on "
-               f"{s.get('device')}, {s.get('processes')} process(es): {s.get('command')}")
+               f"{s.get('device')}, {s.get('processes')} process(es): {s.get('command')}"
+               + (f" ({s['note']})" if s.get("note") else ""))
   return out + ([""] if sessions else [])
 
 
