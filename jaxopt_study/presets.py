@@ -123,6 +123,7 @@ def get_config(preset: str | None = None, optimizer: str = "adamw") -> ml_collec
     # Per-entry counters on ~1M sampled entries (shares to ~0.1%): on all 124M they move 32 B
     # per parameter every step, ~2% of the step on an H100 (BENCHMARKS.md, issue 8).
     config.diagnostics.entry_sample_size = 2 ** 20
+    config.probes.every = 100  # a forward with explicit attention: ~1% of the step every 10
   elif preset == "gpt2_xl":
     m.num_layers, m.d_model, m.num_heads, m.max_len = 48, 1600, 25, 1024
     m.dtype = "bfloat16"
@@ -135,4 +136,5 @@ def get_config(preset: str | None = None, optimizer: str = "adamw") -> ml_collec
     s.warmup_steps = 700
     config.log_every, config.eval_every, config.checkpoint_every = 50, 1000, 1000
     config.diagnostics.entry_sample_size = 2 ** 20  # as gpt2_small
+    config.probes.every = 100
   return config

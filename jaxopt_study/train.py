@@ -469,7 +469,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> rundi
     stack.callback(writer.close)
     if start_step == 0:
       writer.write_hparams(writers.hparams(config))
-    buffer, speed = writers.MetricBuffer(writer), writers.Throughput(results.tokens_per_step)
+    # Every write goes through the buffer: fetched at host syncs, written on a background thread.
+    buffer = writers.MetricBuffer(writer, asynchronous=True)
+    stack.callback(buffer.close)  # before writer.close (LIFO): every entry is written
+    speed = writers.Throughput(results.tokens_per_step)
     progress = writers.report_progress(total, writer)
     preemption = checkpointing.Preemption(ckpt)
     stack.callback(preemption.close)
@@ -482,10 +485,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> rundi
     def sync(step) -> bool:
       """Host sync: writes the buffered metrics; True once the run has diverged."""
       diverged = int(state.diverged_at) >= 0  # waits for the step: the clock below is exact
+      if (tps := speed.update(step)) is not None:
+        buffer.add(step, {"train/tokens_per_sec": tps})
       buffer.flush()
       lock.heartbeat()
-      if (tps := speed.update(step)) is not None:
-        writer.write_scalars(step, {"train/tokens_per_sec": tps})
       return diverged
 
     status, diverged, last_eval = "completed", False, {}
@@ -505,14 +508,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> rundi
         last_eval = {split: evaluate(eval_fn, state, ds.eval_batches(split), s.batch_sharding)
                      for split in ds.eval_splits}
         for split, ev in last_eval.items():
-          writer.write_scalars(step, eval_scalars(split, ev))
+          buffer.add(step, eval_scalars(split, ev))
       if step % config.checkpoint_every == 0 and step != total:
         if diverged := sync(step):  # only finite states are saved
           break
         checkpointing.save(ckpt, step, state)
     if sync(int(state.step)) or diverged:
       status = "diverged"
-      writer.write_scalars(int(state.diverged_at), {"train/diverged": 1.0})
+      buffer.add(int(state.diverged_at), {"train/diverged": 1.0})
       logging.warning("diverged at step %d: non-finite loss, gradient, update or parameters",
                       int(state.diverged_at))
     elif int(state.step) > 0 and ckpt.latest_step() != int(state.step):
