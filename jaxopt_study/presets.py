@@ -124,6 +124,9 @@ def get_config(preset: str | None = None, optimizer: str = "adamw") -> ml_collec
     # per parameter every step, ~2% of the step on an H100 (BENCHMARKS.md, issue 8).
     config.diagnostics.entry_sample_size = 2 ** 20
     config.probes.every = 100  # a forward with explicit attention: ~1% of the step every 10
+    # Per-layer and per-kind aggregates only: /param=<path> adds ~4500 scalars per full step,
+    # ~70 ms of host writing while the GPU waits (BENCHMARKS.md, issue 8).
+    config.diagnostics.per_param = False
   elif preset == "gpt2_xl":
     m.num_layers, m.d_model, m.num_heads, m.max_len = 48, 1600, 25, 1024
     m.dtype = "bfloat16"
@@ -137,4 +140,5 @@ def get_config(preset: str | None = None, optimizer: str = "adamw") -> ml_collec
     config.log_every, config.eval_every, config.checkpoint_every = 50, 1000, 1000
     config.diagnostics.entry_sample_size = 2 ** 20  # as gpt2_small
     config.probes.every = 100
+    config.diagnostics.per_param = False  # as gpt2_small
   return config

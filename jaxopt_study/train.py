@@ -469,9 +469,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> rundi
     stack.callback(writer.close)
     if start_step == 0:
       writer.write_hparams(writers.hparams(config))
-    # Every write goes through the buffer: fetched at host syncs, written on a background thread.
-    buffer = writers.MetricBuffer(writer, asynchronous=True)
-    stack.callback(buffer.close)  # before writer.close (LIFO): every entry is written
+    # Every write goes through the buffer: kept on the device, fetched and written at host syncs.
+    buffer = writers.MetricBuffer(writer)
+    stack.callback(buffer.flush)  # before writer.close (LIFO): e.g. train/diverged
     speed = writers.Throughput(results.tokens_per_step)
     progress = writers.report_progress(total, writer)
     preemption = checkpointing.Preemption(ckpt)

@@ -9,7 +9,6 @@ names, so ``train.py`` never knows which one it has.
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import logging
 import time
@@ -213,46 +212,21 @@ class MetricBuffer:
   ``add`` costs no device-to-host transfer, so a run can record every step's loss (the study's
   spike rule needs them) without syncing every step; ``flush`` fetches everything pending,
   writes scalars and histogram samples, and remembers the last finite ``train/*`` scalars of
-  a step's record (one with ``train/loss``). With ``asynchronous=True`` the writing (thousands of diagnostics scalars per full step: about
-  a second on the host for gpt2_small, BENCHMARKS.md) runs on one background thread, in order,
-  while the host dispatches the next steps (CLU's AsyncWriter does this for its TensorBoard
-  writer, but needs TensorFlow); ``wait`` or ``close`` before reading ``last_train``.
+  a step's record (one with ``train/loss``). The writing runs on the host while the device
+  waits (a background thread measured slower: it contends for the GIL with the dispatch of the
+  next steps, BENCHMARKS.md), so a full diagnostics step's scalars cost their write time.
   """
 
-  def __init__(self, writer, asynchronous: bool = False):
+  def __init__(self, writer):
     self._writer = writer
     self._pending = []  # [(step, device metrics)]
     self.last_train: dict[str, float] = {}
-    self._pool = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="metric_writes")
-                  if asynchronous else None)
-    self._job = None  # the last flush's write (asynchronous)
 
   def add(self, step: int, metrics: Mapping[str, Any]) -> None:
     self._pending.append((step, metrics))
 
   def flush(self) -> None:
-    """Fetches everything pending (one transfer) and writes it, now or on the writer thread
-    (where an error surfaces at the next flush, wait or close)."""
     host, self._pending = jax.device_get(self._pending), []
-    if self._pool is None:
-      self._write(host)
-      return
-    if self._job is not None and self._job.done():
-      self._job.result()
-    self._job = self._pool.submit(self._write, host)
-
-  def wait(self) -> None:
-    """Blocks until every flushed entry is written."""
-    if self._job is not None:
-      self._job.result()
-
-  def close(self) -> None:
-    self.flush()
-    self.wait()
-    if self._pool is not None:
-      self._pool.shutdown()
-
-  def _write(self, host) -> None:
     for step, m in host:
       m = dict(m)
       m.update(m.pop("diagnostics", {}))  # A diagnostics.Metrics: packed scalars and histograms
