@@ -47,7 +47,7 @@ class DiagState(NamedTuple):
                                #   active = any entry active), 'sq_ema': float32 [V] (EMA of
                                #   the row mean of g^2)}}: exact for every entry_sample_size
   token_bucket: Any = None     # int32 [V]: token-frequency bucket of each token id
-  experts: Any = None          # {layer 'NN': {'last_active': int32 [E] (any entry active),
+  experts: Any = None          # {'layer_NN': {'last_active': int32 [E] (any entry active),
                                #   'active_frac': float32 [E] (sum over steps of the share of
                                #   the expert's entries active), 'active_frac_ema': float32 [E]
                                #   (EMA of that share), 'sq_ema': float32 [E] (EMA of the sum of
@@ -84,11 +84,9 @@ def entry_strides(params, cfg) -> dict[str, int]:
           for p, x in flat.items()}
 
 
-def on_grid(x, stride: int, lead: int = 0):
-  """``x[::stride, ::stride, ...]`` over all axes but the first ``lead`` (stacking) axes."""
-  if stride == 1:
-    return x
-  return x[(slice(None),) * lead + (slice(None, None, stride),) * (x.ndim - lead)]
+def on_grid(x, stride: int):
+  """``x[::stride, ::stride, ...]``: a tensor's entries on its counters' grid."""
+  return x if stride == 1 else x[(slice(None, None, stride),) * x.ndim]
 
 
 def _grid_shapes(params, strides) -> dict[str, tuple]:
