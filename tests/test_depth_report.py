@@ -326,3 +326,14 @@ def test_runner_scores_best_rate_runs_and_survives_a_failure(tmp_path, monkeypat
   row = _row(tab, "base", "adamw", "layer_scores", "usefulness_loss_increase", 0)
   assert row["n"] == 1 and np.isclose(row["mean"], res["usefulness"]["loss_increase"][0])
   assert not depth.has(tab, "variance")
+  # retrain_for_layer_scores trains it again beside its record, which stays as it was.
+  rd1 = tmp_path / by[(best, 1)]["workdir"]
+  recorded = (rd1 / "results.json").read_text()
+  config.retrain_for_layer_scores = True
+  calls.clear()
+  again = {(r["learning_rate"], r["seed"]): r for r in
+           runner.run_study(config, str(tmp_path), progress=False)["runs"]}
+  assert sorted(calls) == ["retrain", "seed=0"]  # seed 0's stale analysis is redone too
+  assert again[(best, 1)]["analysis"].startswith("done (retrained")
+  assert analysis_files.read(str(rd1))["step"] == 4 and not (rd1 / "retrain").exists()
+  assert (rd1 / "results.json").read_text() == recorded and not (rd1 / "checkpoints").exists()

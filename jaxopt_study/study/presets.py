@@ -127,6 +127,9 @@ def get_config(preset=None) -> ml_collections.ConfigDict:
   # section reads. Skipped where analysis.json is newer than the checkpoint; a failure is logged
   # and recorded in study.json, and never stops the study.
   c.analyze_layers = False
+  # With analyze_layers: a best-rate run finished elsewhere (seeded with --from_archive, no
+  # checkpoint here) is trained again in RUN/retrain for its scores; its recorded results stay.
+  c.retrain_for_layer_scores = False
 
   # ---------------------------------------------------------------- report (study/report.py)
   # Spike rule, shift recovery, frequency buckets, staleness window, smoke_test: every field

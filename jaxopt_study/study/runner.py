@@ -530,17 +530,41 @@ class _Runner:
       if analysis_files.is_current(rd):
         e["analysis"] = "done"
         continue
-      if not rundir.checkpoint_steps(rd):
+      retrain = not rundir.checkpoint_steps(rd)
+      if retrain and not self.study.get("retrain_for_layer_scores", False):
         e["analysis"] = "skipped: no checkpoint in this run directory (trained elsewhere)"
         continue
       self.bar.set_postfix_str(f"{condition}/{opt} seed={e['seed']} (layer scores)")
       try:
-        analysis_report.analyze_run(rd)
-        e["analysis"] = "done"
+        if retrain:
+          e["analysis"] = self.retrain_and_analyze(e, rd)
+        else:
+          analysis_report.analyze_run(rd)
+          e["analysis"] = "done"
       except Exception as ex:  # pylint: disable=broad-except
         logging.exception("layer scores of run %s failed", e["workdir"])
         e["analysis"] = f"failed: {type(ex).__name__}: {ex}"
       self.save()
+
+  def retrain_and_analyze(self, e: dict, rd: str) -> str:
+    """Layer scores of a finished run whose checkpoints are elsewhere (``retrain_for_layer_scores``):
+    trains its config again in ``RUN/retrain`` (its recorded results stay as they are), writes
+    the analysis of that checkpoint to ``RUN/analysis/``, then deletes the retrained run."""
+    import shutil  # pylint: disable=g-import-not-at-top
+    from jaxopt_study.analysis import report as analysis_report  # pylint: disable=g-import-not-at-top
+
+    tmp = os.path.join(rd, "retrain")
+    shutil.rmtree(tmp, ignore_errors=True)  # a retrain cut short starts again
+    config = run_config(self.study, e["condition"], e["optimizer"], e["learning_rate"], e["seed"])
+    again = train.train_and_evaluate(config, tmp)
+    analysis_report.analyze_run(tmp)
+    out = os.path.join(rd, analysis_report.DIRNAME)
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.move(os.path.join(tmp, analysis_report.DIRNAME), out)
+    shutil.rmtree(tmp)
+    recorded = rundir.RunResults.load(rd)
+    return (f"done (retrained here: final validation loss {again.final_eval_loss:.4f}, "
+            f"recorded {recorded.final_eval_loss:.4f})")
 
   def records(self, condition: str, optimizer: str) -> list[tuple[float, str, Optional[float]]]:
     """(lr, status, validation loss) of the sweep-seed runs of (condition, optimizer)."""
