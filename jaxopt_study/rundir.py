@@ -216,8 +216,8 @@ def config_fingerprint(config) -> str:
 
 def config_fingerprints(config) -> set[str]:
   """Every fingerprint under which ``config``'s trajectory may have been recorded: today's
-  :func:`config_fingerprint`, and the one without the :data:`ADDED_FIELDS` that hold their
-  old-behaviour value (a run recorded before those fields existed)."""
+  :func:`config_fingerprint`, and those without any subset of the :data:`ADDED_FIELDS` that
+  hold their old-behaviour value (a run recorded before those fields existed)."""
   tree = trajectory_config(config)
   old = [d for d, before in ADDED_FIELDS.items() if _get(tree, d) == before]
   out = set()
