@@ -187,13 +187,10 @@ def _get(tree: dict, dotted: str):
 
 def _pop(tree: dict, dotted: str) -> None:
   """Removes ``tree[a][b]...`` (``dotted`` = 'a.b...') if present."""
-  node, parts = tree, dotted.split(".")
-  for p in parts[:-1]:
-    node = node.get(p) if isinstance(node, dict) else None
-    if node is None:
-      return
-  if isinstance(node, dict) and parts[-1] in node:
-    node.pop(parts[-1])
+  parent, _, last = dotted.rpartition(".")
+  node = _get(tree, parent) if parent else tree
+  if isinstance(node, dict):
+    node.pop(last, None)
 
 
 def trajectory_config(config) -> dict:

@@ -48,7 +48,7 @@ class TensorboardXWriter:
 
     values = [Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
     if values:
-      self._tb._get_file_writer().add_summary(Summary(value=values), step)  # pylint: disable=protected-access
+      self._tb.file_writer.add_summary(Summary(value=values), step)
 
   def write_histograms(self, step: int, arrays: Mapping[str, Any], num_buckets=None):
     for k, v in arrays.items():

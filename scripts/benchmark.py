@@ -202,16 +202,15 @@ def profile_steps(run, state, step: int, steps: int, out_dir: str, top: int = 30
   return state, "\n".join(lines)
 
 
-def loop_tokens_per_sec(config, steps: int) -> float:
+def loop_tokens_per_sec(config) -> float:
   """tokens/s of ``train.train_and_evaluate`` itself (metric buffer, probes, progress, preemption
-  checks, host syncs: everything the loop adds to the step) on ``config`` for ``steps`` steps:
-  its own ``results.tokens_per_second``, between its first and last host sync (every quarter of
-  the run, in whole diagnostics periods), so compilation, the final evaluation and the final
-  checkpoint are not counted."""
+  checks, host syncs: everything the loop adds to the step) on ``config`` for its
+  ``num_steps``: its own ``results.tokens_per_second``, between its first and last host sync
+  (every quarter of the run, in whole diagnostics periods), so compilation, the final
+  evaluation and the final checkpoint are not counted."""
   import tempfile  # pylint: disable=g-import-not-at-top
   c = config.copy_and_resolve_references()
-  period = c.diagnostics.every if c.diagnostics.enabled else 1
-  c.num_steps = steps  # as the setting's (main): the same step, so a compilation cache hits
+  period, steps = (c.diagnostics.every if c.diagnostics.enabled else 1), c.num_steps
   c.sync_every = max(period, steps // 4 // period * period)
   c.eval_every = c.checkpoint_every = steps
   with tempfile.TemporaryDirectory() as workdir:
@@ -305,7 +304,7 @@ def main(argv):
     row["mfu_pct"] = 100 * row["tokens_per_sec"] * row["flops_per_token"] / (rate * 1e12 * row["devices"])
     if FLAGS.loop_steps:
       gc.collect()
-      row["loop_tokens_per_sec"] = loop_tokens_per_sec(config, FLAGS.loop_steps)
+      row["loop_tokens_per_sec"] = loop_tokens_per_sec(config)
       row["loop_vs_step_pct"] = 100 * (row["tokens_per_sec"] / row["loop_tokens_per_sec"] - 1)
     rows.append(row)
     print(json.dumps(row), flush=True)

@@ -61,11 +61,10 @@ def compute(ctx: context.Context):
   red = context.red
   h = int(cfg.horizon)
   # Ages and s live on each tensor's counters grid (all entries unless entry_sample_size > 0).
-  size = lambda g: g.grid_size()
-  ctx.emit("aging/age_mean", lambda g: (red(g.age.astype(jnp.float32)), size(g)),
+  ctx.emit("aging/age_mean", lambda g: (red(g.age.astype(jnp.float32)), g.grid_size()),
            context.safe_div)
   ctx.emit_quantiles("aging/age", lambda g: g.age, hist=True)
-  ctx.emit("aging/frac_older_than_H", lambda g: (red(g.age >= h), size(g)), context.safe_div)
+  ctx.emit("aging/frac_older_than_H", lambda g: (red(g.age >= h), g.grid_size()), context.safe_div)
 
   s_bc = ctx.bias_correction(cfg.sq_ema_decay)
 

@@ -134,13 +134,11 @@ class Group:
 
   def on_grid(self, x):
     """A full-shape stacked array [n, *shape] on the counters' grid (like ``age``, ``s``)."""
-    if x is None or self.grid == 1:
-      return x
-    return x[(slice(None),) + (slice(None, None, self.grid),) * len(self.shape)]
+    return None if x is None else on_grid(x, self.grid, lead=1)
 
   def grid_size(self):
     """[n] float32: the number of entries on the counters' grid of each member."""
-    return jnp.full((self.n,), math.prod(-(-d // self.grid) for d in self.shape), jnp.float32)
+    return jnp.full((self.n,), math.prod(grid_shape(self.shape, self.grid)), jnp.float32)
 
 
 @dataclasses.dataclass
@@ -316,6 +314,18 @@ class Context:
     nb = int(self.cfg.num_freq_buckets)
     seg = lambda x: jax.ops.segment_sum(x.astype(jnp.float32), self.token_bucket, num_segments=nb)
     self.add([f"{name}/freq_bucket={b:02d}" for b in range(nb)], safe_div(seg(num), seg(den)))
+
+
+def on_grid(x, stride: int, lead: int = 0):
+  """``x[..., ::stride, ::stride]``: every axis after the first ``lead`` (stacking) ones."""
+  if stride == 1:
+    return x
+  return x[(slice(None),) * lead + (slice(None, None, stride),) * (x.ndim - lead)]
+
+
+def grid_shape(shape: tuple, stride: int) -> tuple:
+  """The shape of ``on_grid`` of an array of ``shape``."""
+  return tuple(-(-n // stride) for n in shape)
 
 
 def grid_stride(shape: tuple, budget: int) -> int:

@@ -84,13 +84,8 @@ def entry_strides(params, cfg) -> dict[str, int]:
           for p, x in flat.items()}
 
 
-def on_grid(x, stride: int):
-  """``x[::stride, ::stride, ...]``: a tensor's entries on its counters' grid."""
-  return x if stride == 1 else x[(slice(None, None, stride),) * x.ndim]
-
-
 def _grid_shapes(params, strides) -> dict[str, tuple]:
-  return {p: tuple(-(-n // strides[p]) for n in x.shape)
+  return {p: context.grid_shape(x.shape, strides[p])
           for p, x in paths_lib.flatten(params).items()}
 
 
@@ -168,9 +163,10 @@ def init(params, cfg, token_frequencies=None, opt_state=None) -> DiagState:
         if want_sq:
           r["sq_ema"] = zeros(v)
         rows[path.replace("/", ".")] = r
-    if cfg.experts and _expert_layers(params):
+    layers = _expert_layers(params) if cfg.experts else {}
+    if layers:
       experts = {}
-      for name, (_, e, _) in _expert_layers(params).items():
+      for name, (_, e, _) in layers.items():
         x = {"last_active": jnp.full((e,), -1, jnp.int32)}
         if want_count:
           x["active_frac"] = zeros(e)
@@ -288,8 +284,8 @@ def update(params, grads, updates, opt_state, diag_state: DiagState, step, cfg, 
   # Per-entry counters, on each tensor's grid (every entry unless cfg.entry_sample_size > 0).
   strides = entry_strides(params, cfg)
   sampled = int(cfg.entry_sample_size) > 0
-  ge = {k: on_grid(g[k], strides[k]) for k in keys}
-  shapes = {k: ge[k].shape for k in keys}
+  ge = {k: context.on_grid(g[k], strides[k]) for k in keys}
+  shapes = _grid_shapes(params, strides)
   active = {k: jnp.abs(ge[k]) > thr for k in keys}
   new = {"count": n}
   la = seen = cnt = ema = sq = None

@@ -58,20 +58,19 @@ def compute(ctx: context.Context):
   ctx.emit("sparsity/zero_frac", lambda g: (red(g.g == 0), size(g)), context.safe_div)
   ctx.emit("sparsity/small_frac", small, context.safe_div)
   # Per-entry counters live on each tensor's grid (all entries unless entry_sample_size > 0).
-  grid = lambda g: g.grid_size()
   freq = lambda g: None if g.count is None else g.count.astype(jnp.float32) / nf
   ctx.emit("sparsity/update_freq_mean",
-           lambda g: None if g.count is None else (red(freq(g)), grid(g)), context.safe_div)
+           lambda g: None if g.count is None else (red(freq(g)), g.grid_size()), context.safe_div)
   ctx.emit_quantiles("sparsity/update_freq", freq, hist=True)
   bc = ctx.bias_correction(cfg.update_ema_decay)
   ema = lambda g: None if g.ema is None else g.ema / bc
   ctx.emit("sparsity/update_freq_ema_mean",
-           lambda g: None if g.ema is None else (red(ema(g)), grid(g)), context.safe_div)
+           lambda g: None if g.ema is None else (red(ema(g)), g.grid_size()), context.safe_div)
   ctx.emit_quantiles("sparsity/update_freq_ema", ema)
   # age <= t: active at some step 0..t (a never-active entry has age t + 1).
   window = lambda age: (age < cfg.window) & (age <= ctx.step)
   ctx.emit("sparsity/active_frac_window",
-           lambda g: None if g.age is None else (red(window(g.age)), grid(g)),
+           lambda g: None if g.age is None else (red(window(g.age)), g.grid_size()),
            context.safe_div)
 
   for r in ctx.rows:
