@@ -49,6 +49,9 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from jaxopt_study import data as data_lib
 from jaxopt_study import diagnostics
 from jaxopt_study import sharding

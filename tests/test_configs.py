@@ -78,3 +78,20 @@ def test_every_field_is_settable_from_the_command_line(path, preset, monkeypatch
   got = dict(_leaves(flag_values.config))
   for key, value in expected.items():
     assert got[key] == value, (key, got[key], value)
+
+
+def test_benchmark_runs_as_written_in_benchmarks_md(tmp_path):
+  """scripts/benchmark.py from the repository root, no PYTHONPATH: it imports configs/<name>.py
+  for --optimizers and times train_and_evaluate beside the step (--loop_steps)."""
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  out = tmp_path / "rows.json"
+  subprocess.run(
+      [sys.executable, "scripts/benchmark.py", "--config=configs/adamw.py:tiny",
+       "--optimizers=lion", "--config.model.num_layers=1", "--config.batch_size=4",
+       "--windows=1", "--window=2", "--warmup=1", "--loop_steps=4", f"--json_out={out}"],
+      cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+  (row,) = json.loads(out.read_text())["rows"]
+  assert row["optimizer"] == "lion" and row["loop_tokens_per_sec"] > 0 and not row["diverged"]
