@@ -381,6 +381,11 @@ class _Runner:
     self.entries: dict[str, dict] = {}
     self.bar = tqdm(total=0, desc=f"study {study.name}", unit="run", disable=not progress)
     self.stopped = False  # set by a preempted run or SIGTERM: no new run starts
+    # Layer scores archived with a seeded study (seed_from_archive), in the directory that holds
+    # runs/ (a --processes child's runs/ links to its parent's): those runs need no retraining.
+    home = os.path.dirname(os.path.realpath(os.path.join(workdir, "runs")))
+    self.archived_scores = set(loading.read_layer_scores(
+        os.path.join(home, loading.RESULTS_DIR, loading.ARCHIVE_LAYER_SCORES)))
     try:  # SIGTERM between runs stops the study; during a run, checkpointing.Preemption chains here
       self._old_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
     except ValueError:  # not the main thread
@@ -531,6 +536,9 @@ class _Runner:
         e["analysis"] = "done"
         continue
       retrain = not rundir.checkpoint_steps(rd)
+      if retrain and e["workdir"] in self.archived_scores:
+        e["analysis"] = "done (archived)"
+        continue
       if retrain and not self.study.get("retrain_for_layer_scores", False):
         e["analysis"] = "skipped: no checkpoint in this run directory (trained elsewhere)"
         continue
