@@ -65,14 +65,20 @@ def _shift_block(params, i):
   return p
 
 
-@pytest.mark.parametrize("ln_position,tie", [("pre", False), ("pre", True), ("post", False)])
-def test_parts_compose_to_the_model(ln_position, tie, batch):
-  cfg = dataclasses.replace(CFG, ln_position=ln_position, tie_embeddings=tie)
+@pytest.mark.parametrize("ln_position,tie,experts",
+                         [("pre", False, 0), ("pre", True, 0), ("post", False, 0), ("pre", False, 4)])
+def test_parts_compose_to_the_model(ln_position, tie, experts, batch):
+  cfg = dataclasses.replace(CFG, ln_position=ln_position, tie_embeddings=tie, num_experts=experts)
   p = _init(cfg)
   inputs = batch[:, :-1]
   ours = blocks_lib.forward(blocks_lib.gpt_parts(cfg), p, inputs)
   np.testing.assert_allclose(ours.logits, gpt.GPT(cfg).apply({"params": p}, inputs), atol=2e-5)
   assert ours.hs.shape == (L + 1, B, T, D)
+
+
+def test_blocks_of_two_kinds_are_refused_by_name():
+  with pytest.raises(ValueError, match="moe_every=2"):
+    blocks_lib.gpt_parts(dataclasses.replace(CFG, num_experts=4, moe_every=2))
 
 
 # ------------------------------------------------------------------------ Jacobian

@@ -12,6 +12,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 
 import numpy as np
 import pandas as pd
@@ -347,3 +348,20 @@ def test_runner_scores_best_rate_runs_and_survives_a_failure(tmp_path, monkeypat
   again = {(r["learning_rate"], r["seed"]): r for r in
            runner.run_study(config, str(tmp_path), progress=False)["runs"]}
   assert calls == [] and again[(best, 1)]["analysis"] == "done (archived)"
+  # SIGTERM during a retrain: it returns preempted; the scores are marked stopped, none other starts.
+  (tmp_path / loading.RESULTS_DIR / loading.ARCHIVE_LAYER_SCORES).unlink()
+  for seed in (0, 1):
+    shutil.rmtree(tmp_path / by[(best, seed)]["workdir"] / "checkpoints", ignore_errors=True)
+    shutil.rmtree(tmp_path / by[(best, seed)]["workdir"] / "analysis", ignore_errors=True)
+  trained = []
+
+  def preempted(config, workdir):
+    trained.append(workdir)
+    os.kill(os.getpid(), signal.SIGTERM)  # the runner's handler: study stopped
+    return rundir.RunResults(status="preempted")
+
+  monkeypatch.setattr(runner.train, "train_and_evaluate", preempted)
+  again = {(r["learning_rate"], r["seed"]): r for r in
+           runner.run_study(config, str(tmp_path), progress=False)["runs"]}
+  assert len(trained) == 1 and calls == []
+  assert again[(best, 0)]["analysis"] == runner.STOPPED_ANALYSIS

@@ -17,7 +17,7 @@ traced ``order`` can index them.
 
 ``ModelParts`` is what the scores need from a model. ``gpt_parts`` builds it for
 ``models.gpt.GPT`` by applying its own submodules to their parameter subtrees (``gpt.Block`` for
-a block); the embedding and head repeat ``GPT.__call__``'s few lines (``tests/test_analysis.py``
+a block, dense or mixture-of-experts: one kind in every block); the embedding and head repeat ``GPT.__call__``'s few lines (``tests/test_analysis.py``
 checks that the composition equals ``GPT.apply``). Analysis computes in the parameters' dtype
 (float32; float64 in a test), without dropout, whatever the run's compute dtype.
 """
@@ -63,7 +63,12 @@ def gpt_parts(cfg: gpt.GPTConfig) -> ModelParts:
   cfg = dataclasses.replace(
       cfg, dtype=cfg.param_dtype, dropout_rate=0.0, remat="none", attention_impl="xla"
   )
-  block_module = gpt.Block(cfg)
+  kinds = {cfg.is_moe_block(i) for i in range(cfg.num_layers)}
+  if len(kinds) > 1:  # stacking (and swapping) blocks needs one parameter structure
+    raise ValueError(
+        f"layer analysis needs blocks of one kind: config.model.moe_every={cfg.moe_every} mixes "
+        "dense and mixture-of-experts blocks; analyse a model with moe_every=1 or no experts.")
+  block_module = gpt.Block(cfg, moe=kinds.pop())
   embed_mod = lambda n: nn.Embed(n, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
   ln_f = nn.LayerNorm(epsilon=1e-5, dtype=cfg.dtype, param_dtype=cfg.param_dtype)  # as gpt's
 

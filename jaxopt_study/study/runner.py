@@ -369,6 +369,9 @@ def exit_code(spec: dict) -> int:
 # ----------------------------------------------------------------------------- the study
 
 
+STOPPED_ANALYSIS = "stopped: the study was stopped (SIGTERM) before these scores; re-run to continue"
+
+
 class _Runner:
   """Trains RunSpecs one at a time, keeping study.json up to date."""
 
@@ -528,6 +531,8 @@ class _Runner:
     if best is None:
       return
     for e in self.spec["runs"]:
+      if self.stopped:  # SIGTERM: no new retrain or analysis starts
+        return
       if ((e["condition"], e["optimizer"]) != (condition, opt) or e["status"] != "completed"
           or not math.isclose(e["learning_rate"], best, rel_tol=1e-9)):
         continue
@@ -550,8 +555,11 @@ class _Runner:
           analysis_report.analyze_run(rd)
           e["analysis"] = "done"
       except Exception as ex:  # pylint: disable=broad-except
-        logging.exception("layer scores of run %s failed", e["workdir"])
-        e["analysis"] = f"failed: {type(ex).__name__}: {ex}"
+        if self.stopped:  # SIGTERM killed a compile (ptxas) or the retrain: continue later
+          e["analysis"] = STOPPED_ANALYSIS
+        else:
+          logging.exception("layer scores of run %s failed", e["workdir"])
+          e["analysis"] = f"failed: {type(ex).__name__}: {ex}"
       self.save()
 
   def retrain_and_analyze(self, e: dict, rd: str) -> str:
@@ -565,12 +573,16 @@ class _Runner:
     shutil.rmtree(tmp, ignore_errors=True)  # a retrain cut short starts again
     config = run_config(self.study, e["condition"], e["optimizer"], e["learning_rate"], e["seed"])
     again = train.train_and_evaluate(config, tmp)
+    if again.status == "preempted":  # SIGTERM (self.stopped is set): retrained from 0 next time
+      return STOPPED_ANALYSIS
+    recorded = rundir.RunResults.load(rd)
+    if again.status != "completed":
+      return f"failed: the retrain {again.status} (recorded: {recorded.status})"
     analysis_report.analyze_run(tmp)
     out = os.path.join(rd, analysis_report.DIRNAME)
     shutil.rmtree(out, ignore_errors=True)
     shutil.move(os.path.join(tmp, analysis_report.DIRNAME), out)
     shutil.rmtree(tmp)
-    recorded = rundir.RunResults.load(rd)
     return (f"done (retrained here: final validation loss {again.final_eval_loss:.4f}, "
             f"recorded {recorded.final_eval_loss:.4f})")
 
