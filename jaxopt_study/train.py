@@ -336,6 +336,23 @@ def compile_train_step(config, s: Setup):
   return get
 
 
+def precompile(get, modes: Iterable[Any], state: TrainState, batch) -> dict[Any, Any]:
+  """Compiles ``get(mode)`` (:func:`compile_train_step`) for every mode at once: ``{mode:
+  jax.stages.Compiled}``; a later call of ``get(mode)`` on arguments like these reuses it.
+
+  Tracing and lowering hold the GIL, so they run here one after another (seconds); XLA releases
+  it while compiling (most of the time: optimisation passes, kernel code generation, autotuning),
+  so the variants compile in parallel threads and diagnostics cost the slowest variant's compile,
+  not the sum of them. ``batch``: an array or ``jax.ShapeDtypeStruct``. Call inside
+  ``sharding.activate(mesh)``.
+  """
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+
+  lowered = {mode: get(mode).lower(state, batch) for mode in modes}
+  with concurrent.futures.ThreadPoolExecutor(max(len(lowered), 1)) as pool:
+    return dict(zip(lowered, pool.map(lambda low: low.compile(), lowered.values())))
+
+
 def compile_eval_step(config, s: Setup):
   return jax.jit(
       functools.partial(eval_step, model=s.model, diag_config=config.diagnostics),
@@ -427,9 +444,21 @@ def probes_due(step: int, mode, config) -> bool:
   return mode == "full" if every <= 0 else itstime(step, every, config.num_steps)
 
 
+def step_mode(step: int, diag_config):
+  """The train step variant of step ``step`` (0-based): a diagnostics mode, None when off."""
+  return diagnostics.mode_for_step(step, diag_config) if diag_config.enabled else None
+
+
+def step_modes(start: int, stop: int, diag_config) -> list:
+  """The variants steps ``start .. stop - 1`` use (the modes repeat every ``every`` steps)."""
+  period = int(diag_config.every) if diag_config.enabled else 1
+  return sorted({step_mode(i, diag_config) for i in range(start, min(stop, start + period))},
+                key=str)
+
+
 def advance(train_fn, state, batches, step: int, diag_config):
   """Runs the loop's step number ``step`` (steps done once it is): ``(state, metrics, mode)``."""
-  mode = diagnostics.mode_for_step(step - 1, diag_config) if diag_config.enabled else None
+  mode = step_mode(step - 1, diag_config)
   with jax.profiler.StepTraceAnnotation("train", step_num=step - 1):
     state, metrics = train_fn(mode)(state, next(batches)[1])
   return state, metrics, mode
@@ -480,6 +509,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> rundi
                                           config.prefetch)
     stack.callback(batches.close)
     train_fn, eval_fn = compile_train_step(config, s), compile_eval_step(config, s)
+    batch = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1), jnp.int32,
+                                 sharding=s.batch_sharding)
+    precompile(train_fn, step_modes(start_step, total, dcfg), state, batch)
     probe = probe_batch(config, ds)
 
     def sync(step) -> bool:

@@ -23,7 +23,8 @@ token embedding when tied; not the lookups) and T is ``config.seq_len``.
 Memory: "step GiB" is XLA's own account of the compiled step (arguments + outputs - donated
 aliases + temporaries), exact per setting; "peak GiB" is the device allocator's peak so far in
 the process (monotone over settings; settings run from the smallest batch up). Compile time is
-the sum over the step's variants (diagnostics modes) of lowering + XLA compilation.
+the wall time of ``train.precompile`` over the step's variants (diagnostics modes): lowering one
+after another, then XLA compiling them in parallel threads, as a run does.
 ``--profile=DIR`` traces a few steps of the first setting with ``jax.profiler`` and prints the
 top device kernels per step (open DIR in Perfetto/TensorBoard for the timeline).
 """
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import functools
 import gc
 import glob
 import gzip
@@ -53,7 +55,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from jaxopt_study import data as data_lib
-from jaxopt_study import diagnostics
 from jaxopt_study import sharding
 from jaxopt_study import train
 
@@ -125,18 +126,16 @@ def _bench(config, s, windows, window, warmup, profile) -> dict:
   get_step = train.compile_train_step(config, s)
   dcfg = config.diagnostics
   period = dcfg.every if dcfg.enabled else 1
-  mode_of = (lambda i: diagnostics.mode_for_step(i, dcfg)) if dcfg.enabled else (lambda i: None)
+  mode_of = functools.partial(train.step_mode, diag_config=dcfg)
   window = -(-window // period) * period  # whole diagnostics periods
   state = s.state
   batches = data_lib.prefetch_to_device(s.dataset.train_batch, 0, s.batch_sharding, config.prefetch)
-  # Compile every variant ahead of time (each once; the jitted step reuses the executable).
-  batch = next(batches)[1]
-  compile_s, mem = 0.0, 0.0
-  for mode in sorted({mode_of(i) for i in range(2 * period)}, key=str):
-    t = time.perf_counter()
-    compiled = get_step(mode).lower(state, batch).compile()
-    compile_s += time.perf_counter() - t
-    mem = max(mem, step_bytes(compiled))
+  # Every variant compiled ahead of time, as the loop does (in parallel; the jitted step reuses
+  # the executables): compile_s is the wall time a run spends compiling its train steps.
+  t = time.perf_counter()
+  compiled = train.precompile(get_step, train.step_modes(0, period, dcfg), state, next(batches)[1])
+  compile_s = time.perf_counter() - t
+  mem = max(step_bytes(c) for c in compiled.values())
   step = 0
   for _ in range(warmup + (-warmup % period)):  # warm up, ending at a period boundary
     state, _ = get_step(mode_of(step))(state, next(batches)[1])

@@ -82,6 +82,48 @@ def test_run_writes_everything(reference_run):
   assert set(losses(workdir, "depth/log_var_slope")) == set(range(1, STEPS + 1, 4))
 
 
+def test_step_modes_are_the_variants_the_loop_runs():
+  """Diagnostics every 4 steps with drift (needs g_{t-1}): full at 0 mod 4, prev at 3 mod 4."""
+  dcfg = tiny_config().diagnostics
+  assert train.step_modes(0, STEPS, dcfg) == ["counters", "full", "prev"]
+  assert train.step_modes(5, 7, dcfg) == ["counters"]  # steps 5 and 6
+  assert train.step_modes(7, 9, dcfg) == ["full", "prev"]
+  dcfg.enabled = False
+  assert train.step_modes(0, STEPS, dcfg) == [None]
+
+
+def test_precompiled_variants_are_not_compiled_again_by_the_loop():
+  """``precompile`` compiles every variant before step 1; the jitted steps then reuse them."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jaxopt_study import sharding  # pylint: disable=g-import-not-at-top
+
+  config = tiny_config()
+  s = train.setup(config)
+  compiles = []
+
+  def listen(event, secs, **kw):
+    del secs, kw
+    if event.endswith("backend_compile_duration"):  # XLA compiles (not cache hits)
+      compiles.append(event)
+
+  get = train.compile_train_step(config, s)
+  batch = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1), jnp.int32,
+                               sharding=s.batch_sharding)
+  modes = train.step_modes(0, STEPS, config.diagnostics)
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    with sharding.activate(s.mesh):
+      compiled = train.precompile(get, modes, s.state, batch)
+      assert sorted(compiled, key=str) == modes and len(compiles) == len(modes)
+      state = s.state
+      for step in range(2 * config.diagnostics.every):
+        state, _ = get(train.step_mode(step, config.diagnostics))(
+            state, jax.device_put(s.dataset.train_batch(step), s.batch_sharding))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  assert int(state.step) == 8 and len(compiles) == len(modes)  # none after precompile
+
+
 def _ckpts(workdir):
   return sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
 
