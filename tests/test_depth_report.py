@@ -338,6 +338,10 @@ def test_runner_scores_best_rate_runs_and_survives_a_failure(tmp_path, monkeypat
   assert again[(best, 1)]["analysis"].startswith("done (retrained")
   assert analysis_files.read(str(rd1))["step"] == 4 and not (rd1 / "retrain").exists()
   assert (rd1 / "results.json").read_text() == recorded and not (rd1 / "checkpoints").exists()
+  calls.clear()  # a later pass keeps the note and retrains nothing
+  again = {(r["learning_rate"], r["seed"]): r for r in
+           runner.run_study(config, str(tmp_path), progress=False)["runs"]}
+  assert calls == [] and again[(best, 1)]["analysis"].startswith("done (retrained")
   # A run whose scores came with a seeded archive (seed_from_archive) is not trained again.
   scores = {by[(best, 1)]["workdir"]: analysis_files.read(str(rd1))}
   shutil.rmtree(rd1 / "analysis")

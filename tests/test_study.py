@@ -980,6 +980,13 @@ def test_processes_split_conditions_by_work_and_merge_their_study_files(tmp_path
         "preset": "controls", "command": f"child {k}", "conditions": {cond: {"num_steps": 5}},
         "runs": [{"workdir": f"runs/{cond}/adamw/lr=0.001/seed=0", "status": "completed",
                   "wall_s": wall}]})
+  # The parent's study.json (seeded from an archive) already has tied's run; the part scored it.
+  rundir.write_json(str(tmp_path / "study.json"), {"runs": [
+      {"workdir": "runs/tied/adamw/lr=0.001/seed=0", "status": "completed", "wall_s": None,
+       "analysis": "skipped: no checkpoint"}]})
+  part1 = os.path.join(runner.part_dir(str(tmp_path), 1), "study.json")
+  rundir.write_json(part1, {**rundir.read_json(part1), "runs": [
+      {**rundir.read_json(part1)["runs"][0], "analysis": "done (retrained here)"}]})
   # A part written before a re-split says "preempted"; the run's results.json says completed.
   rd = tmp_path / "runs/tied/adamw/lr=0.001/seed=0"
   os.makedirs(rd)
@@ -994,6 +1001,8 @@ def test_processes_split_conditions_by_work_and_merge_their_study_files(tmp_path
   assert "command" not in merged  # the parent's command, set by its final pass
   assert sorted((r["workdir"], r["wall_s"]) for r in merged["runs"]) == [
       ("runs/base/adamw/lr=0.001/seed=0", 12.5), ("runs/tied/adamw/lr=0.001/seed=0", None)]
+  assert [r.get("analysis") for r in merged["runs"] if "tied" in r["workdir"]] == [
+      "done (retrained here)"]
 
 
 def test_paired_comparison_removes_the_seed_variance():

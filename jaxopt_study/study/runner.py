@@ -381,6 +381,8 @@ class _Runner:
     self.study, self.workdir, self.spec = study, workdir, spec
     self.path = os.path.join(workdir, loading.STUDY_FILE)
     self.prev_wall = {r.get("workdir"): r.get("wall_s") for r in previous.get("runs", [])}
+    self.prev_analysis = {r.get("workdir"): r["analysis"] for r in previous.get("runs", [])
+                          if r.get("analysis")}
     self.entries: dict[str, dict] = {}
     self.bar = tqdm(total=0, desc=f"study {study.name}", unit="run", disable=not progress)
     self.stopped = False  # set by a preempted run or SIGTERM: no new run starts
@@ -414,6 +416,8 @@ class _Runner:
            "config_fingerprint": rundir.config_fingerprint(r.config),
            "status": res.status if res and res.status else "pending",
            "wall_s": self.prev_wall.get(r.relpath)}
+      if r.relpath in self.prev_analysis:  # e.g. "done (retrained here: ...)", kept
+        e["analysis"] = self.prev_analysis[r.relpath]
       self.entries[r.relpath] = e
       self.spec["runs"].append(e)
       self.bar.total += 1
@@ -538,7 +542,8 @@ class _Runner:
         continue
       rd = os.path.join(self.workdir, e["workdir"])
       if analysis_files.is_current(rd):
-        e["analysis"] = "done"
+        if not str(e.get("analysis", "")).startswith("done"):
+          e["analysis"] = "done"
         continue
       retrain = not rundir.checkpoint_steps(rd)
       if retrain and e["workdir"] in self.archived_scores:
@@ -798,6 +803,8 @@ def merge_parts(workdir: str, n: int) -> None:
     for r in part.get("runs", []):
       if r.get("wall_s") is not None or r["workdir"] not in runs:
         runs[r["workdir"]] = r
+      elif r.get("analysis"):  # layer scores of a run trained earlier (e.g. retrained here)
+        runs[r["workdir"]]["analysis"] = r["analysis"]
   for r in runs.values():  # a run's results.json is the truth (parts may predate a re-split)
     res = rundir.read_json(rundir.path(os.path.join(workdir, r["workdir"]), rundir.RESULTS))
     if res and res.get("status"):
