@@ -57,7 +57,12 @@ TOP_K = (1, 4)  # attention: probability mass of the k largest keys
 
 def measure(model: gpt.GPT, params, tokens, *, thresholds=THRESHOLDS, top_k=TOP_K):
   """Every probe metric (module docstring) of ``params`` on ``tokens`` (int [B, T])."""
-  return _compiled(model.cfg, tuple(thresholds), tuple(top_k))(params, tokens)
+  return measure_fn(model, thresholds=thresholds, top_k=top_k)(params, tokens)
+
+
+def measure_fn(model: gpt.GPT, *, thresholds=THRESHOLDS, top_k=TOP_K):
+  """The jitted ``(params, tokens) -> metrics`` of :func:`measure` (one per model config)."""
+  return _compiled(model.cfg, tuple(thresholds), tuple(top_k))
 
 
 @functools.lru_cache(maxsize=None)

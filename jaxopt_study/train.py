@@ -336,21 +336,28 @@ def compile_train_step(config, s: Setup):
   return get
 
 
-def precompile(get, modes: Iterable[Any], state: TrainState, batch) -> dict[Any, Any]:
-  """Compiles ``get(mode)`` (:func:`compile_train_step`) for every mode at once: ``{mode:
-  jax.stages.Compiled}``; a later call of ``get(mode)`` on arguments like these reuses it.
+def precompile(calls: dict[Any, tuple[Any, tuple]]) -> dict[Any, Any]:
+  """Compiles every ``fn(*args)`` of ``calls`` ({key: (jitted fn, args)}) before it runs:
+  ``{key: jax.stages.Compiled}``; a later call of ``fn`` on arguments like these reuses it.
 
   Tracing and lowering hold the GIL, so they run here one after another (seconds); XLA releases
-  it while compiling (most of the time: optimisation passes, kernel code generation, autotuning),
-  so the variants compile in parallel threads and diagnostics cost the slowest variant's compile,
-  not the sum of them. ``batch``: an array or ``jax.ShapeDtypeStruct``. Call inside
-  ``sharding.activate(mesh)``.
+  it while compiling (optimisation passes, kernel code generation, autotuning), so two or more
+  compile in parallel threads: the step variants of diagnostics and the probes cost the slowest
+  compile, not the sum. A single one compiles in this thread. Args may be arrays or
+  ``jax.ShapeDtypeStruct``s. Call inside ``sharding.activate(mesh)``.
   """
   import concurrent.futures  # pylint: disable=g-import-not-at-top
 
-  lowered = {mode: get(mode).lower(state, batch) for mode in modes}
-  with concurrent.futures.ThreadPoolExecutor(max(len(lowered), 1)) as pool:
+  lowered = {key: fn.lower(*args) for key, (fn, args) in calls.items()}
+  if len(lowered) < 2:
+    return {key: low.compile() for key, low in lowered.items()}
+  with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:
     return dict(zip(lowered, pool.map(lambda low: low.compile(), lowered.values())))
+
+
+def step_calls(train_fn, modes, state: TrainState, batch) -> dict[Any, tuple[Any, tuple]]:
+  """:func:`precompile`'s calls for the train step variants ``modes`` of ``train_fn``."""
+  return {mode: (train_fn(mode), (state, batch)) for mode in modes}
 
 
 def compile_eval_step(config, s: Setup):
@@ -431,10 +438,18 @@ def probe_batch(config, ds):
                              config.probes.num_sequences)
 
 
+def _probe_fn(config, model):
+  return probes.measure_fn(model, thresholds=config.probes.thresholds, top_k=config.probes.top_k)
+
+
 def measure_probes(config, model, params, probe) -> dict:
   """Probe metrics as a metric-buffer entry (device arrays; written at the next sync)."""
-  return {"diagnostics": probes.measure(model, params, probe, thresholds=config.probes.thresholds,
-                                        top_k=config.probes.top_k)}
+  return {"diagnostics": _probe_fn(config, model)(params, probe)}
+
+
+def probe_calls(config, model, params, probe) -> dict[Any, tuple[Any, tuple]]:
+  """:func:`precompile`'s call for the probes ({} when they are off)."""
+  return {} if probe is None else {"probes": (_probe_fn(config, model), (params, probe))}
 
 
 def probes_due(step: int, mode, config) -> bool:
@@ -509,10 +524,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> rundi
                                           config.prefetch)
     stack.callback(batches.close)
     train_fn, eval_fn = compile_train_step(config, s), compile_eval_step(config, s)
+    probe = probe_batch(config, ds)
     batch = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1), jnp.int32,
                                  sharding=s.batch_sharding)
-    precompile(train_fn, step_modes(start_step, total, dcfg), state, batch)
-    probe = probe_batch(config, ds)
+    precompile({**step_calls(train_fn, step_modes(start_step, total, dcfg), state, batch),
+                **probe_calls(config, s.model, state.params, probe)})
 
     def sync(step) -> bool:
       """Host sync: writes the buffered metrics; True once the run has diverged."""

@@ -133,7 +133,8 @@ def _bench(config, s, windows, window, warmup, profile) -> dict:
   # Every variant compiled ahead of time, as the loop does (in parallel; the jitted step reuses
   # the executables): compile_s is the wall time a run spends compiling its train steps.
   t = time.perf_counter()
-  compiled = train.precompile(get_step, train.step_modes(0, period, dcfg), state, next(batches)[1])
+  compiled = train.precompile(
+      train.step_calls(get_step, train.step_modes(0, period, dcfg), state, next(batches)[1]))
   compile_s = time.perf_counter() - t
   mem = max(step_bytes(c) for c in compiled.values())
   step = 0

@@ -369,3 +369,14 @@ def test_runner_scores_best_rate_runs_and_survives_a_failure(tmp_path, monkeypat
            runner.run_study(config, str(tmp_path), progress=False)["runs"]}
   assert len(trained) == 1 and calls == []
   assert again[(best, 0)]["analysis"] == runner.STOPPED_ANALYSIS
+
+
+def test_the_report_says_which_layer_scores_come_from_a_retrain():
+  runs = [{"analysis": "done (retrained here: final validation loss 4.5000, recorded 4.4000)"},
+          {"analysis": "done (retrained here: final validation loss 4.0000, recorded 4.0200)"},
+          {"analysis": "done (retrained here)"}, {"analysis": "done"}, {}]
+  (line, blank) = report.retrained_note({"runs": runs})
+  assert line.startswith("3 runs' layer scores come from training their config again")
+  assert "for 2 of them" in line and "+0.0400 on average" in line
+  assert "largest |difference| 0.1000" in line and blank == ""
+  assert report.retrained_note({"runs": runs[3:]}) == []

@@ -93,7 +93,8 @@ def test_step_modes_are_the_variants_the_loop_runs():
 
 
 def test_precompiled_variants_are_not_compiled_again_by_the_loop():
-  """``precompile`` compiles every variant before step 1; the jitted steps then reuse them."""
+  """``precompile`` compiles every variant and the probes before step 1 (in parallel); the
+  jitted steps and probes then reuse them."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jaxopt_study import sharding  # pylint: disable=g-import-not-at-top
 
@@ -110,18 +111,21 @@ def test_precompiled_variants_are_not_compiled_again_by_the_loop():
   batch = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1), jnp.int32,
                                sharding=s.batch_sharding)
   modes = train.step_modes(0, STEPS, config.diagnostics)
+  probe = train.probe_batch(config, s.dataset)
   jax.monitoring.register_event_duration_secs_listener(listen)
   try:
     with sharding.activate(s.mesh):
-      compiled = train.precompile(get, modes, s.state, batch)
-      assert sorted(compiled, key=str) == modes and len(compiles) == len(modes)
+      compiled = train.precompile({**train.step_calls(get, modes, s.state, batch),
+                                   **train.probe_calls(config, s.model, s.state.params, probe)})
+      assert sorted(compiled, key=str) == modes + ["probes"] and len(compiles) == len(modes) + 1
       state = s.state
       for step in range(2 * config.diagnostics.every):
         state, _ = get(train.step_mode(step, config.diagnostics))(
             state, jax.device_put(s.dataset.train_batch(step), s.batch_sharding))
+      train.measure_probes(config, s.model, state.params, probe)
   finally:
     jax.monitoring.unregister_event_duration_listener(listen)
-  assert int(state.step) == 8 and len(compiles) == len(modes)  # none after precompile
+  assert int(state.step) == 8 and len(compiles) == len(modes) + 1  # none after precompile
 
 
 def _ckpts(workdir):

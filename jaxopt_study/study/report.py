@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import re
 from typing import Any, Optional
 
 import numpy as np
@@ -493,6 +494,30 @@ def _summary_table(study: Study, table: pd.DataFrame, columns: list[tuple[str, s
   return [_md_table(["condition", "optimizer", "n", *[c[0] for c in columns]], rows), ""]
 
 
+_RETRAINED = re.compile(r"done \(retrained here(?:: final validation loss ([-\d.naif]+), "
+                        r"recorded ([-\d.naif]+))?")
+
+
+def retrained_note(spec: dict) -> list[str]:
+  """How many runs' layer scores come from a retrain (``runner.retrain_and_analyze``: study.json
+  says ``done (retrained here...``), and how far the retrained final validation losses are from
+  the recorded ones; [] when none."""
+  notes = [_RETRAINED.match(str(e.get("analysis", ""))) for e in spec.get("runs", [])]
+  notes = [m for m in notes if m]
+  if not notes:
+    return []
+  diffs = np.array([float(m[1]) - float(m[2]) for m in notes if m[1] is not None])
+  out = (f"{len(notes)} runs' layer scores come from training their config again on the "
+         "machine that scored them (`retrain_for_layer_scores`: their own checkpoints stayed on "
+         "another machine), not from the recorded trajectory")
+  if diffs.size:
+    out += (f"; for {diffs.size} of them the retrained final validation loss minus the "
+            f"recorded one is {diffs.mean():+.4f} on average, largest |difference| "
+            f"{np.abs(diffs).max():.4f} (GPU runs are not bitwise reproducible: stacked vs "
+            "single runs, atomic reductions)")
+  return [out + ".", ""]
+
+
 def depth_section(study: Study, table: pd.DataFrame, cmp: pd.DataFrame) -> list[str]:
   """Variance, layer scores and sparsity by layer per condition and optimizer (study/depth.py)."""
   out = ["## Depth and sparsity", "",
@@ -527,6 +552,7 @@ def depth_section(study: Study, table: pd.DataFrame, cmp: pd.DataFrame) -> list[
             "blocks of the loss increase when a block is replaced / skipped and of its token "
             "Jacobian's distance from the identity (‖J - I‖_F / sqrt(D)); *swap*: the mean "
             "normalised loss change of swapping two blocks.", ""]
+    out += retrained_note(study.spec)
     out += _summary_table(study, table, [
         ("share of useful blocks", "layer_scores", "share_useful"),
         ("usefulness", "layer_scores", "usefulness_loss_increase"),
