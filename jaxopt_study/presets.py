@@ -91,6 +91,10 @@ def get_config(preset: str | None = None, optimizer: str = "adamw") -> ml_collec
   config.checkpoint_every = 100  # Steps between orbax checkpoints (and always at the end).
   config.keep_checkpoints = 2  # Checkpoints kept; older ones are deleted.
   config.prefetch = 2  # Batches put on devices ahead of use.
+  # Compile the step variants (diagnostics modes) and the probes in parallel threads before step
+  # 1 (train.precompile: they cost the slowest compile, not the sum). False: one after another,
+  # in the main thread, if a GPU library fails under concurrent compiles (BENCHMARKS.md, lease K).
+  config.parallel_compile = True
   config.inject_nan_at_step = -1  # Fault injection (tests): NaN loss and grads at this step.
 
   # ------------------------------------------------------------------ diagnostics/

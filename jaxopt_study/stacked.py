@@ -135,7 +135,8 @@ def train_stacked(configs: Sequence[ml_collections.ConfigDict],
                                  jnp.int32, sharding=batch_sh)
     train.precompile({
         **train.step_calls(train_fn, train.step_modes(start_step, total, dcfg), state, batch),
-        **({} if probe is None else {"probes": (measure_probes, (state.params, probe))})})
+        **({} if probe is None else {"probes": (measure_probes, (state.params, probe))})},
+        config.parallel_compile)
     preemption = checkpointing.Preemption(ckpts[0])
     stack.callback(preemption.close)
     batches = data_lib.prefetch_to_device(

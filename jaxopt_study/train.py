@@ -336,20 +336,21 @@ def compile_train_step(config, s: Setup):
   return get
 
 
-def precompile(calls: dict[Any, tuple[Any, tuple]]) -> dict[Any, Any]:
+def precompile(calls: dict[Any, tuple[Any, tuple]], parallel: bool = True) -> dict[Any, Any]:
   """Compiles every ``fn(*args)`` of ``calls`` ({key: (jitted fn, args)}) before it runs:
   ``{key: jax.stages.Compiled}``; a later call of ``fn`` on arguments like these reuses it.
 
   Tracing and lowering hold the GIL, so they run here one after another (seconds); XLA releases
   it while compiling (optimisation passes, kernel code generation, autotuning), so two or more
   compile in parallel threads: the step variants of diagnostics and the probes cost the slowest
-  compile, not the sum. A single one compiles in this thread. Args may be arrays or
-  ``jax.ShapeDtypeStruct``s. Call inside ``sharding.activate(mesh)``.
+  compile, not the sum. A single one, or any with ``parallel=False`` (``config.parallel_compile``),
+  compiles in this thread. Args may be arrays or ``jax.ShapeDtypeStruct``s. Call inside
+  ``sharding.activate(mesh)``.
   """
   import concurrent.futures  # pylint: disable=g-import-not-at-top
 
   lowered = {key: fn.lower(*args) for key, (fn, args) in calls.items()}
-  if len(lowered) < 2:
+  if len(lowered) < 2 or not parallel:
     return {key: low.compile() for key, low in lowered.items()}
   with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:
     return dict(zip(lowered, pool.map(lambda low: low.compile(), lowered.values())))
@@ -528,7 +529,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> rundi
     batch = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1), jnp.int32,
                                  sharding=s.batch_sharding)
     precompile({**step_calls(train_fn, step_modes(start_step, total, dcfg), state, batch),
-                **probe_calls(config, s.model, state.params, probe)})
+                **probe_calls(config, s.model, state.params, probe)}, config.parallel_compile)
 
     def sync(step) -> bool:
       """Host sync: writes the buffered metrics; True once the run has diverged."""

@@ -134,7 +134,8 @@ def _bench(config, s, windows, window, warmup, profile) -> dict:
   # the executables): compile_s is the wall time a run spends compiling its train steps.
   t = time.perf_counter()
   compiled = train.precompile(
-      train.step_calls(get_step, train.step_modes(0, period, dcfg), state, next(batches)[1]))
+      train.step_calls(get_step, train.step_modes(0, period, dcfg), state, next(batches)[1]),
+      config.parallel_compile)
   compile_s = time.perf_counter() - t
   mem = max(step_bytes(c) for c in compiled.values())
   step = 0

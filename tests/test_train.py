@@ -117,7 +117,9 @@ def test_precompiled_variants_are_not_compiled_again_by_the_loop():
     with sharding.activate(s.mesh):
       compiled = train.precompile({**train.step_calls(get, modes, s.state, batch),
                                    **train.probe_calls(config, s.model, s.state.params, probe)})
-      assert sorted(compiled, key=str) == modes + ["probes"] and len(compiles) == len(modes) + 1
+      assert sorted(compiled, key=str) == modes + ["probes"]
+      done = len(compiles)  # the steps' (the probes' may be in the jit cache of an earlier test)
+      assert done >= len(modes)
       state = s.state
       for step in range(2 * config.diagnostics.every):
         state, _ = get(train.step_mode(step, config.diagnostics))(
@@ -125,7 +127,7 @@ def test_precompiled_variants_are_not_compiled_again_by_the_loop():
       train.measure_probes(config, s.model, state.params, probe)
   finally:
     jax.monitoring.unregister_event_duration_listener(listen)
-  assert int(state.step) == 8 and len(compiles) == len(modes) + 1  # none after precompile
+  assert int(state.step) == 8 and len(compiles) == done  # none after precompile
 
 
 def _ckpts(workdir):
