@@ -56,9 +56,9 @@ LOCK = "run.lock"
 
 # Dotted config paths that do not change the parameters a run trains (excluded from the
 # fingerprint): cadence of logging / syncs / eval / checkpoints, input prefetch, how the steps
-# compile, device mesh,
-# diagnostics and probes (read-only over the train state), where the token cache lives, and fault
-# injection (it stands for a transient fault: a rerun without it must resume the same run).
+# compile, device mesh, diagnostics and probes (read-only over the train state), where the token
+# cache lives, and fault injection (it stands for a transient fault: a rerun without it must
+# resume the same run).
 NON_TRAJECTORY = ("log_every", "sync_every", "eval_every", "checkpoint_every", "keep_checkpoints",
                   "prefetch", "parallel_compile", "mesh", "diagnostics", "probes",
                   "data.cache_dir", "inject_nan_at_step")

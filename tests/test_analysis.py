@@ -65,8 +65,8 @@ def _shift_block(params, i):
   return p
 
 
-@pytest.mark.parametrize("ln_position,tie,experts",
-                         [("pre", False, 0), ("pre", True, 0), ("post", False, 0), ("pre", False, 4)])
+@pytest.mark.parametrize("ln_position,tie,experts", [
+    ("pre", False, 0), ("pre", True, 0), ("post", False, 0), ("pre", False, 4)])
 def test_parts_compose_to_the_model(ln_position, tie, experts, batch):
   cfg = dataclasses.replace(CFG, ln_position=ln_position, tie_embeddings=tie, num_experts=experts)
   p = _init(cfg)

@@ -352,7 +352,7 @@ def test_runner_scores_best_rate_runs_and_survives_a_failure(tmp_path, monkeypat
   again = {(r["learning_rate"], r["seed"]): r for r in
            runner.run_study(config, str(tmp_path), progress=False)["runs"]}
   assert calls == [] and again[(best, 1)]["analysis"] == "done (archived)"
-  # SIGTERM during a retrain: it returns preempted; the scores are marked stopped, none other starts.
+  # SIGTERM during a retrain: it returns preempted; the scores are marked stopped, no other starts.
   (tmp_path / loading.RESULTS_DIR / loading.ARCHIVE_LAYER_SCORES).unlink()
   for seed in (0, 1):
     shutil.rmtree(tmp_path / by[(best, seed)]["workdir"] / "checkpoints", ignore_errors=True)

@@ -17,8 +17,9 @@ traced ``order`` can index them.
 
 ``ModelParts`` is what the scores need from a model. ``gpt_parts`` builds it for
 ``models.gpt.GPT`` by applying its own submodules to their parameter subtrees (``gpt.Block`` for
-a block, dense or mixture-of-experts: one kind in every block); the embedding and head repeat ``GPT.__call__``'s few lines (``tests/test_analysis.py``
-checks that the composition equals ``GPT.apply``). Analysis computes in the parameters' dtype
+a block, dense or mixture-of-experts: one kind in every block); the embedding and head repeat
+``GPT.__call__``'s few lines (``tests/test_analysis.py`` checks that the composition equals
+``GPT.apply``). Analysis computes in the parameters' dtype
 (float32; float64 in a test), without dropout, whatever the run's compute dtype.
 """
 

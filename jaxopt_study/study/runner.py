@@ -369,7 +369,7 @@ def exit_code(spec: dict) -> int:
 # ----------------------------------------------------------------------------- the study
 
 
-STOPPED_ANALYSIS = "stopped: the study was stopped (SIGTERM) before these scores; re-run to continue"
+STOPPED_ANALYSIS = "stopped: the study stopped (SIGTERM) before these scores; re-run to continue"
 
 
 class _Runner:
