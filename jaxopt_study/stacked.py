@@ -131,12 +131,10 @@ def train_stacked(configs: Sequence[ml_collections.ConfigDict],
     probes = [train.probe_batch(c, ds) for c, ds in zip(configs, datasets)]
     probe = None if probes[0] is None else jnp.stack(probes)  # [K, n, T]: each run's own
     measure_probes = jax.jit(jax.vmap(lambda p, t: train.measure_probes(config, s.model, p, t)))
-    batch = jax.ShapeDtypeStruct((len(configs), config.batch_size, config.seq_len + 1),
-                                 jnp.int32, sharding=batch_sh)
+    batch = train.batch_struct(config, batch_sh, len(configs))
     train.precompile({
         **train.step_calls(train_fn, train.step_modes(start_step, total, dcfg), state, batch),
-        **({} if probe is None else {"probes": (measure_probes, (state.params, probe))})},
-        config.parallel_compile)
+        **train.probe_calls(measure_probes, state.params, probe)}, config.parallel_compile)
     preemption = checkpointing.Preemption(ckpts[0])
     stack.callback(preemption.close)
     batches = data_lib.prefetch_to_device(

@@ -356,6 +356,12 @@ def precompile(calls: dict[Any, tuple[Any, tuple]], parallel: bool = True) -> di
     return dict(zip(lowered, pool.map(lambda low: low.compile(), lowered.values())))
 
 
+def batch_struct(config, sharding, *lead: int) -> jax.ShapeDtypeStruct:
+  """The abstract int32 [*lead, B, T + 1] global batch (for lowering before any data)."""
+  return jax.ShapeDtypeStruct((*lead, config.batch_size, config.seq_len + 1), jnp.int32,
+                              sharding=sharding)
+
+
 def step_calls(train_fn, modes, state: TrainState, batch) -> dict[Any, tuple[Any, tuple]]:
   """:func:`precompile`'s calls for the train step variants ``modes`` of ``train_fn``."""
   return {mode: (train_fn(mode), (state, batch)) for mode in modes}
@@ -439,18 +445,20 @@ def probe_batch(config, ds):
                              config.probes.num_sequences)
 
 
-def _probe_fn(config, model):
+def probe_fn(config, model):
+  """The jitted ``(params, probe tokens) -> metrics`` of ``config.probes`` (probes.measure_fn)."""
   return probes.measure_fn(model, thresholds=config.probes.thresholds, top_k=config.probes.top_k)
 
 
 def measure_probes(config, model, params, probe) -> dict:
   """Probe metrics as a metric-buffer entry (device arrays; written at the next sync)."""
-  return {"diagnostics": _probe_fn(config, model)(params, probe)}
+  return {"diagnostics": probe_fn(config, model)(params, probe)}
 
 
-def probe_calls(config, model, params, probe) -> dict[Any, tuple[Any, tuple]]:
-  """:func:`precompile`'s call for the probes ({} when they are off)."""
-  return {} if probe is None else {"probes": (_probe_fn(config, model), (params, probe))}
+def probe_calls(fn, params, probe) -> dict[Any, tuple[Any, tuple]]:
+  """:func:`precompile`'s call for the jitted probes ``fn(params, probe)`` ({} when the
+  probes are off: ``probe`` is None)."""
+  return {} if probe is None else {"probes": (fn, (params, probe))}
 
 
 def probes_due(step: int, mode, config) -> bool:
@@ -526,10 +534,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> rundi
     stack.callback(batches.close)
     train_fn, eval_fn = compile_train_step(config, s), compile_eval_step(config, s)
     probe = probe_batch(config, ds)
-    batch = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1), jnp.int32,
-                                 sharding=s.batch_sharding)
+    batch = batch_struct(config, s.batch_sharding)
     precompile({**step_calls(train_fn, step_modes(start_step, total, dcfg), state, batch),
-                **probe_calls(config, s.model, state.params, probe)}, config.parallel_compile)
+                **probe_calls(probe_fn(config, s.model), state.params, probe)},
+               config.parallel_compile)
 
     def sync(step) -> bool:
       """Host sync: writes the buffered metrics; True once the run has diverged."""

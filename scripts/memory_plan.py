@@ -139,8 +139,7 @@ def state_bytes(s: train.Setup) -> dict[str, dict[str, int]]:
 
 def compile_step(config, s: train.Setup, mode):
   """The run's jitted train step of diagnostics ``mode`` (None: off), lowered and compiled."""
-  batch = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1), jnp.int32,
-                               sharding=s.batch_sharding)
+  batch = train.batch_struct(config, s.batch_sharding)
   with sharding.activate(s.mesh):
     return train.compile_train_step(config, s)(mode).lower(s.state, batch).compile()
 

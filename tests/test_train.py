@@ -95,7 +95,6 @@ def test_step_modes_are_the_variants_the_loop_runs():
 def test_precompiled_variants_are_not_compiled_again_by_the_loop():
   """``precompile`` compiles every variant and the probes before step 1 (in parallel); the
   jitted steps and probes then reuse them."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jaxopt_study import sharding  # pylint: disable=g-import-not-at-top
 
   config = tiny_config()
@@ -108,15 +107,15 @@ def test_precompiled_variants_are_not_compiled_again_by_the_loop():
       compiles.append(event)
 
   get = train.compile_train_step(config, s)
-  batch = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1), jnp.int32,
-                               sharding=s.batch_sharding)
+  batch = train.batch_struct(config, s.batch_sharding)
   modes = train.step_modes(0, STEPS, config.diagnostics)
   probe = train.probe_batch(config, s.dataset)
   jax.monitoring.register_event_duration_secs_listener(listen)
   try:
     with sharding.activate(s.mesh):
       compiled = train.precompile({**train.step_calls(get, modes, s.state, batch),
-                                   **train.probe_calls(config, s.model, s.state.params, probe)})
+                                   **train.probe_calls(train.probe_fn(config, s.model),
+                                                      s.state.params, probe)})
       assert sorted(compiled, key=str) == modes + ["probes"]
       done = len(compiles)  # the steps' (the probes' may be in the jit cache of an earlier test)
       assert done >= len(modes)

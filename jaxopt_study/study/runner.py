@@ -380,9 +380,7 @@ class _Runner:
 
     self.study, self.workdir, self.spec = study, workdir, spec
     self.path = os.path.join(workdir, loading.STUDY_FILE)
-    self.prev_wall = {r.get("workdir"): r.get("wall_s") for r in previous.get("runs", [])}
-    self.prev_analysis = {r.get("workdir"): r["analysis"] for r in previous.get("runs", [])
-                          if r.get("analysis")}
+    self.previous = {r.get("workdir"): r for r in previous.get("runs", [])}  # study.json's
     self.entries: dict[str, dict] = {}
     self.bar = tqdm(total=0, desc=f"study {study.name}", unit="run", disable=not progress)
     self.stopped = False  # set by a preempted run or SIGTERM: no new run starts
@@ -415,9 +413,9 @@ class _Runner:
            "workdir": r.relpath, "num_steps": int(r.config.num_steps),
            "config_fingerprint": rundir.config_fingerprint(r.config),
            "status": res.status if res and res.status else "pending",
-           "wall_s": self.prev_wall.get(r.relpath)}
-      if r.relpath in self.prev_analysis:  # e.g. "done (retrained here: ...)", kept
-        e["analysis"] = self.prev_analysis[r.relpath]
+           "wall_s": self.previous.get(r.relpath, {}).get("wall_s")}
+      if self.previous.get(r.relpath, {}).get("analysis"):  # e.g. "done (retrained here: ...)"
+        e["analysis"] = self.previous[r.relpath]["analysis"]
       self.entries[r.relpath] = e
       self.spec["runs"].append(e)
       self.bar.total += 1
