@@ -76,6 +76,7 @@ flags.DEFINE_integer("loop_steps", 0, "Also train each setting with train.train_
                      "Sets every setting's num_steps to it (the schedule is part of the step); "
                      "with JAX_COMPILATION_CACHE_DIR set the loop reuses the compiled step.")
 flags.DEFINE_string("profile", None, "Trace the first setting into this folder; print top kernels.")
+flags.DEFINE_integer("profile_top", 30, "How many device ops --profile prints (by time per step).")
 
 
 def matmul_tflops(n: int = 8192, reps: int = 20) -> float:
@@ -115,14 +116,15 @@ def step_bytes(compiled) -> float:
   return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
 
 
-def bench_one(config, windows: int, window: int, warmup: int, profile: str | None = None) -> dict:
+def bench_one(config, windows: int, window: int, warmup: int, profile: str | None = None,
+              profile_top: int = 30) -> dict:
   """Times the real train step of ``config``; returns one row."""
   s = train.setup(config)
   with sharding.activate(s.mesh):
-    return _bench(config, s, windows, window, warmup, profile)
+    return _bench(config, s, windows, window, warmup, profile, profile_top)
 
 
-def _bench(config, s, windows, window, warmup, profile) -> dict:
+def _bench(config, s, windows, window, warmup, profile, profile_top) -> dict:
   get_step = train.compile_train_step(config, s)
   dcfg = config.diagnostics
   period = dcfg.every if dcfg.enabled else 1
@@ -157,7 +159,8 @@ def _bench(config, s, windows, window, warmup, profile) -> dict:
   wait = batches.wait_seconds - wait0
   if profile:
     state, report = profile_steps(
-        lambda st, i: get_step(mode_of(i))(st, next(batches)[1])[0], state, step, window, profile)
+        lambda st, i: get_step(mode_of(i))(st, next(batches)[1])[0], state, step, window, profile,
+        profile_top)
     print(report, flush=True)
   batches.close()
   tokens = config.batch_size * config.seq_len
@@ -298,7 +301,7 @@ def main(argv):
     gc.collect()  # the previous setting's buffers, before this one's large temporaries
     try:
       row = bench_one(config, windows, FLAGS.window, FLAGS.warmup,
-                      FLAGS.profile if i == 0 else None)
+                      FLAGS.profile if i == 0 else None, FLAGS.profile_top)
     except Exception as e:  # e.g. out of memory at a large batch: record, go on
       msg = str(e).splitlines()[0][:160]
       print(f"{opt} batch={b} diag={d}: FAILED {msg}", flush=True)
