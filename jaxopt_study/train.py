@@ -3,11 +3,12 @@
 mesh -> dataset -> model, optimizer and diagnostic state (sharded) -> jitted steps -> loop.
 
 Per-step metrics stay on the device (``writers.MetricBuffer``) until a host sync: every
-``config.sync_every`` steps, and at evaluation, checkpoint and the end. A non-finite loss,
-gradient, update or new parameter is caught inside the jitted step: that step's update is
-dropped, ``diverged_at`` records the step, and the host stops at its next sync and records
-``status: diverged``; checkpoints are saved only after a sync has found the state finite, so the
-last checkpoint of a diverged run is its last good state.
+``config.sync_every`` steps (once the next step is queued, so the GPU never waits for the host),
+and at evaluation, checkpoint and the end. A non-finite loss, gradient norm or learning rate is
+caught inside the jitted step: that step's update is dropped (``train_step`` says how overflow
+in the update is handled), ``diverged_at`` records the step, and the host stops at its next sync
+and records ``status: diverged``; checkpoints are saved only after a sync has found the state
+finite, so the last checkpoint of a diverged run is its last good state.
 """
 
 from __future__ import annotations
@@ -92,10 +93,15 @@ def train_step(state: TrainState, batch, *, model, tx, learning_rate, diag_confi
                nan_step):
   """One optimizer step; returns the new state and a dict of device scalars.
 
-  A step whose loss, gradient, update or new parameters hold a NaN or inf (their norms are not
-  finite) is dropped: the returned state keeps the old parameters, optimizer and diagnostic
-  state, with ``step`` advanced and ``diverged_at`` set to the first such step; every later
-  step is dropped too.
+  A step whose loss, gradient norm or learning rate is NaN or inf is dropped: the returned
+  state keeps the old parameters, optimizer and diagnostic state, with ``step`` advanced and
+  ``diverged_at`` set to the first such step; every later step is dropped too. These three are
+  known before the update, so the keep-or-drop select fuses into the optimizer's update: one
+  pass over parameters and optimizer state. (Deciding on the new parameters' norm instead needs
+  a second pass over all of them: 3% of a gpt2_small step on an H100, BENCHMARKS.md.) An update
+  or new parameters whose norm is not finite although those three were (overflow inside the
+  optimizer, e.g. a learning rate of 1e30, which ``validate_config`` rejects) also set
+  ``diverged_at``; that step's state is kept, and the loop never checkpoints a diverged state.
 
   Args:
     state: the current TrainState (donated).
@@ -144,12 +150,14 @@ def train_step(state: TrainState, batch, *, model, tx, learning_rate, diag_confi
 
   # Divergence: keep the last finite state, remember the first bad step. A norm is finite iff
   # every entry is finite and the sum of squares does not overflow (an entry above ~1e19), so
-  # the norms the metrics need anyway also catch NaN/inf gradients, updates and new parameters
-  # (e.g. from a learning rate of nan, inf or 1e39) at the cost of a few scalar ops.
-  finite = jnp.isfinite(loss)
-  for norm in norms.values():
-    finite &= jnp.isfinite(norm)
-  ok = finite & (state.diverged_at < 0)
+  # the norms the metrics need anyway catch NaN/inf gradients (and a learning rate of nan or
+  # inf, e.g. 1e39 in float32) at the cost of a few scalar ops. Only inputs of the update decide
+  # (see the docstring): `ok` is known before the update, so XLA fuses the select into it.
+  finite_in = (jnp.isfinite(loss) & jnp.isfinite(norms["train/grad_norm"])
+               & jnp.isfinite(metrics["train/learning_rate"]))
+  finite = (finite_in & jnp.isfinite(norms["train/update_norm"])
+            & jnp.isfinite(norms["train/param_norm"]))
+  ok = finite_in & (state.diverged_at < 0)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
   new_state = state.replace(
       step=state.step + 1,
@@ -539,9 +547,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> rundi
                 **probe_calls(probe_fn(config, s.model), state.params, probe)},
                config.parallel_compile)
 
-    def sync(step) -> bool:
-      """Host sync: writes the buffered metrics; True once the run has diverged."""
-      diverged = int(state.diverged_at) >= 0  # waits for the step: the clock below is exact
+    def sync(step, diverged_at) -> bool:
+      """Host sync after ``step``: writes the buffered metrics; True once the run has diverged."""
+      diverged = int(diverged_at) >= 0  # waits for the step: the clock below is exact
       if (tps := speed.update(step)) is not None:
         buffer.add(step, {"train/tokens_per_sec": tps})
       buffer.flush()
@@ -549,28 +557,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> rundi
       return diverged
 
     status, diverged, last_eval = "completed", False, {}
+    due = None  # (step, its diverged_at): a periodic sync, done once the next step is queued
     for step in range(start_step + 1, total + 1):  # `step`: steps done once this one is
       if preemption.reached(step - 1):
         status = "preempted"
         break
       state, metrics, mode = advance(train_fn, state, batches, step, dcfg)
+      # The GPU runs this step while the host waits for the previous one and writes its
+      # metrics: a periodic sync costs no GPU time (syncing right after a step would idle the
+      # GPU until the host had written and queued the next one).
+      if due is not None and (diverged := sync(*due)):
+        break
+      due = None
       if itstime(step, config.log_every, total) or "diagnostics" in metrics:
         buffer.add(step, metrics)
       if probe is not None and probes_due(step, mode, config):
         buffer.add(step, measure_probes(config, s.model, state.params, probe))
       progress(step)
-      if itstime(step, config.sync_every, total) and (diverged := sync(step)):
-        break
+      if itstime(step, config.sync_every, total):
+        due = (step, jnp.copy(state.diverged_at))  # a copy: the next step donates the state
       if itstime(step, config.eval_every, total):
         last_eval = {split: evaluate(eval_fn, state, ds.eval_batches(split), s.batch_sharding)
                      for split in ds.eval_splits}
         for split, ev in last_eval.items():
           buffer.add(step, eval_scalars(split, ev))
       if step % config.checkpoint_every == 0 and step != total:
-        if diverged := sync(step):  # only finite states are saved
+        due = None
+        if diverged := sync(step, state.diverged_at):  # only finite states are saved
           break
         checkpointing.save(ckpt, step, state)
-    if sync(int(state.step)) or diverged:
+    if sync(int(state.step), state.diverged_at) or diverged:
       status = "diverged"
       buffer.add(int(state.diverged_at), {"train/diverged": 1.0})
       logging.warning("diverged at step %d: non-finite loss, gradient, update or parameters",

@@ -75,25 +75,33 @@ def _finite(tree):
 
 
 @pytest.mark.parametrize(
-    "learning_rate,diverges",
+    "learning_rate,diverges,kept_old",
     [
-        (1e-2, False),  # control: an ordinary step is kept
-        (1e39, True),  # overflows float32 to inf: the update and new parameters are +-inf/NaN
-        (1e30, True),  # finite update, but its norm (and the new parameters' norm) overflows
-        (float("nan"), True),
+        (1e-2, False, False),  # control: an ordinary step is kept
+        (1e39, True, True),  # overflows float32 to inf: the learning rate itself is not finite
+        (float("nan"), True, True),
+        # Finite learning rate and gradient, but the update's norm (and the new parameters')
+        # overflows: the step is marked diverged and its (finite-entry) state kept; every later
+        # step is dropped.
+        (1e30, True, False),
     ],
 )
-def test_non_finite_update_or_parameters_count_as_divergence(learning_rate, diverges):
+def test_non_finite_steps_count_as_divergence(learning_rate, diverges, kept_old):
   state, step = _state_and_step(learning_rate)
   before = jax.tree.map(np.asarray, (state.params, state.opt_state))
   batch = jax.random.randint(jax.random.PRNGKey(2), (4, 9), 0, V)
-  for _ in range(3):
+  state, _ = step(state, batch)
+  after_first = jax.tree.map(np.asarray, (state.params, state.opt_state))
+  for _ in range(2):
     state, metrics = step(state, batch)
-  assert bool(jnp.isfinite(metrics["train/loss"]))
+  # The last step ran on the kept state: from the old parameters, its loss is finite.
+  assert bool(jnp.isfinite(metrics["train/loss"])) == (kept_old or not diverges)
   assert int(state.step) == 3
   assert int(state.diverged_at) == (0 if diverges else -1)
-  assert _finite(state.params)  # a diverged run keeps its last good state
-  # (The optimizer state holds the learning rate itself, inf or NaN here: compared below.)
-  unchanged = jax.tree.map(
-      lambda a, b: np.array_equal(a, np.asarray(b), equal_nan=True), before, (state.params, state.opt_state))
-  assert all(jax.tree.leaves(unchanged)) == diverges
+  assert _finite(state.params)  # a diverged run keeps a state of finite entries
+  # (The optimizer state holds the learning rate itself, inf or NaN here: compared with NaNs.)
+  same = lambda x, y: all(jax.tree.leaves(jax.tree.map(
+      lambda a, b: np.array_equal(a, np.asarray(b), equal_nan=True), x, y)))
+  now = (state.params, state.opt_state)
+  assert same(before, now) == kept_old
+  assert same(after_first, now) == diverges  # nothing after the first bad step is applied
