@@ -375,6 +375,17 @@ def step_calls(train_fn, modes, state: TrainState, batch) -> dict[Any, tuple[Any
   return {mode: (train_fn(mode), (state, batch)) for mode in modes}
 
 
+def loop_calls(config, s: Setup, train_fn, eval_fn, state: TrainState, start_step: int,
+               probe) -> dict[Any, tuple[Any, tuple]]:
+  """:func:`precompile`'s calls for everything ``train_and_evaluate`` runs from ``start_step``:
+  the step variants, the probes (if ``probe`` is not None) and the eval step (key 'eval')."""
+  batch = batch_struct(config, s.batch_sharding)
+  modes = step_modes(start_step, config.num_steps, config.diagnostics)
+  return {**step_calls(train_fn, modes, state, batch),
+          **probe_calls(probe_fn(config, s.model), state.params, probe),
+          "eval": (eval_fn, (state.params, batch, state.diag_state))}
+
+
 def compile_eval_step(config, s: Setup):
   return jax.jit(
       functools.partial(eval_step, model=s.model, diag_config=config.diagnostics),
@@ -542,9 +553,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> rundi
     stack.callback(batches.close)
     train_fn, eval_fn = compile_train_step(config, s), compile_eval_step(config, s)
     probe = probe_batch(config, ds)
-    batch = batch_struct(config, s.batch_sharding)
-    precompile({**step_calls(train_fn, step_modes(start_step, total, dcfg), state, batch),
-                **probe_calls(probe_fn(config, s.model), state.params, probe)},
+    precompile(loop_calls(config, s, train_fn, eval_fn, state, start_step, probe),
                config.parallel_compile)
 
     def sync(step, diverged_at) -> bool:
@@ -577,6 +586,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> rundi
       if itstime(step, config.sync_every, total):
         due = (step, jnp.copy(state.diverged_at))  # a copy: the next step donates the state
       if itstime(step, config.eval_every, total):
+        if due is not None:  # the host waits for the evaluation anyway (and at the last step)
+          diverged, due = sync(*due), None
+          if diverged:
+            break
         last_eval = {split: evaluate(eval_fn, state, ds.eval_batches(split), s.batch_sharding)
                      for split in ds.eval_splits}
         for split, ev in last_eval.items():

@@ -93,8 +93,8 @@ def test_step_modes_are_the_variants_the_loop_runs():
 
 
 def test_precompiled_variants_are_not_compiled_again_by_the_loop():
-  """``precompile`` compiles every variant and the probes before step 1 (in parallel); the
-  jitted steps and probes then reuse them."""
+  """``precompile`` compiles every variant, the probes and the eval step before step 1 (in
+  parallel); the jitted steps, probes and evaluation then reuse them."""
   from jaxopt_study import sharding  # pylint: disable=g-import-not-at-top
 
   config = tiny_config()
@@ -106,24 +106,22 @@ def test_precompiled_variants_are_not_compiled_again_by_the_loop():
     if event.endswith("backend_compile_duration"):  # XLA compiles (not cache hits)
       compiles.append(event)
 
-  get = train.compile_train_step(config, s)
-  batch = train.batch_struct(config, s.batch_sharding)
+  get, eval_fn = train.compile_train_step(config, s), train.compile_eval_step(config, s)
   modes = train.step_modes(0, STEPS, config.diagnostics)
   probe = train.probe_batch(config, s.dataset)
   jax.monitoring.register_event_duration_secs_listener(listen)
   try:
     with sharding.activate(s.mesh):
-      compiled = train.precompile({**train.step_calls(get, modes, s.state, batch),
-                                   **train.probe_calls(train.probe_fn(config, s.model),
-                                                      s.state.params, probe)})
-      assert sorted(compiled, key=str) == modes + ["probes"]
-      done = len(compiles)  # the steps' (the probes' may be in the jit cache of an earlier test)
+      compiled = train.precompile(train.loop_calls(config, s, get, eval_fn, s.state, 0, probe))
+      assert sorted(compiled, key=str) == sorted(modes + ["eval", "probes"], key=str)
+      done = len(compiles)  # the steps' (others may be in the jit cache of an earlier test)
       assert done >= len(modes)
       state = s.state
       for step in range(2 * config.diagnostics.every):
         state, _ = get(train.step_mode(step, config.diagnostics))(
             state, jax.device_put(s.dataset.train_batch(step), s.batch_sharding))
       train.measure_probes(config, s.model, state.params, probe)
+      train.evaluate(eval_fn, state, s.dataset.eval_batches(), s.batch_sharding)
   finally:
     jax.monitoring.unregister_event_duration_listener(listen)
   assert int(state.step) == 8 and len(compiles) == done  # none after precompile
@@ -194,7 +192,7 @@ def test_sigterm_checkpoints_and_exits_with_the_preempted_code(tmp_path):
 def test_injected_nan_is_recorded_as_divergence_and_a_clean_rerun_clears_it(tmp_path):
   results = train.train_and_evaluate(tiny_config(inject_nan_at_step=10), str(tmp_path))
   assert results.status == "diverged" and results.diverged_at_step == 10
-  assert results.steps_done <= 12  # stops at the next host sync
+  assert results.steps_done <= 13  # stops at the next host sync (12), once step 13 is queued
   assert _ckpts(tmp_path) == [8]  # the last good checkpoint, nothing after the NaN
   assert np.isfinite(results.final_train_loss)
   assert rundir.RunResults.load(str(tmp_path)).status == "diverged"
