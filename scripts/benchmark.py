@@ -209,19 +209,29 @@ def profile_steps(run, state, step: int, steps: int, out_dir: str, top: int = 30
   return state, "\n".join(lines)
 
 
-def loop_tokens_per_sec(config) -> float:
+def loop_tokens_per_sec(config) -> tuple[float, float]:
   """tokens/s of ``train.train_and_evaluate`` itself (metric buffer, probes, progress, preemption
   checks, host syncs: everything the loop adds to the step) on ``config`` for its
-  ``num_steps``: its own ``results.tokens_per_second``, between its first and last host sync
-  (every quarter of the run, in whole diagnostics periods), so compilation, the final
-  evaluation and the final checkpoint are not counted."""
+  ``num_steps``, with a host sync every quarter of the run (in whole diagnostics periods):
+
+  - whole: its own ``results.tokens_per_second``, between its first and last host sync (so
+    compilation, the final evaluation and the final checkpoint are not counted), which
+    includes the run's end (the final probes, and a last sync with no step queued behind it);
+  - steady: the same up to the second-to-last sync (the ``train/tokens_per_sec`` it logged
+    there), the rate of a long run, whose end is amortised over thousands of steps.
+  """
   import tempfile  # pylint: disable=g-import-not-at-top
+  from jaxopt_study import rundir  # pylint: disable=g-import-not-at-top
+  from jaxopt_study.study import loading  # pylint: disable=g-import-not-at-top
   c = config.copy_and_resolve_references()
   period, steps = (c.diagnostics.every if c.diagnostics.enabled else 1), c.num_steps
   c.sync_every = max(period, steps // 4 // period * period)
   c.eval_every = c.checkpoint_every = steps
   with tempfile.TemporaryDirectory() as workdir:
-    return float(train.train_and_evaluate(c, workdir).tokens_per_second)
+    whole = float(train.train_and_evaluate(c, workdir).tokens_per_second)
+    logged = loading.read_metrics(rundir.path(workdir, rundir.METRICS))["train/tokens_per_sec"]
+    logged = logged.dropna()
+  return whole, float(logged.iloc[-2]) if len(logged) > 1 else whole
 
 
 def _median_ms(fn, *args, reps=10, donates=False):
@@ -311,8 +321,10 @@ def main(argv):
     row["mfu_pct"] = 100 * row["tokens_per_sec"] * row["flops_per_token"] / (rate * 1e12 * row["devices"])
     if FLAGS.loop_steps:
       gc.collect()
-      row["loop_tokens_per_sec"] = loop_tokens_per_sec(config)
+      row["loop_tokens_per_sec"], row["loop_steady_tokens_per_sec"] = loop_tokens_per_sec(config)
       row["loop_vs_step_pct"] = 100 * (row["tokens_per_sec"] / row["loop_tokens_per_sec"] - 1)
+      row["loop_steady_vs_step_pct"] = 100 * (
+          row["tokens_per_sec"] / row["loop_steady_tokens_per_sec"] - 1)
     rows.append(row)
     print(json.dumps(row), flush=True)
     if FLAGS.json_out:  # after every row: a run cut short keeps what it measured
@@ -335,22 +347,24 @@ def render(rows, device, rate) -> str:
       f"`{' '.join(['python'] + sys.argv)}`\n\n"
       f"jax {jax.__version__}; measured bf16 matmul rate {rate:.3g} TFLOP/s per device.\n\n"
       "| optimizer | batch | tied | diagnostics | step ms | spread ms | tokens/s | MFU % | "
-      "compile s | step GiB | peak GiB | input wait % | loop tokens/s (step - loop) |\n"
-      "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+      "compile s | step GiB | peak GiB | input wait % | loop tokens/s (step - loop) | "
+      "steady loop tokens/s (step - loop) |\n"
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
   )
   lines = []
   for r in rows:
     if "error" in r:
       lines.append(f"| {r['optimizer']} | {r['batch']} | {r['tied']} | {r['diagnostics']} | "
-                   f"failed: {r['error']} | | | | | | | | |")
+                   f"failed: {r['error']} | | | | | | | | | |")
       continue
     lines.append(
         f"| {r['optimizer']} | {r['batch']} | {r['tied']} | {r['diagnostics']} | "
         f"{r['step_ms']:.1f} | {r['step_ms_spread']:.1f} | {r['tokens_per_sec']:,.0f} | "
         f"{r['mfu_pct']:.1f} | {r['compile_s']:.0f} | {r['step_gib']:.1f} | {r['peak_gib']:.1f} | "
         f"{r['input_wait_pct']:.2f} | "
-        + (f"{r['loop_tokens_per_sec']:,.0f} ({r['loop_vs_step_pct']:+.1f}%) |"
-           if "loop_tokens_per_sec" in r else "|")
+        + (f"{r['loop_tokens_per_sec']:,.0f} ({r['loop_vs_step_pct']:+.1f}%) | "
+           f"{r['loop_steady_tokens_per_sec']:,.0f} ({r['loop_steady_vs_step_pct']:+.1f}%) |"
+           if "loop_tokens_per_sec" in r else "| |")
     )
   return head + "\n".join(lines)
 
