@@ -557,11 +557,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> rundi
                config.parallel_compile)
 
     def sync(step, diverged_at) -> bool:
-      """Host sync after ``step``: writes the buffered metrics; True once the run has diverged."""
+      """Host sync after ``step``: fetches the buffered metrics (written a few after each later
+      step, while the device computes); True once the run has diverged."""
       diverged = int(diverged_at) >= 0  # waits for the step: the clock below is exact
       if (tps := speed.update(step)) is not None:
         buffer.add(step, {"train/tokens_per_sec": tps})
-      buffer.flush()
+      buffer.fetch()
       lock.heartbeat()
       return diverged
 
@@ -572,12 +573,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> rundi
         status = "preempted"
         break
       state, metrics, mode = advance(train_fn, state, batches, step, dcfg)
-      # The GPU runs this step while the host waits for the previous one and writes its
-      # metrics: a periodic sync costs no GPU time (syncing right after a step would idle the
-      # GPU until the host had written and queued the next one).
+      # The GPU runs this step while the host waits for the previous one and fetches the
+      # buffered metrics, then writes them a couple of records per step: neither a periodic
+      # sync nor the writing costs GPU time (syncing right after a step, or writing a whole
+      # interval's records at once, would idle the GPU until the host queued the next step).
       if due is not None and (diverged := sync(*due)):
         break
       due = None
+      buffer.write(limit=2)  # e.g. a full diagnostics step's record and a sync's tokens/s
       if itstime(step, config.log_every, total) or "diagnostics" in metrics:
         buffer.add(step, metrics)
       if probe is not None and probes_due(step, mode, config):
@@ -598,6 +601,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> rundi
         due = None
         if diverged := sync(step, state.diverged_at):  # only finite states are saved
           break
+        buffer.write()  # the metrics of every step up to the checkpoint, before it
         checkpointing.save(ckpt, step, state)
     if sync(int(state.step), state.diverged_at) or diverged:
       status = "diverged"

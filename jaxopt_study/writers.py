@@ -9,6 +9,7 @@ names, so ``train.py`` never knows which one it has.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import time
@@ -210,24 +211,36 @@ class MetricBuffer:
   """Per-step metrics kept on the device until the next host sync, then fetched in one go.
 
   ``add`` costs no device-to-host transfer, so a run can record every step's loss (the study's
-  spike rule needs them) without syncing every step; ``flush`` fetches everything pending,
-  writes scalars and histogram samples, and remembers the last finite ``train/*`` scalars of
-  a step's record (one with ``train/loss``). The writing runs on the host while the device
-  waits (a background thread measured slower: it contends for the GIL with the dispatch of the
-  next steps, BENCHMARKS.md), so a full diagnostics step's scalars cost their write time.
+  spike rule needs them) without syncing every step. ``fetch`` brings everything pending to the
+  host in one transfer; ``write(limit)`` writes up to ``limit`` fetched records (scalars and
+  histogram samples) and remembers the last finite ``train/*`` scalars of a step's record (one
+  with ``train/loss``); ``flush`` is both, for every record.
+
+  The train loop fetches at a sync and writes a record or two after queueing each later step,
+  so the host writes while the device computes: a full diagnostics step's few hundred scalars
+  and histograms take the host longer than a fast step, and writing a whole sync interval's
+  records at once would leave the device idle. (A background writer thread measured slower:
+  it contends for the GIL with the dispatch of the next steps, BENCHMARKS.md.)
   """
 
   def __init__(self, writer):
     self._writer = writer
     self._pending = []  # [(step, device metrics)]
+    self._fetched = collections.deque()  # [(step, host metrics)], not yet written
     self.last_train: dict[str, float] = {}
 
   def add(self, step: int, metrics: Mapping[str, Any]) -> None:
     self._pending.append((step, metrics))
 
-  def flush(self) -> None:
-    host, self._pending = jax.device_get(self._pending), []
-    for step, m in host:
+  def fetch(self) -> None:
+    """Fetches every pending record (waits for the steps that computed them)."""
+    self._fetched.extend(jax.device_get(self._pending))
+    self._pending = []
+
+  def write(self, limit: int | None = None) -> None:
+    """Writes up to ``limit`` fetched records, oldest first (all of them if None)."""
+    for _ in range(len(self._fetched) if limit is None else min(limit, len(self._fetched))):
+      step, m = self._fetched.popleft()
       m = dict(m)
       m.update(m.pop("diagnostics", {}))  # A diagnostics.Metrics: packed scalars and histograms
       scalars = {k: v for k, v in m.items() if np.ndim(v) == 0}
@@ -240,6 +253,11 @@ class MetricBuffer:
       train = {k: float(v) for k, v in scalars.items() if k.startswith("train/")}
       if "train/loss" in train and all(np.isfinite(v) for v in train.values()):
         self.last_train = train  # a step's record (not e.g. a sync's train/tokens_per_sec)
+
+  def flush(self) -> None:
+    """Fetches and writes everything."""
+    self.fetch()
+    self.write()
 
 
 class Throughput:

@@ -9,8 +9,8 @@ once per variant (comma-separated ``field=python_literal`` overrides of the run 
 separated by ';', the empty variant is the config as is), each in a temporary directory, and
 prints the wall time (compilation included), the loop's tokens/s after its first host sync
 (results.json) and the time spent in each phase: ``advance`` (the jitted step, its lazy
-compilations included, and the input wait), ``probes``, ``evaluate``, ``flush`` (metric
-writes) and ``ckpt_save``. BENCHMARKS.md, lease D, has a table made by this script.
+compilations included, and the input wait), ``probes``, ``evaluate``, ``fetch`` and ``write`` (metric
+fetches and writes; the loop's final flush is both) and ``ckpt_save``. BENCHMARKS.md, lease D, has a table made by this script.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ flags.DEFINE_string("variants", ";probes.enabled=False",
 
 PHASES = {  # name -> (module or class, attribute) wrapped with a timer
     "advance": (train, "advance"), "probes": (train, "measure_probes"),
-    "evaluate": (train, "evaluate"), "flush": (writers.MetricBuffer, "flush"),
+    "evaluate": (train, "evaluate"), "fetch": (writers.MetricBuffer, "fetch"),
+    "write": (writers.MetricBuffer, "write"),
     "ckpt_save": (checkpointing, "save"),
 }
 

@@ -98,6 +98,24 @@ def test_metric_buffer_writes_every_buffered_step_once_and_keeps_the_last_finite
   assert len(rec.scalars) == 3  # flushed entries are not written again
 
 
+def test_metric_buffer_writes_fetched_records_a_few_at_a_time_in_order():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  rec = _Recorder()
+  buf = writers.MetricBuffer(rec)
+  for step in (1, 2, 3):
+    buf.add(step, {"train/loss": jnp.float32(step)})
+  buf.fetch()
+  buf.add(4, {"train/loss": jnp.float32(4.0)})  # after the fetch: waits for the next one
+  assert rec.scalars == []  # fetching writes nothing
+  buf.write(limit=2)
+  assert [s for s, _ in rec.scalars] == [1, 2] and buf.last_train == {"train/loss": 2.0}
+  buf.write(limit=2)
+  assert [s for s, _ in rec.scalars] == [1, 2, 3]  # step 4 is not fetched yet
+  buf.flush()
+  assert [s for s, _ in rec.scalars] == [1, 2, 3, 4] and buf.last_train == {"train/loss": 4.0}
+
+
 def test_tensorboardx_writes_non_finite_scalars_without_a_warning_each(tmp_path, caplog):
   w = writers.create_writer(str(tmp_path), backend="tensorboardx")
   with caplog.at_level("WARNING"):
