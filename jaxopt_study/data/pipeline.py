@@ -610,11 +610,14 @@ class _Failure:
 class Prefetcher:
   """Iterator of ``(step, batch)`` for steps ``start_step, start_step + 1, ...``.
 
-  A background thread calls ``batch_fn(step)`` and turns each process-local numpy batch into a
-  global ``jax.Array`` with ``jax.make_array_from_process_local_data(sharding, local)``, keeping at
-  most ``buffer_size`` batches ready, so host work and host-to-device copies overlap the step.
-  An exception in the thread is re-raised by ``next``. ``close()`` (or leaving a ``with`` block)
-  stops the thread.
+  A background thread calls ``batch_fn(step)``, keeping at most ``buffer_size`` process-local
+  numpy batches ready, so host work overlaps the step; ``next`` turns one into a global
+  ``jax.Array`` with ``jax.make_array_from_process_local_data(sharding, local)``. That copy is
+  asynchronous and tiny (a [B, T + 1] int32 batch), and it is issued from the consumer's thread
+  on purpose: a copy from another thread while the step runs for the first time (when XLA
+  captures it as a CUDA graph) can join the capture and fail it ("capturing stream has unjoined
+  work", seen intermittently on H100s, BENCHMARKS.md). An exception in the thread is re-raised
+  by ``next``. ``close()`` (or leaving a ``with`` block) stops the thread.
 
   Attributes:
     wait_seconds: total time ``next`` spent blocked on the thread: the input wait of the loop.
@@ -648,10 +651,7 @@ class Prefetcher:
   def _work(self, step: int, end_step: int | None) -> None:
     try:
       while end_step is None or step < end_step:
-        local = self._batch_fn(step)
-        batch = (local if self._sharding is None else
-                 jax.make_array_from_process_local_data(self._sharding, local))
-        if not self._put((step, batch)):
+        if not self._put((step, self._batch_fn(step))):
           return
         step += 1
       self._put(_END)
@@ -675,7 +675,10 @@ class Prefetcher:
       self.close()
       raise item.error
     self.num_waited += 1
-    return item
+    step, local = item
+    if self._sharding is None:
+      return step, local
+    return step, jax.make_array_from_process_local_data(self._sharding, local)
 
   def close(self, timeout: float = 10.0) -> None:
     """Stops the thread and drops the batches it had ready."""
