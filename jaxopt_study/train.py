@@ -98,7 +98,7 @@ def train_step(state: TrainState, batch, *, model, tx, learning_rate, diag_confi
   ``diverged_at`` set to the first such step; every later step is dropped too. These three are
   known before the update, so the keep-or-drop select fuses into the optimizer's update: one
   pass over parameters and optimizer state. (Deciding on the new parameters' norm instead needs
-  a second pass over all of them: 3% of a gpt2_small step on an H100, BENCHMARKS.md.) An update
+  a second pass over all of them: 1-3% of a gpt2_small step on an H100, BENCHMARKS.md.) An update
   or new parameters whose norm is not finite although those three were (overflow inside the
   optimizer, e.g. a learning rate of 1e30, which ``validate_config`` rejects) also set
   ``diverged_at``; that step's state is kept, and the loop never checkpoints a diverged state.

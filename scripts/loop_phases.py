@@ -9,8 +9,9 @@ once per variant (comma-separated ``field=python_literal`` overrides of the run 
 separated by ';', the empty variant is the config as is), each in a temporary directory, and
 prints the wall time (compilation included), the loop's tokens/s after its first host sync
 (results.json) and the time spent in each phase: ``advance`` (the jitted step, its lazy
-compilations included, and the input wait), ``probes``, ``evaluate``, ``fetch`` and ``write`` (metric
-fetches and writes; the loop's final flush is both) and ``ckpt_save``. BENCHMARKS.md, lease D, has a table made by this script.
+compilations included, and the input wait), ``probes``, ``evaluate``, ``fetch`` and ``write``
+(metric fetches and writes; the loop's final flush is both) and ``ckpt_save``. BENCHMARKS.md,
+lease D, has a table made by this script.
 """
 
 from __future__ import annotations

@@ -620,7 +620,8 @@ class Prefetcher:
   by ``next``. ``close()`` (or leaving a ``with`` block) stops the thread.
 
   Attributes:
-    wait_seconds: total time ``next`` spent blocked on the thread: the input wait of the loop.
+    wait_seconds: total time ``next`` spent blocked on the thread or issuing the copy: the
+      input wait of the loop.
     num_waited: batches handed out (``wait_seconds / num_waited`` is the mean wait per step).
   """
 
