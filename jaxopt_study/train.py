@@ -609,6 +609,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> rundi
       logging.warning("diverged at step %d: non-finite loss, gradient, update or parameters",
                       int(state.diverged_at))
     elif int(state.step) > 0 and ckpt.latest_step() != int(state.step):
+      buffer.write()  # as at every checkpoint: its steps' metrics first
       checkpointing.save(ckpt, int(state.step), state, force=True)
     ckpt.wait_until_finished()
 
