@@ -586,21 +586,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> rundi
       if probe is not None and probes_due(step, mode, config):
         buffer.add(step, measure_probes(config, s.model, state.params, probe))
       progress(step)
-      if itstime(step, config.sync_every, total):
+      evaluates = itstime(step, config.eval_every, total)  # always at the last step
+      saves = step % config.checkpoint_every == 0 and step != total
+      if itstime(step, config.sync_every, total) or saves:
         due = (step, jnp.copy(state.diverged_at))  # a copy: the next step donates the state
-      if itstime(step, config.eval_every, total):
-        if due is not None:  # the host waits for the evaluation anyway (and at the last step)
-          diverged, due = sync(*due), None
-          if diverged:
-            break
+      if due is not None and (evaluates or saves):  # the host waits here anyway: sync now
+        diverged, due = sync(*due), None
+        if diverged:  # only finite states are saved
+          break
+      if evaluates:
         last_eval = {split: evaluate(eval_fn, state, ds.eval_batches(split), s.batch_sharding)
                      for split in ds.eval_splits}
         for split, ev in last_eval.items():
           buffer.add(step, eval_scalars(split, ev))
-      if step % config.checkpoint_every == 0 and step != total:
-        due = None
-        if diverged := sync(step, state.diverged_at):  # only finite states are saved
-          break
+      if saves:
         buffer.write()  # the metrics of every step up to the checkpoint, before it
         checkpointing.save(ckpt, step, state)
     if sync(int(state.step), state.diverged_at) or diverged:

@@ -408,14 +408,15 @@ class _Runner:
     """The run's study.json entry (added, as pending, the first time)."""
     if r.relpath not in self.entries:
       res = rundir.RunResults.load(os.path.join(self.workdir, r.relpath))
+      before = self.previous.get(r.relpath, {})  # its entry in an earlier study.json
       e = {"condition": r.condition, "optimizer": r.optimizer, "learning_rate": r.learning_rate,
            "lr_multiplier": r.lr_multiplier, "seed": r.seed, "phase": r.phase,
            "workdir": r.relpath, "num_steps": int(r.config.num_steps),
            "config_fingerprint": rundir.config_fingerprint(r.config),
            "status": res.status if res and res.status else "pending",
-           "wall_s": self.previous.get(r.relpath, {}).get("wall_s")}
-      if self.previous.get(r.relpath, {}).get("analysis"):  # e.g. "done (retrained here: ...)"
-        e["analysis"] = self.previous[r.relpath]["analysis"]
+           "wall_s": before.get("wall_s")}
+      if before.get("analysis"):  # e.g. "done (retrained here: ...)"
+        e["analysis"] = before["analysis"]
       self.entries[r.relpath] = e
       self.spec["runs"].append(e)
       self.bar.total += 1
