@@ -68,7 +68,8 @@ NON_TRAJECTORY = ("log_every", "sync_every", "eval_every", "checkpoint_every", "
 # computed without the field (:func:`config_fingerprints`), so the runs recorded before keep
 # their identity (e.g. the committed WikiText study, trained before the synthetic corpus got
 # ``eval_at``). Add a field here only with the value that keeps the old behaviour.
-ADDED_FIELDS = {"data.synthetic.eval_at": "seen", "model.use_bias": True}
+ADDED_FIELDS = {"data.synthetic.eval_at": "seen", "model.use_bias": True,
+                "data.synthetic.markov": 0.0, "data.synthetic.markov_successors": 4}
 
 
 # ----------------------------------------------------------------------------- JSON files

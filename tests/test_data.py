@@ -1,5 +1,6 @@
 """Tests of jaxopt_study.data: synthetic ground truth, WikiText, packing, caches, eval, errors."""
 
+import hashlib
 import json
 import logging
 import math
@@ -496,6 +497,8 @@ def test_impossible_batch_or_process_split(kwargs, match):
     ("synthetic.shift", "sudden", r"config\.data\.synthetic\.shift=.sudden."),
     ("synthetic.zipf_exponent", 0.0, r"config\.data\.synthetic\.zipf_exponent"),
     ("synthetic.copy_prob", 1.5, r"config\.data\.synthetic\.copy_prob"),
+    ("synthetic.markov", 1.0, r"config\.data\.synthetic\.markov=1\.0"),
+    ("synthetic.markov_successors", 0, r"config\.data\.synthetic\.markov_successors"),
     ("synthetic.span_max", 2, r"config\.data\.synthetic\.span_max=2"),
     ("eval_batches", 0, r"config\.data\.eval_batches=0"),
     ("synthetic.num_eval_sequences", 3, r"config\.data\.synthetic\.num_eval_sequences=3"),
@@ -748,6 +751,77 @@ def test_entropy_floor_with_copies_matches_the_generator():
   assert b["entropy_floor"] == pytest.approx(b["marginal_entropy"] * empirical[1:].mean(),
                                              rel=0.01)
   assert b["entropy_floor"] < b["marginal_entropy"]
+
+
+# --- Synthetic corpus: the Markov (bigram) structure --------------------------------------
+
+
+def _dense_chain(zipf, strength, succ):
+  """T[r, r'] = (1 - lambda) p(r') + lambda #{j : succ[r, j] = r'} / d, written out entry by entry."""
+  v, d = succ.shape
+  t = np.empty((v, v))
+  for r in range(v):
+    for r2 in range(v):
+      t[r, r2] = (1 - strength) * zipf[r2] + strength * sum(s == r2 for s in succ[r]) / d
+  return t
+
+
+def _markov_dataset(copy_prob=0.0, vocab_size=12, successors=3, strength=0.8, **kw):
+  c = _synthetic_config(vocab_size=vocab_size, zipf_exponent=1.0, shift="none",
+                        copy_prob=copy_prob, markov=strength, markov_successors=successors,
+                        span_min=2, span_max=5, **kw)
+  return data.build_dataset(c, seq_len=31, global_batch_size=64, seed=3)
+
+
+def test_markov_stationary_law_and_entropy_rate_by_hand():
+  ds = _markov_dataset()
+  t = _dense_chain(ds.zipf, 0.8, ds.successors)
+  assert np.allclose(t.sum(1), 1.0)
+  # The left eigenvector of T for eigenvalue 1, by numpy.linalg.
+  vals, vecs = np.linalg.eig(t.T)
+  pi = np.real(vecs[:, np.argmin(np.abs(vals - 1))])
+  pi /= pi.sum()
+  assert np.allclose(ds.rank_probs, pi, rtol=1e-10, atol=1e-13)
+  rate = -sum(pi[r] * t[r, q] * math.log(t[r, q]) for r in range(12) for q in range(12))
+  assert ds.entropy_rate == pytest.approx(rate, rel=1e-12)
+  b = ds.baselines()
+  assert b["entropy_floor"] == pytest.approx(rate, rel=1e-12)  # no copies: the rate itself
+  assert b["marginal_entropy"] == pytest.approx(-(pi * np.log(pi)).sum(), rel=1e-12)
+  assert b["entropy_floor"] < b["marginal_entropy"]
+
+
+@pytest.mark.parametrize("copy_prob", [0.0, 0.5])
+def test_markov_windows_follow_the_chain(copy_prob):
+  ds = _markov_dataset(copy_prob=copy_prob)
+  t = _dense_chain(ds.zipf, 0.8, ds.successors)
+  rank_of = np.argsort(ds.topic_perms[0])  # shift 'none': topic 0 maps rank -> token
+  ranks = np.concatenate([rank_of[ds.train_batch(s)] for s in range(60)])  # [N, 32]
+  # Every position has the stationary marginal (copies included).
+  for pos in (0, 1, 16, 31):
+    freq = np.bincount(ranks[:, pos], minlength=12) / ranks.shape[0]
+    assert np.abs(freq - ds.rank_probs).max() < 0.03, pos  # N = 3840: ~4 standard errors
+  # Without copies, consecutive ranks are distributed as pi(r) T(r, r').
+  if copy_prob == 0:
+    pairs = np.zeros((12, 12))
+    np.add.at(pairs, (ranks[:, :-1].ravel(), ranks[:, 1:].ravel()), 1)
+    pairs /= pairs.sum()
+    assert np.abs(pairs - ds.rank_probs[:, None] * t).max() < 0.01
+    # The mean log-loss of the true conditional is the entropy rate (the floor).
+    nll = -np.log(t[ranks[:, :-1], ranks[:, 1:]]).mean()
+    assert nll == pytest.approx(ds.entropy_rate, abs=0.03)
+
+
+def test_markov_floor_with_copies_and_old_corpus_unchanged():
+  ds = _markov_dataset(copy_prob=0.5)
+  fresh = synthetic.original_probs(32, 0.5, 2, 5)
+  assert ds.baselines()["entropy_floor"] == pytest.approx(ds.entropy_rate * fresh[1:].mean(),
+                                                          rel=1e-12)
+  # markov = 0 is the corpus as it was: a batch's digest recorded with the code before the field.
+  c = _synthetic_config(vocab_size=64, shift="drift")
+  batch = data.build_dataset(c, seq_len=15, global_batch_size=4, seed=0).train_batch(7)
+  assert batch[0, :8].tolist() == [24, 53, 46, 54, 59, 2, 24, 23]
+  assert hashlib.sha256(batch.tobytes()).hexdigest() == (
+      "8a61d1d3fca6eaa0bae3a0c72dabe31faa25345f610043731cf9c457c919ca9e")
 
 
 def test_text_unigram_baseline_by_hand():

@@ -86,6 +86,11 @@ def default_config(preset: str = "synthetic") -> ml_collections.ConfigDict:
   s.copy_prob = 0.5  # Chance a span copies an earlier span of its window (learnable structure).
   s.span_min = 4  # Span lengths are uniform in [span_min, span_max] tokens.
   s.span_max = 32  # (span_min <= span_max; a span copies only if its window has room before it.)
+  # Bigram structure: the chance a fresh token is one of its predecessor's markov_successors
+  # successors (a first-order chain over ranks, data/synthetic.py), else an iid Zipf draw.
+  # 0 = iid fresh draws (the corpus before the field existed); in [0, 1).
+  s.markov = 0.0
+  s.markov_successors = 4  # Successors per rank: the chain's entropy rate grows with log(d).
   s.num_eval_sequences = 512  # Held-out windows per eval split (then capped by eval_batches).
   # Where the validation and test splits are drawn: 'seen' = the topics in the proportions
   # training saw them (what is kept of every topic; under switches it rewards not learning the
@@ -195,6 +200,10 @@ def _check_synthetic(c) -> None:
     raise ValueError(f"config.data.synthetic.span_max={s.span_max} must be >= "
                      f"config.data.synthetic.span_min={s.span_min}.")
   _positive_int(s.num_eval_sequences, "config.data.synthetic.num_eval_sequences", "e.g. 512")
+  if not 0.0 <= s.markov < 1.0:
+    raise ValueError(f"config.data.synthetic.markov={s.markov} must be in [0, 1) (0 = iid fresh "
+                     "draws, e.g. 0.9 for a learnable bigram law).")
+  _positive_int(s.markov_successors, "config.data.synthetic.markov_successors", "e.g. 4")
   if s.eval_at not in synthetic.EVAL_AT:
     raise ValueError(f"config.data.synthetic.eval_at={s.eval_at!r} is not one of "
                      f"{synthetic.EVAL_AT}.")
@@ -490,7 +499,7 @@ def _build_synthetic(c, *, seq_len, global_batch_size, seed, process_index, proc
       zipf_exponent=s.zipf_exponent, num_topics=s.num_topics, shift=s.shift,
       shift_every=s.shift_every, copy_prob=s.copy_prob, span_min=s.span_min,
       span_max=s.span_max, num_eval_sequences=s.num_eval_sequences, eval_batches=c.eval_batches,
-      eval_at=s.eval_at,
+      eval_at=s.eval_at, markov=s.markov, markov_successors=s.markov_successors,
       num_train_steps=num_train_steps, process_index=process_index, process_count=process_count)
 
 

@@ -30,6 +30,21 @@ drawn independently of the token values and every copied position ultimately poi
 draw, so every position of every window has the exact marginal ``q_step``:
 ``token_probs_at(step)`` is the ground truth, not an estimate.
 
+With ``markov = lambda > 0`` the fresh draws are not iid but a first-order Markov chain over
+*ranks* (the same for every topic; a topic relabels ranks as tokens), a learnable bigram law:
+
+      T(r' | r) = (1 - lambda) p(r') + lambda / d * #{j : succ[r, j] = r'},
+
+each rank having ``d = markov_successors`` successors drawn from ``p`` (``markov_chain``). The
+first token of a window is drawn from the chain's stationary law ``pi`` (``pi = pi T``, solved
+exactly by ``stationary_probs``), so every position has the marginal ``pi`` (Zipf-like: it is
+``p`` reweighted by the successor tables) and the topic mapping turns it into the per-topic law.
+A fresh token follows the previous token whether that one was fresh or copied, which keeps the
+marginal ``pi``; the entropy of a fresh token given its predecessor is the chain's entropy rate
+``sum_r pi(r) H(T(.|r))`` (``entropy_rate``), computed exactly. Under 'drift' the topic of a
+Markov window is drawn per window from ``w(step)`` (a chain cannot change labels mid-window), so
+the per-position marginal is still the mixture ``q_step``.
+
 Batches are pure functions of ``(seed, step)``: ``rng = np.random.default_rng([seed, step])``.
 Held-out eval splits ('validation', 'test', and 'current' / 'past' to separate adaptation from
 forgetting) come from other streams (``SyntheticDataset.eval_batches``); ``baselines`` gives the
@@ -50,6 +65,7 @@ EVAL_AT = ("seen", "last")  # where validation/test are drawn (SyntheticDataset.
 # Seed-sequence tags of the streams that are not training batches. Training uses the 2-word key
 # [seed, step]; the others use 3-word keys, so no training step can ever collide with them.
 _TOPIC_STREAM = 0x70706963  # 'topc'
+_CHAIN_STREAM = 0x63686E6E  # 'chnn', the successor tables of the Markov chain
 # Eval split -> its stream ('validation' keeps the tag it had when it was the only eval set).
 _EVAL_STREAMS = {
     "validation": 0x6576616C,  # 'eval'
@@ -86,6 +102,60 @@ def topic_permutations(vocab_size: int, num_topics: int, seed: int) -> np.ndarra
   for k in range(num_topics):
     perms[k] = np.random.default_rng([seed, _TOPIC_STREAM, k]).permutation(vocab_size)
   return perms
+
+
+def markov_chain(rank_probs: np.ndarray, successors: int, seed: int) -> np.ndarray:
+  """The successor tables of the rank chain: ``succ[r, j]``, ``d`` ranks drawn iid from ``p``.
+
+  Returns:
+    int32 [V, d] (0-based ranks; duplicates are allowed and count twice in ``T``).
+  """
+  cdf = np.cumsum(rank_probs)
+  cdf /= cdf[-1]
+  u = np.random.default_rng([seed, _CHAIN_STREAM]).random((rank_probs.size, successors))
+  return np.searchsorted(cdf, u, side="right").astype(np.int32)
+
+
+def _successor_mass(probs: np.ndarray, succ: np.ndarray) -> np.ndarray:
+  """``(probs @ S)[r'] = sum_r probs[r] #{j : succ[r, j] = r'} / d``: float64 [V]."""
+  d = succ.shape[1]
+  return np.bincount(succ.ravel(), weights=np.repeat(probs / d, d), minlength=probs.size)
+
+
+def stationary_probs(rank_probs: np.ndarray, strength: float, succ: np.ndarray) -> np.ndarray:
+  """The stationary law ``pi = pi T`` of the rank chain (module docstring), float64 [V].
+
+  ``T = (1 - lambda) 1 p^T + lambda S`` gives ``pi = (1 - lambda) p + lambda pi S``, a
+  contraction with rate ``lambda``: iterating from ``p`` converges geometrically to the unique
+  fixed point (``T`` is positive, hence ergodic, for ``lambda < 1``).
+  """
+  if not 0.0 <= strength < 1.0:
+    raise ValueError(f"config.data.synthetic.markov={strength} must be in [0, 1).")
+  pi = np.asarray(rank_probs, np.float64)
+  while True:
+    nxt = (1.0 - strength) * rank_probs + strength * _successor_mass(pi, succ)
+    if np.abs(nxt - pi).max() <= 1e-15:
+      return nxt / nxt.sum()
+    pi = nxt
+
+
+def entropy_rate(rank_probs: np.ndarray, strength: float, succ: np.ndarray,
+                 stationary: np.ndarray) -> float:
+  """``sum_r pi(r) H(T(. | r))``, nats: the entropy of a fresh token given its predecessor.
+
+  Row ``r`` of ``T`` is ``(1 - lambda) p`` plus ``lambda c / d`` on each successor drawn ``c``
+  times, so its entropy is that of ``(1 - lambda) p`` with the successors' terms replaced.
+  """
+  base = (1.0 - strength) * rank_probs  # [V]
+  terms = -base * np.log(base)  # [V], every p > 0
+  total = terms.sum()
+  d = succ.shape[1]
+  rows = np.empty(succ.shape[0])
+  for r, s in enumerate(succ):
+    v, c = np.unique(s, return_counts=True)
+    q = base[v] + strength * c / d
+    rows[r] = total - terms[v].sum() - (q * np.log(q)).sum()
+  return float(stationary @ rows)
 
 
 def schedule_weights(steps: np.ndarray, num_topics: int, shift: str,
@@ -205,7 +275,11 @@ class SyntheticDataset:
     vocab_size: V; token ids are in ``[0, V)``.
     eos_id: None; the synthetic stream has no documents, hence no separator.
     token_frequencies: float64 [V], the average of ``token_probs_at`` over the training horizon.
-    rank_probs: float64 [V], the Zipf law over ranks.
+    zipf: float64 [V], the Zipf law over ranks (the law of every fresh iid draw).
+    rank_probs: float64 [V], the marginal law of ranks at every position: ``zipf``, or with
+      ``markov > 0`` the chain's stationary law.
+    successors: int32 [V, d], the chain's successor tables (None without ``markov``).
+    entropy_rate: the chain's entropy rate, nats (None without ``markov``).
     topic_perms: int32 [K, V], ``topic_perms[k, r]`` is the token of rank ``r + 1`` in topic k.
     topic_probs: float64 [K, V], ``topic_probs[k, v]`` is topic k's probability of token v.
     horizon_steps: the number of training steps ``token_frequencies`` averages over.
@@ -218,7 +292,8 @@ class SyntheticDataset:
                zipf_exponent: float, num_topics: int, shift: str, shift_every: int,
                copy_prob: float, span_min: int, span_max: int, num_eval_sequences: int,
                eval_batches: int, num_train_steps: int | None = None, process_index: int = 0,
-               process_count: int = 1, eval_at: str = "seen"):
+               process_count: int = 1, eval_at: str = "seen", markov: float = 0.0,
+               markov_successors: int = 4):
     self.vocab_size = int(vocab_size)
     self.seq_len = int(seq_len)
     self.global_batch_size = int(global_batch_size)
@@ -237,12 +312,24 @@ class SyntheticDataset:
     self.eval_at = eval_at
     self.local_batch_size = self.global_batch_size // self.process_count
     self.eos_id = None
+    self.markov = float(markov)
 
-    self.rank_probs = zipf_probs(self.vocab_size, self.zipf_exponent)  # [V]
+    self.zipf = zipf_probs(self.vocab_size, self.zipf_exponent)  # [V], p: the fresh iid draws
     # Inverse-CDF sampling: rank = #{r : cdf[r] <= u}. Forcing cdf[-1] = 1 exactly means u < 1
     # always lands on a valid rank, whatever the rounding of the cumsum.
-    self._cdf = np.cumsum(self.rank_probs)  # [V]
+    self._cdf = np.cumsum(self.zipf)  # [V]
     self._cdf /= self._cdf[-1]
+    if self.markov > 0:
+      self.successors = markov_chain(self.zipf, int(markov_successors), self.seed)  # [V, d]
+      self.rank_probs = stationary_probs(self.zipf, self.markov, self.successors)  # [V], pi
+      self.entropy_rate = entropy_rate(self.zipf, self.markov, self.successors,
+                                       self.rank_probs)
+      self._pi_cdf = np.cumsum(self.rank_probs)  # [V]
+      self._pi_cdf /= self._pi_cdf[-1]
+    else:
+      self.successors = None
+      self.rank_probs = self.zipf  # iid draws: the marginal is the Zipf law itself
+      self.entropy_rate = None
     self.topic_perms = topic_permutations(self.vocab_size, self.num_topics, self.seed)  # [K, V]
     self.topic_probs = np.empty((self.num_topics, self.vocab_size), np.float64)  # [K, V]
     for k in range(self.num_topics):
@@ -263,7 +350,7 @@ class SyntheticDataset:
     self.info = dict(source="synthetic", zipf_exponent=self.zipf_exponent,
                      num_topics=self.num_topics, shift=self.shift, shift_every=self.shift_every,
                      copy_prob=self.copy_prob, horizon_steps=self.horizon_steps,
-                     eval_at=self.eval_at)
+                     eval_at=self.eval_at, markov=self.markov)
 
   # --- The ground truth -------------------------------------------------------------------
 
@@ -290,6 +377,8 @@ class SyntheticDataset:
   def _sample(self, rng: np.random.Generator, batch: int, step: int) -> np.ndarray:
     """``batch`` windows of ``seq_len + 1`` tokens at the distribution of ``step``; int32."""
     length = self.seq_len + 1
+    if self.markov > 0:
+      return self._sample_markov(rng, batch, step)
     ranks = np.searchsorted(self._cdf, rng.random((batch, length)), side="right")  # [B, L]
     w = self.mixture_at(step)
     if self.shift == "drift":
@@ -305,6 +394,27 @@ class SyntheticDataset:
       rows = np.arange(batch, dtype=np.int64)[:, None] * length  # [B, 1]
       tokens = tokens.ravel()[(src + rows).ravel()].reshape(batch, length)
     return tokens.astype(np.int32, copy=False)
+
+  def _sample_markov(self, rng: np.random.Generator, batch: int, step: int) -> np.ndarray:
+    """``_sample`` with fresh draws from the rank chain (module docstring); int32 [B, L]."""
+    length = self.seq_len + 1
+    iid = np.searchsorted(self._cdf, rng.random((batch, length)), side="right")  # [B, L]
+    follow = rng.random((batch, length)) < self.markov  # [B, L], take a successor
+    pick = rng.integers(0, self.successors.shape[1], size=(batch, length))  # [B, L]
+    first = np.searchsorted(self._pi_cdf, rng.random(batch), side="right")  # [B], from pi
+    w = self.mixture_at(step)
+    topic = rng.choice(self.num_topics, size=batch, p=w)  # [B], one topic per window
+    if self.copy_prob > 0:
+      src = copy_sources(rng, batch, length, self.copy_prob, self.span_min, self.span_max)
+    else:
+      src = np.broadcast_to(np.arange(length), (batch, length))
+    rows = np.arange(batch)
+    ranks = np.empty((batch, length), np.int64)  # [B, L]
+    ranks[:, 0] = first
+    for t in range(1, length):  # sequential: a fresh rank depends on the one before it
+      fresh = np.where(follow[:, t], self.successors[ranks[:, t - 1], pick[:, t]], iid[:, t])
+      ranks[:, t] = np.where(src[:, t] == t, fresh, ranks[rows, src[:, t]])
+    return self.topic_perms[topic[:, None], ranks].astype(np.int32)
 
   def _local_rows(self, global_batch: np.ndarray) -> np.ndarray:
     # The global batch is drawn whole and sliced, so the rows do not depend on process_count:
@@ -388,20 +498,24 @@ class SyntheticDataset:
                         per-token distribution at the batch's position: the floor if tokens
                         were iid (``copy_prob`` = 0) and the model knew the topic mixture. With
                         copies it is an upper bound on that floor (context can only help).
-      entropy_floor     marginal_entropy * mean_{t=1..T} P(target t is a fresh draw)
+      entropy_floor     H_fresh * mean_{t=1..T} P(target t is a fresh draw)
                         (``original_probs``): the exact entropy of the next token given all
                         of the generator's choices but the token values (topic mixture and copy
-                        layout); copied tokens are then certain. No model's expected loss is
-                        below it; it equals marginal_entropy when ``copy_prob`` = 0.
+                        layout) and the tokens before it; copied tokens are then certain.
+                        ``H_fresh`` is marginal_entropy for iid draws and the chain's
+                        ``entropy_rate`` with ``markov > 0`` (the topic of a window given).
+                        No model's expected loss is below it; without copies and without
+                        ``markov`` it equals marginal_entropy.
     """
     positions = self._split_positions(split)
     targets = np.concatenate([b[:, 1:].ravel() for b in self._global_eval_batches(split)])
     marginal = baselines.entropy(schedule_weights(positions, self.num_topics, self.shift,
                                                   self.shift_every) @ self.topic_probs)
     fresh = original_probs(self.seq_len + 1, self.copy_prob, self.span_min, self.span_max)
+    h_fresh = marginal if self.markov == 0 else self.entropy_rate
     return {
         "uniform": baselines.uniform(self.vocab_size),
         "unigram": baselines.cross_entropy(targets, self.token_frequencies),
         "marginal_entropy": marginal,
-        "entropy_floor": marginal * float(fresh[1:].mean()),
+        "entropy_floor": h_fresh * float(fresh[1:].mean()),
     }

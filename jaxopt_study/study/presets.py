@@ -14,6 +14,9 @@
   controls     one GPU: every control and architecture condition (shift none/switch/drift, Zipf
                0.8/1.1/1.4, tied, post-LN, weight decay, GQA, MoE, depth 2/4/8), 4 x 256 GPT,
                1000 steps; validation/test at the last step's topic (adaptation).
+  markov       one GPU: the controls protocol on a corpus small models learn (a bigram chain
+               over ranks, entropy floor 2 nats below the marginal), switch vs none, post-LN,
+               and 4 x 256 vs 8 x 512.
   wikitext103_offline  one GPU: WikiText-103 text, trained on its validation split and
                evaluated on held-out test articles (only those two splits exist offline).
   wikitext103  GPU/TPU: WikiText-103, a 6-layer d=256 GPT, sharded over all devices.
@@ -39,7 +42,7 @@ from jaxopt_study import optimizers
 from jaxopt_study import presets
 from jaxopt_study.study import loading
 
-PRESETS = ("tiny", "small", "controls", "wikitext103_offline", "wikitext103")
+PRESETS = ("tiny", "small", "controls", "markov", "wikitext103_offline", "wikitext103")
 
 
 def _tunable(name):
@@ -57,6 +60,39 @@ def _condition(description, overrides=None):
   return c
 
 
+def _controls_base(b, c):
+  """The run config and protocol of `controls` (and `markov`), set on base `b` and study `c`."""
+  b.model.num_layers, b.model.d_model, b.model.num_heads = 4, 256, 8
+  b.model.dtype = "bfloat16"
+  b.model.max_len = b.seq_len = 128
+  b.batch_size = 32  # 4096 tokens per step
+  b.data.vocab_size = 4096
+  b.data.eval_batches = 8  # 8 x 32 windows per split (validation selects, test reports)
+  b.data.synthetic.zipf_exponent = 1.1
+  b.data.synthetic.shift = "switch"
+  b.data.synthetic.shift_every = 250  # 3 topic switches per run
+  b.data.synthetic.copy_prob = 0.9  # context to learn within the budget (controls pilots)
+  # Select and report on the last step's distribution (adaptation): the mixture of every
+  # topic seen rewards not learning the present one ('past' measures forgetting).
+  b.data.synthetic.eval_at = "last"
+  b.schedule.warmup_steps = 50
+  b.eval_every = 500
+  b.checkpoint_every = 1000
+  b.log_every = 1
+  b.sync_every = 500
+  b.diagnostics.every = 50  # 20 diagnostic points per run
+  b.diagnostics.window = b.diagnostics.horizon = 50  # activity window / age horizon H
+  b.probes.every = 500  # steps 500 and 1000 (the depth section reads the last)
+  c.token_budget = 1000 * 32 * 128  # 1000 steps, 4M tokens per run
+  c.sweep_seeds = c.seeds = (0, 1, 2)
+  # Lion's best rate sat on the high edge after 2 extensions (x81 of its 1e-4 centre) in
+  # every condition of the first GPU runs: up to x729 (the extensions are 3-run stacks).
+  c.lr_grid_max_extensions = 4
+  c.lr_grid_extension_points = 2  # an extension stack compiles as long as a sweep's
+  c.stack_runs = 15  # the whole 5-rate x 3-seed sweep in one vmapped step
+  c.analyze_layers = True
+
+
 def get_config(preset=None) -> ml_collections.ConfigDict:
   """The study config of `preset` (default 'tiny')."""
   preset = preset or "tiny"
@@ -69,8 +105,8 @@ def get_config(preset=None) -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- the shared run config
   # jaxopt_study/presets.py's preset; everything a run needs except the optimizer block, which the
   # runner sets from optimizers.default_config, and num_steps, set from token_budget.
-  base_preset = {"tiny": "tiny", "small": "tiny", "controls": "small", "wikitext103_offline": "small",
-                 "wikitext103": "small"}[preset]
+  base_preset = {"tiny": "tiny", "small": "tiny", "controls": "small", "markov": "small",
+                 "wikitext103_offline": "small", "wikitext103": "small"}[preset]
   c.base = b = presets.get_config(base_preset)
   b.log_every = 1  # Every step's train loss: the spike rule needs a 128-step history.
   b.keep_checkpoints = 1  # One checkpoint per run is enough to resume (keeps the study small).
@@ -182,6 +218,34 @@ def get_config(preset=None) -> ml_collections.ConfigDict:
     # Post-LN under the same protocol: the heterogeneity comparison over the whole sweep.
     c.conditions.post_ln = _condition("as base with post-LN blocks",
                                       {"model": {"ln_position": "post"}})
+  elif preset == "markov":
+    # One GPU: the `controls` protocol and model on a corpus small models LEARN (issue 25). The
+    # fresh tokens follow a first-order chain over ranks (data/synthetic.py: with probability
+    # 0.9 one of the previous rank's 4 successors, else an iid Zipf(1.1) draw), no copied
+    # spans: its exact entropy rate (the floor, 1.97 nats) is 2.06 nats below the per-topic
+    # marginal entropy (4.03; uniform 8.32), and the bigram law is what a model must learn.
+    # A topic switch relabels ranks as other tokens, so every learnt bigram is wrong after it.
+    # Conditions: the shift contrast (switch / none), post-LN (heterogeneity), and width 512 at
+    # 8 layers (a model-size axis on the same data: 4 x 256 -> 8 x 512).
+    #   python scripts/run_study.py --config=configs/study.py:markov --workdir=studies/markov \
+    #       --processes=6
+    _controls_base(b, c)
+    b.data.synthetic.markov = 0.9
+    b.data.synthetic.markov_successors = 4
+    b.data.synthetic.copy_prob = 0.0
+    c.conditions.base = _condition("synthetic Zipf(1.1) rank chain (0.9 to one of 4 successors) "
+                                   "over 4096 tokens, topic switch every 250 steps, pre-LN, "
+                                   "untied, 4 x 256 dense MHA")
+    c.conditions.stationary = _condition("as base, one topic",
+                                         {"data": {"synthetic": {"shift": "none"}}})
+    c.conditions.post_ln = _condition("as base, post-LN", {"model": {"ln_position": "post"}})
+    c.conditions.size_8x512 = _condition(
+        "as base, 8 layers x 512 wide (8 heads)",
+        {"model": {"num_layers": 8, "d_model": 512, "remat": "full"}})
+    c.conditions.size_8x512_stationary = _condition(
+        "as size_8x512, one topic",
+        {"model": {"num_layers": 8, "d_model": 512, "remat": "full"},
+         "data": {"synthetic": {"shift": "none"}}})
   elif preset == "controls":
     # One GPU, every control and architecture condition (issues 10 and 11) under the full
     # protocol: 12 conditions x 5 optimizers x (5 rates + extensions) x 3 seeds, 900+ runs of
@@ -197,35 +261,7 @@ def get_config(preset=None) -> ml_collections.ConfigDict:
     # conditions' compiles:
     #   python scripts/run_study.py --config=configs/study.py:controls --workdir=studies/controls \
     #       --processes=3
-    b.model.num_layers, b.model.d_model, b.model.num_heads = 4, 256, 8
-    b.model.dtype = "bfloat16"
-    b.model.max_len = b.seq_len = 128
-    b.batch_size = 32  # 4096 tokens per step
-    b.data.vocab_size = 4096
-    b.data.eval_batches = 8  # 8 x 32 windows per split (validation selects, test reports)
-    b.data.synthetic.zipf_exponent = 1.1
-    b.data.synthetic.shift = "switch"
-    b.data.synthetic.shift_every = 250  # 3 topic switches per run
-    b.data.synthetic.copy_prob = 0.9  # context to learn within the budget (pilots above)
-    # Select and report on the last step's distribution (adaptation): the mixture of every
-    # topic seen rewards not learning the present one ('past' measures forgetting).
-    b.data.synthetic.eval_at = "last"
-    b.schedule.warmup_steps = 50
-    b.eval_every = 500
-    b.checkpoint_every = 1000
-    b.log_every = 1
-    b.sync_every = 500
-    b.diagnostics.every = 50  # 20 diagnostic points per run
-    b.diagnostics.window = b.diagnostics.horizon = 50  # activity window / age horizon H
-    b.probes.every = 500  # steps 500 and 1000 (the depth section reads the last)
-    c.token_budget = 1000 * 32 * 128  # 1000 steps, 4M tokens per run
-    c.sweep_seeds = c.seeds = (0, 1, 2)
-    # Lion's best rate sat on the high edge after 2 extensions (x81 of its 1e-4 centre) in
-    # every condition of the first GPU runs: up to x729 (the extensions are 3-run stacks).
-    c.lr_grid_max_extensions = 4
-    c.lr_grid_extension_points = 2  # an extension stack compiles as long as a sweep's
-    c.stack_runs = 15  # the whole 5-rate x 3-seed sweep in one vmapped step
-    c.analyze_layers = True
+    _controls_base(b, c)
     # Primary first: the order the processes of --processes take them in.
     c.conditions.base = _condition("synthetic Zipf(1.1) over 4096 tokens, 90% copied spans, "
                                    "topic switch every 250 steps, pre-LN, untied, 4 x 256 "
