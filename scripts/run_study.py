@@ -14,12 +14,14 @@ report (WORKDIR/REPORT.md, results/, plots/) is written at the end;
 `python scripts/make_report.py WORKDIR` rewrites it alone. Per-step training logs are at
 WARNING unless --verbosity is given (the progress bar stays readable); TensorBoard (every run's config as hparams): `tensorboard --logdir WORKDIR/runs`.
 
-One GPU, many conditions: `--processes=N` trains the conditions in N processes at once (each
-takes every N-th condition, its own share of device memory, XLA_PYTHON_CLIENT_MEM_FRACTION =
-0.9 / N unless set); small stacked models leave the GPU idle while XLA compiles on the host, and
-N processes overlap one's compiling with another's training. Each process keeps its study.json
-in WORKDIR/parts/<k>/ (its runs/ is a link to WORKDIR/runs); when all are done, this process
-merges them and writes WORKDIR/study.json and the report. WORKDIR/sessions.json records every
+One GPU, many runs: `--processes=N` trains N work units at once, each in its own process with
+its own share of device memory (XLA_PYTHON_CLIENT_MEM_FRACTION = 0.9 / N unless set); small
+stacked models leave the GPU idle while XLA compiles on the host, and N processes overlap one's
+compiling with another's training. A unit is a condition (every optimizer), or, with more
+processes than conditions, one (condition, optimizer); the units start longest first as
+processes free up (runner.work_units). Each unit keeps its study.json in
+WORKDIR/parts/<condition>[-<optimizer>]/ (its runs/ is a link to WORKDIR/runs); when all are
+done, this process merges them and writes WORKDIR/study.json and the report. WORKDIR/sessions.json records every
 invocation (start, end, wall time, device, processes) for the report.
 
 Exit codes (jaxopt_study.study.runner.EXIT_*):
@@ -37,6 +39,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 
 from absl import app
 from absl import flags
@@ -103,46 +106,61 @@ def main(argv):
 
 
 def train_in_processes(config, workdir: str, n: int) -> int:
-  """Trains the conditions in ``n`` child processes (module docstring); their worst exit code."""
+  """Trains the work units in ``n`` child processes at a time (module docstring); their worst
+  exit code. A process that ends hands its slot to the next unit (longest first)."""
   workdir = os.path.abspath(workdir)
   runner.validate(config)
-  shares = runner.split_conditions(config, n, workdir)
+  units = runner.work_units(config, n, workdir)
   os.makedirs(os.path.join(workdir, "runs"), exist_ok=True)
   env = dict(os.environ)
-  env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / len(shares):.3f}")
+  env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / min(n, len(units)):.3f}")
   # This script's own flags except --workdir, --processes and --report; the config flags pass
-  # through unchanged, plus each child's share of the conditions.
-  own = ("--workdir", "--processes", "--report", "--from_archive", "--config.only_conditions")
+  # through unchanged, plus each unit's condition and optimizers.
+  own = ("--workdir", "--processes", "--report", "--from_archive", "--config.only_conditions",
+         "--config.optimizers")
   passed = [a for a in sys.argv[1:] if not a.startswith(own)]
-  children = []
-  for k, share in enumerate(shares):
-    part = runner.part_dir(workdir, k)
+  running, codes, stopping = [], [], []
+
+  def start(unit):
+    part = runner.part_dir(workdir, unit)
     os.makedirs(part, exist_ok=True)
     link = os.path.join(part, "runs")
     if not os.path.islink(link):
       os.symlink(os.path.join("..", "..", "runs"), link)
+    cond, opts = unit
     argv = [sys.executable, os.path.abspath(__file__), *passed, f"--workdir={part}",
-            "--report=false", f"--config.only_conditions={tuple(share)!r}"]
+            "--report=false", f"--config.only_conditions={(cond,)!r}",
+            f"--config.optimizers={opts!r}"]
     log = open(os.path.join(part, "log.txt"), "a")
-    print(f"process {k}: conditions {', '.join(share)} (log: {log.name})")
-    children.append((subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    print(f"process: {cond} / {', '.join(opts)} (log: {log.name})", flush=True)
+    running.append((subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT), log))
 
-  def forward(signum, frame):  # SIGTERM: every child checkpoints its run and stops
+  def forward(signum, frame):  # SIGTERM: every child checkpoints its run; start no more
     del frame
-    for p, _ in children:
+    stopping.append(signum)
+    for p, _ in running:
       if p.poll() is None:
         p.send_signal(signum)
 
   old = signal.signal(signal.SIGTERM, forward)
+  pending = list(units)
   try:
-    codes = [p.wait() for p, _ in children]
+    while pending or running:
+      while pending and len(running) < n and not stopping:
+        start(pending.pop(0))
+      if stopping and not running:
+        break
+      for p, log in list(running):
+        if p.poll() is not None:
+          codes.append(p.returncode)
+          log.close()
+          running.remove((p, log))
+      time.sleep(0.5)
   finally:
     signal.signal(signal.SIGTERM, old)
-    for _, log in children:
-      log.close()
   print(f"processes done, exit codes {codes}")
-  runner.merge_parts(workdir, len(shares))
-  if any(c == runner.EXIT_PREEMPTED or c < 0 for c in codes):
+  runner.merge_parts(workdir)
+  if stopping or pending or any(c == runner.EXIT_PREEMPTED or c < 0 for c in codes):
     return runner.EXIT_PREEMPTED
   for c in (runner.EXIT_CONFIG_CHANGED, runner.EXIT_LOCKED):
     if c in codes:

@@ -952,52 +952,65 @@ def test_quickstart_notebook_runs_a_tiny_study_end_to_end(tmp_path, monkeypatch)
   print(f"quickstart notebook: {elapsed:.0f} s")
 
 
-def test_processes_split_conditions_by_work_and_merge_their_study_files(tmp_path):
-  """run_study.py --processes: every condition in exactly one share, the deepest alone first;
-  the parts' study.json files merge into one with every run and condition."""
+def test_processes_split_work_into_units_and_merge_their_study_files(tmp_path):
+  """run_study.py --processes: every (condition, optimizer) in exactly one unit, the most work
+  first; whole conditions when they are enough to fill the processes, else one optimizer each;
+  the parts' study.json files merge into one with every run, condition and optimizer."""
   from jaxopt_study.study import presets as study_configs
   from jaxopt_study.study import runner
 
   config = study_configs.get_config("controls")
-  shares = runner.split_conditions(config, 5)
-  assert sorted(c for s in shares for c in s) == sorted(config.conditions)
-  assert shares[0][0] == "depth_8"  # the most work (2x the layers) is placed first
-  assert max(map(len, shares)) == 3 and min(map(len, shares)) == 2  # balanced: 12 over 5
-  assert len(runner.split_conditions(config, 20)) == len(config.conditions)
-  # Resumed: finished sweeps weigh nothing, so the two conditions left get a process each.
+  units = runner.work_units(config, 5)
+  assert sorted(c for c, _ in units) == sorted(config.conditions)
+  assert all(opts == tuple(config.optimizers) for _, opts in units)
+  assert units[0][0] == "depth_8"  # the most work (2x the layers) is placed first
+  per_opt = runner.work_units(config, 20)  # 20 processes > 12 conditions: one optimizer each
+  assert sorted((c, o) for c, (o,) in per_opt) == sorted(
+      (c, o) for c in config.conditions for o in config.optimizers)
+  assert {c for c, _ in per_opt[:len(config.optimizers)]} == {"depth_8"}
+  assert runner.part_dir("w", per_opt[0]) == os.path.join("w", "parts", "depth_8-" +
+                                                          per_opt[0][1][0])
+  # Resumed: finished sweeps weigh nothing, so the units left come first.
   for cond in config.conditions:
-    if cond not in ("base", "tied"):
-      for lr in range(len(config.optimizers) * len(config.lr_multipliers)):
+    for opt in config.optimizers:
+      if (cond, opt) in (("base", "adamw"), ("tied", "lion")):
+        continue
+      for lr in range(len(config.lr_multipliers)):
         for seed in config.sweep_seeds:
-          rd = tmp_path / "resumed" / rundir.run_relpath(cond, "adamw", lr + 1.0, seed)
+          rd = tmp_path / "resumed" / rundir.run_relpath(cond, opt, lr + 1.0, seed)
           os.makedirs(rd)
           rundir.write_json(str(rd / "results.json"), {"status": "completed"})
-  resumed = runner.split_conditions(config, 2, str(tmp_path / "resumed"))
-  assert sorted(s[0] for s in resumed) == ["base", "tied"], resumed
+  resumed = runner.work_units(config, 20, str(tmp_path / "resumed"))
+  assert sorted(resumed[:2]) == [("base", ("adamw",)), ("tied", ("lion",))], resumed[:3]
+  assert sorted(c for c, _ in runner.work_units(config, 2, str(tmp_path / "resumed"))[:2]) == [
+      "base", "tied"]
+  part_of = {"base": ("base", ("adamw",)), "tied": ("tied", tuple(config.optimizers))}
   for k, (cond, wall) in enumerate([("base", 12.5), ("tied", None)]):
-    os.makedirs(runner.part_dir(str(tmp_path), k))
-    rundir.write_json(os.path.join(runner.part_dir(str(tmp_path), k), "study.json"), {
+    os.makedirs(runner.part_dir(str(tmp_path), part_of[cond]))
+    rundir.write_json(os.path.join(runner.part_dir(str(tmp_path), part_of[cond]), "study.json"), {
         "preset": "controls", "command": f"child {k}", "conditions": {cond: {"num_steps": 5}},
+        "optimizers": list(part_of[cond][1]),
         "runs": [{"workdir": f"runs/{cond}/adamw/lr=0.001/seed=0", "status": "completed",
                   "wall_s": wall}]})
   # The parent's study.json (seeded from an archive) already has tied's run; the part scored it.
   rundir.write_json(str(tmp_path / "study.json"), {"runs": [
       {"workdir": "runs/tied/adamw/lr=0.001/seed=0", "status": "completed", "wall_s": None,
        "analysis": "skipped: no checkpoint"}]})
-  part1 = os.path.join(runner.part_dir(str(tmp_path), 1), "study.json")
+  part1 = os.path.join(runner.part_dir(str(tmp_path), part_of["tied"]), "study.json")
   rundir.write_json(part1, {**rundir.read_json(part1), "runs": [
       {**rundir.read_json(part1)["runs"][0], "analysis": "done (retrained here)"}]})
   # A part written before a re-split says "preempted"; the run's results.json says completed.
   rd = tmp_path / "runs/tied/adamw/lr=0.001/seed=0"
   os.makedirs(rd)
   rundir.write_json(str(rd / "results.json"), {"status": "completed"})
-  part = rundir.read_json(os.path.join(runner.part_dir(str(tmp_path), 1), "study.json"))
+  part = rundir.read_json(part1)
   part["runs"][0]["status"] = "preempted"
-  rundir.write_json(os.path.join(runner.part_dir(str(tmp_path), 1), "study.json"), part)
-  runner.merge_parts(str(tmp_path), 2)
+  rundir.write_json(part1, part)
+  runner.merge_parts(str(tmp_path))
   merged = rundir.read_json(str(tmp_path / "study.json"))
   assert {r["status"] for r in merged["runs"]} == {"completed"}
   assert merged["preset"] == "controls" and set(merged["conditions"]) == {"base", "tied"}
+  assert merged["optimizers"] == ["adamw", *[o for o in config.optimizers if o != "adamw"]]
   assert "command" not in merged  # the parent's command, set by its final pass
   assert sorted((r["workdir"], r["wall_s"]) for r in merged["runs"]) == [
       ("runs/base/adamw/lr=0.001/seed=0", 12.5), ("runs/tied/adamw/lr=0.001/seed=0", None)]

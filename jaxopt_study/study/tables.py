@@ -290,6 +290,7 @@ def findings_table(runs: pd.DataFrame, best: pd.DataFrame) -> pd.DataFrame:
       ci = best_lr_ci(runs, best, cond, opt, col)
       row[name], row[f"{name}_ci95"], row[f"{name}_n"] = ci.mean, ci.half_width, ci.n
     for col, new in (("final_train_loss", "final_train_loss"),
+                     ("num_params", "num_params"), ("tokens_seen", "tokens_seen"),
                      ("best_eval_loss", "best_eval_loss"),
                      ("frequent_token_loss", "frequent_token_loss"),
                      ("rare_token_loss", "rare_token_loss"),
