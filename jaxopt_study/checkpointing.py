@@ -27,11 +27,12 @@ CORRUPT_SUFFIX = ".corrupt"
 
 
 def manager(directory: str, *, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
-  """A CheckpointManager keeping the last ``keep`` checkpoints under ``directory``."""
+  """A CheckpointManager keeping the last ``keep`` checkpoints under ``directory`` (a relative
+  path is taken from the working directory: orbax refuses relative paths)."""
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True, enable_async_checkpointing=async_save
   )
-  return ocp.CheckpointManager(directory, options=options)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, *, force: bool = False) -> bool:
@@ -48,6 +49,7 @@ def restore_latest(directory: str, abstract_state):
   previous one, never the run. Each attempt uses a fresh read-only manager, because a manager
   infers the checkpoint layout from the first step directory it reads.
   """
+  directory = os.path.abspath(directory)  # orbax refuses relative paths
   if not os.path.isdir(directory):
     return None
   target = jax.tree.map(
