@@ -18,6 +18,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from jaxopt_study import cli
 from jaxopt_study import rundir
 from jaxopt_study import sharding
 from jaxopt_study import train
@@ -37,26 +38,30 @@ config_flags.DEFINE_config_file(
 flags.mark_flags_as_required(["workdir"])
 
 
-class _QuietOrbax(std_logging.Filter):
-  """Orbax logs every checkpoint phase at INFO; keep its warnings and errors only."""
+class _Quiet(std_logging.Filter):
+  """Orbax logs every checkpoint phase at INFO, JAX every platform it did not find (``Unable
+  to initialize backend 'tpu'``); keep their warnings and errors only (``-v 1`` shows all)."""
+
+  NOISY = ("/orbax/", "xla_bridge.py")
 
   def filter(self, record):
-    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+    return (record.levelno >= std_logging.WARNING or logging.get_verbosity() > logging.INFO
+            or not any(n in record.pathname for n in self.NOISY))
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietOrbax())
+  logging.get_absl_handler().addFilter(_Quiet())
   sharding.maybe_initialize_distributed()  # before anything touches a device
   logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
-  if FLAGS.restart and jax.process_index() == 0:
-    moved = rundir.move_aside(FLAGS.workdir)
-    if moved:
-      logging.warning("--restart: the previous run is now in %s", moved)
   try:
+    if FLAGS.restart and jax.process_index() == 0:
+      moved = rundir.move_aside(FLAGS.workdir)
+      if moved:
+        logging.warning("--restart: the previous run is now in %s", moved)
     results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (rundir.ConfigChanged, rundir.Locked) as e:
+  except (rundir.ConfigChanged, rundir.Locked, rundir.BadWorkdir, rundir.BadFile) as e:
     logging.error("%s", e)
     sys.exit(1)
   except OSError as e:
@@ -71,4 +76,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -112,13 +112,26 @@ def write_json(path: str, obj) -> None:
     raise
 
 
-def read_json(path: str) -> Optional[Any]:
-  """The parsed JSON file, or None when it is absent or not valid JSON."""
+class BadFile(ValueError):
+  """A bookkeeping file that exists but cannot be read as JSON (truncated, overwritten)."""
+
+
+def read_json(path: str, *, strict: bool = True) -> Optional[Any]:
+  """The parsed JSON file; None when it is absent. A file that exists but is not valid JSON
+  raises :class:`BadFile` naming it (``strict=False``: None, e.g. a half-written lock file):
+  every file here is written atomically (:func:`write_json`), so an unreadable one was damaged
+  from outside, and guessing its content would lose or invent results."""
   try:
     with open(path) as f:
       return json.load(f)
-  except (OSError, ValueError):
+  except FileNotFoundError:
     return None
+  except (OSError, ValueError) as e:
+    if not strict:
+      return None
+    raise BadFile(
+        f"{path} is unreadable ({type(e).__name__}: {e}). Restore it from a copy, or move the "
+        "run aside (--restart) and train it again; nothing was changed.") from e
 
 
 # ----------------------------------------------------------------------------- layout
@@ -301,7 +314,8 @@ class RunResults:
 
   @classmethod
   def load(cls, workdir: str) -> Optional["RunResults"]:
-    """The workdir's results.json, or None when there is none (or it is not valid JSON)."""
+    """The workdir's results.json, or None when there is none (:class:`BadFile` when it is
+    not valid JSON)."""
     d = read_json(os.path.join(workdir, RESULTS))
     return cls.from_dict(d) if isinstance(d, Mapping) else None
 
@@ -371,7 +385,7 @@ class Lock:
     if self._enabled:
       me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
       while not self._create(me):
-        holder = read_json(self._path) or {}
+        holder = read_json(self._path, strict=False) or {}
         if not self._stale(holder):
           raise Locked(
               f"{self._path} is held by pid {holder.get('pid')} on {holder.get('host')}: another "
@@ -435,9 +449,11 @@ def flatten(tree: dict, prefix: str = "") -> dict:
   return out
 
 
-def config_diff(old, new) -> dict[str, tuple]:
-  """{dotted field: (old, new)} over the trajectory fields that differ."""
-  a, b = (flatten(_canonical(trajectory_config(c))) for c in (old, new))
+def config_diff(old, new, *, trajectory: bool = True) -> dict[str, tuple]:
+  """{dotted field: (old, new)} over the trajectory fields (``trajectory=False``: every field)
+  that differ."""
+  as_tree = trajectory_config if trajectory else _as_dict
+  a, b = (flatten(_canonical(as_tree(c))) for c in (old, new))
   return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
@@ -449,7 +465,15 @@ def check_same_trajectory(workdir: str, config) -> None:
   run's files under ``workdir/replaced-<time>/``.
   """
   old = read_json(path(workdir, CONFIG))
-  if old is None or same_trajectory(old, config):
+  if old is None:  # config.json lost: results.json still records the trajectory's fingerprint
+    recorded = (read_json(path(workdir, RESULTS)) or {}).get("config_fingerprint")
+    if recorded and recorded not in config_fingerprints(config):
+      raise ConfigChanged(
+          f"{workdir} holds a run of another config (its results.json fingerprint {recorded[:12]} "
+          f"is not this config's; config.json, which would name the fields, is missing). Use a "
+          "new --workdir, or pass --restart to move the old run aside and start fresh.")
+    return
+  if same_trajectory(old, config):
     return
   diff = config_diff(old, config)
   shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(diff.items())[:8])
@@ -460,12 +484,40 @@ def check_same_trajectory(workdir: str, config) -> None:
 
 
 def move_aside(workdir: str) -> Optional[str]:
-  """Moves everything in ``workdir`` into ``workdir/replaced-<UTC time>/``; returns that path."""
+  """Moves everything in ``workdir`` into ``workdir/replaced-<UTC time>/``; returns that path.
+
+  Holds the workdir's :class:`Lock` while it moves: a run training there raises ``Locked``
+  and nothing moves (moving a live run's files would leave two runs writing into one place).
+  """
   if not os.path.isdir(workdir) or not os.listdir(workdir):
     return None
-  dest = path(workdir, time.strftime("replaced-%Y%m%dT%H%M%SZ", time.gmtime()))
-  os.makedirs(dest)
-  for name in os.listdir(workdir):
-    if not name.startswith("replaced-"):
-      os.replace(path(workdir, name), os.path.join(dest, name))
+  with Lock(workdir):
+    dest = path(workdir, time.strftime("replaced-%Y%m%dT%H%M%SZ", time.gmtime()))
+    os.makedirs(dest)
+    for name in os.listdir(workdir):
+      if not name.startswith("replaced-") and name != LOCK:
+        os.replace(path(workdir, name), os.path.join(dest, name))
   return dest
+
+
+class BadWorkdir(ValueError):
+  """A --workdir that cannot hold a run (a file, under a file, not writable)."""
+
+
+def make_workdir(workdir: str) -> None:
+  """Creates ``workdir`` (and its parents), or raises :class:`BadWorkdir` naming the problem,
+  before any data is built or anything compiles."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except FileExistsError:
+    raise BadWorkdir(f"--workdir={workdir} is a file, not a directory: choose another "
+                     "--workdir") from None
+  except NotADirectoryError:
+    raise BadWorkdir(f"--workdir={workdir}: a parent of it is a file: choose another "
+                     "--workdir") from None
+  except PermissionError as e:
+    raise BadWorkdir(f"--workdir={workdir} cannot be created ({e.strerror}: {e.filename}): "
+                     "choose a writable --workdir") from None
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise BadWorkdir(f"--workdir={workdir} is not writable: choose a writable --workdir, or "
+                     "fix its permissions")

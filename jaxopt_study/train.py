@@ -214,6 +214,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
         f"config.diagnostics.entry_sample_size={n!r} must be an integer >= 0 (0: per-entry "
         "counters on every parameter entry; N: on a fixed grid of about N entries).")
+  m = config.model.vocab_multiple
+  if not isinstance(m, int) or m < 1:
+    raise ValueError(f"config.model.vocab_multiple={m!r} must be an integer >= 1 (the vocabulary "
+                     "is padded to a multiple of it; 64 suits GPU matmuls, 1 pads nothing).")
+  if config.schedule.warmup_steps > config.num_steps:
+    logging.warning("config.schedule.warmup_steps=%d > config.num_steps=%d: the learning rate "
+                    "never reaches its peak; shorten the warmup or train longer.",
+                    config.schedule.warmup_steps, config.num_steps)
   optimizers.validate(config)
   gpt.from_config(config.model, vocab_size=1)  # model-field checks
   data_lib.check_config(config.data, seq_len=config.seq_len, global_batch_size=config.batch_size,
@@ -303,9 +311,11 @@ class Setup(NamedTuple):
   batch_sharding: Any
 
 
-def setup(config: ml_collections.ConfigDict) -> Setup:
-  """Validates ``config`` (before any compile), then builds mesh, data, model and the state."""
-  validate_config(config)
+def setup(config: ml_collections.ConfigDict, *, validate: bool = True) -> Setup:
+  """Validates ``config`` (before any compile; ``validate=False``: the caller did), then builds
+  mesh, data, model and the state."""
+  if validate:
+    validate_config(config)
   sharding.maybe_initialize_distributed()
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.batch_size, mesh)
@@ -515,20 +525,30 @@ def itstime(step: int, every: int, total: int) -> bool:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> rundir.RunResults:
   """Trains (or resumes) the run described by ``config`` in ``workdir``; returns its results.
 
-  Raises ``rundir.ConfigChanged`` if ``workdir`` holds a run with another trajectory config and
-  ``rundir.Locked`` while another process runs there, both before any compile.
+  Raises, before any data is built or anything compiles: ``ValueError`` naming the field of a
+  bad config, ``rundir.BadWorkdir`` for a workdir that cannot hold a run, ``rundir.Locked``
+  while another process runs there, ``rundir.ConfigChanged`` if it holds a run with another
+  trajectory config, ``rundir.BadFile`` if its bookkeeping is unreadable.
   """
-  s = setup(config)
-  ds, state, total, dcfg = s.dataset, s.state, config.num_steps, config.diagnostics
+  validate_config(config)
+  sharding.maybe_initialize_distributed()
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  rundir.make_workdir(workdir)
   with contextlib.ExitStack() as stack:
     lock = stack.enter_context(rundir.Lock(workdir, enabled=is_main))
     rundir.check_same_trajectory(workdir, config)
+    previous = rundir.RunResults.load(workdir)
+    s = setup(config, validate=False)
+    ds, state, total, dcfg = s.dataset, s.state, config.num_steps, config.diagnostics
     stack.enter_context(sharding.activate(s.mesh))
     results = start_results(config, state, ds)
     ckpt_dir = rundir.path(workdir, rundir.CHECKPOINTS)
-    state = checkpointing.restore_latest(ckpt_dir, state) or state
+    state = restore(workdir, config, state)
+    if int(state.step) and previous and previous.devices not in (None, jax.device_count()):
+      logging.warning(
+          "resuming at step %d on %d devices; the earlier segments trained on %d: the run goes "
+          "on, but not bit for bit on the same trajectory (reductions split differently; "
+          "docs/RELIABILITY.md).", int(state.step), jax.device_count(), previous.devices)
     ckpt = stack.enter_context(contextlib.closing(
         checkpointing.manager(ckpt_dir, keep=config.keep_checkpoints)))
     start_step = int(state.step)
@@ -546,6 +566,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> rundi
     stack.callback(buffer.flush)  # before writer.close (LIFO): e.g. train/diverged
     speed = writers.Throughput(results.tokens_per_step)
     progress = writers.report_progress(total, writer)
+    bar = writers.ProgressBar(total, start_step, desc=os.path.basename(os.path.normpath(workdir)))
+    stack.callback(bar.close)
     preemption = checkpointing.Preemption(ckpt)
     stack.callback(preemption.close)
     batches = data_lib.prefetch_to_device(ds.train_batch, start_step, s.batch_sharding,
@@ -564,6 +586,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> rundi
         buffer.add(step, {"train/tokens_per_sec": tps})
       buffer.fetch()
       lock.heartbeat()
+      bar.show(loss=buffer.last_train.get("train/loss"), tokens_per_sec=speed.tokens_per_second)
       return diverged
 
     status, diverged, last_eval = "completed", False, {}
@@ -586,6 +609,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> rundi
       if probe is not None and probes_due(step, mode, config):
         buffer.add(step, measure_probes(config, s.model, state.params, probe))
       progress(step)
+      bar(step)
       evaluates = itstime(step, config.eval_every, total)  # always at the last step
       saves = step % config.checkpoint_every == 0 and step != total
       if itstime(step, config.sync_every, total) or saves:
@@ -619,6 +643,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> rundi
   return record_results(workdir, results, is_main)
 
 
+def restore(workdir: str, config, state):
+  """The latest good checkpoint of ``workdir`` restored into ``state``'s layout, else ``state``.
+
+  A checkpoint of another state layout, from a change to a field the trajectory fingerprint
+  ignores (``diagnostics.enabled``, ``diagnostics.entry_sample_size``: the diagnostic state's
+  arrays), raises ``rundir.ConfigChanged`` naming the changed fields: the training state is
+  intact, so the fix is the old value (or ``--restart``), never a silent start from step 0.
+  """
+  try:
+    return checkpointing.restore_latest(rundir.path(workdir, rundir.CHECKPOINTS), state) or state
+  except checkpointing.StateMismatch as e:
+    old = rundir.read_json(rundir.path(workdir, rundir.CONFIG))
+    diff = rundir.config_diff(old, config, trajectory=False) if old else {}
+    shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(diff.items())[:8])
+    shown = shown or ("no field of config.json" if old else "unknown (no config.json)")
+    raise rundir.ConfigChanged(
+        f"{workdir}: {e}; changed since it was saved: {shown}. "
+        "Resume with the old values, or pass --restart to move the run aside and start "
+        "fresh.") from None
+
+
 def final_results(results: rundir.RunResults, *, status: str, steps_done: int,
                   diverged_at: int | None, last_train: dict, last_eval: dict,
                   tokens_per_second: float | None) -> rundir.RunResults:
@@ -642,6 +687,7 @@ def record_results(workdir: str, results: rundir.RunResults, is_main: bool) -> r
   results = previous.merge(results) if previous else results
   if is_main:
     results.save(workdir)
+  fmt = lambda x: "-" if x is None else f"{x:.4f}"
   logging.info("%s: %s after %d steps; train loss %s, eval loss %s", workdir, results.status,
-               results.steps_done, results.final_train_loss, results.final_eval_loss)
+               results.steps_done, fmt(results.final_train_loss), fmt(results.final_eval_loss))
   return results

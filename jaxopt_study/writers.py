@@ -79,10 +79,10 @@ class ConsoleWriter:
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     shown = {k: v for k, v in scalars.items() if k.startswith(self._prefixes)}
     if shown:
-      logging.info("[%d] %s", step, ", ".join(f"{k}={float(v):.6g}" for k, v in sorted(shown.items())))
+      logging.info("[%d] %s", step, ", ".join(f"{k}={float(v):.4g}" for k, v in sorted(shown.items())))
 
   def write_hparams(self, hparams: Mapping[str, Any]):
-    logging.info("hparams: %s", dict(hparams))
+    logging.debug("hparams: %s", dict(hparams))  # config.json has them; -v 1 shows them
 
   def write_histograms(self, step, arrays, num_buckets=None):
     pass
@@ -199,6 +199,32 @@ def report_progress(num_train_steps: int, writer, every_secs: float = 60.0):
   return _FallbackReportProgress(
       num_train_steps=num_train_steps, writer=writer, every_secs=every_secs
   )
+
+
+class ProgressBar:
+  """The run's live console line (tqdm): step / total, rate and ETA from the first steps, and
+  the last fetched train loss and tokens/s (updated at host syncs: reading the loss each step
+  would sync each step). ``enabled=None`` shows it where stderr is a terminal (tqdm's rule), so
+  logs and CI output stay line-based; TensorBoard gets ``steps_per_sec`` from ReportProgress."""
+
+  def __init__(self, total: int, start: int = 0, *, desc: str | None = None,
+               enabled: bool | None = None):
+    import tqdm  # pylint: disable=g-import-not-at-top
+
+    self._bar = tqdm.tqdm(total=total, initial=start, desc=desc, unit="step", leave=False,
+                          dynamic_ncols=True, disable=None if enabled is None else not enabled)
+
+  def __call__(self, step: int) -> None:
+    if step > self._bar.n:
+      self._bar.update(step - self._bar.n)
+
+  def show(self, **values) -> None:
+    """Sets the line's values (None: not yet known); 4 significant digits."""
+    self._bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if v is not None},
+                          refresh=False)
+
+  def close(self) -> None:
+    self._bar.close()
 
 
 def hparams(config) -> dict[str, Any]:

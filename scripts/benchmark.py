@@ -54,6 +54,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from jaxopt_study import cli
 from jaxopt_study import data as data_lib
 from jaxopt_study import sharding
 from jaxopt_study import train
@@ -370,4 +371,4 @@ def render(rows, device, rate) -> str:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

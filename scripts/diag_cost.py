@@ -43,6 +43,7 @@ from absl import flags
 import jax
 import numpy as np
 
+from jaxopt_study import cli
 from jaxopt_study import diagnostics
 import memory_plan  # scripts/memory_plan.py (this script's directory is on sys.path)
 
@@ -150,4 +151,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -51,6 +51,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from jaxopt_study import cli
 from jaxopt_study import diagnostics
 from jaxopt_study import optimizers
 from jaxopt_study import sharding
@@ -365,4 +366,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

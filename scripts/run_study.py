@@ -48,6 +48,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from jaxopt_study import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from jaxopt_study import rundir  # pylint: disable=g-import-not-at-top,wrong-import-position
 from jaxopt_study.study import report  # pylint: disable=g-import-not-at-top,wrong-import-position
 from jaxopt_study.study import runner  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -185,4 +186,4 @@ def record_session(workdir: str, command: str, start: datetime.datetime) -> None
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

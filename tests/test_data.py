@@ -841,3 +841,13 @@ def test_text_unigram_baseline_by_hand():
   assert b["unigram"] == pytest.approx(want, rel=1e-12)
   assert ds.baselines("test")["unigram"] == pytest.approx(-math.log(3 / 18), rel=1e-12)
   np.testing.assert_allclose(ds.token_frequencies, [0.1, 0.2, 0.3, 0.4, 0, 0, 0, 0])
+
+
+def test_too_small_a_vocabulary_names_the_size_this_corpus_needs(tmp_path):
+  """SentencePiece needs one piece per required character plus its special pieces: the error
+  gives that number (here > 400 CJK characters), not the generic minimum."""
+  chars = "".join(chr(0x4E00 + i) for i in range(400))
+  lines = [chars[i:i + 40] + " " + chars[::-1][i:i + 40] for i in range(360)] * 5
+  with pytest.raises(ValueError, match=r"config\.data\.vocab_size=320 .*raise it \(>= (\d+)") as e:
+    tokenizer_lib.train_tokenizer(lines, tmp_path / "m.model", vocab_size=320)
+  assert int(re.search(r"raise it \(>= (\d+)", str(e.value))[1]) > 400

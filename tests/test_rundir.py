@@ -30,7 +30,9 @@ def test_write_json_is_atomic(tmp_path, monkeypatch):
   assert os.listdir(tmp_path) == ["results.json"]  # no temporary file left behind
   assert rundir.read_json(str(tmp_path / "absent.json")) is None
   (tmp_path / "half.json").write_text('{"a": ')
-  assert rundir.read_json(str(tmp_path / "half.json")) is None
+  with pytest.raises(rundir.BadFile, match="half.json is unreadable"):  # never guessed at
+    rundir.read_json(str(tmp_path / "half.json"))
+  assert rundir.read_json(str(tmp_path / "half.json"), strict=False) is None  # e.g. a lock
 
 
 def test_config_fingerprint_covers_the_trajectory_only():

@@ -11,6 +11,8 @@ import math
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 import time
 import types
 
@@ -543,7 +545,59 @@ def test_smoke_test_report_is_labelled_and_has_no_verdicts(fake_report, tmp_path
   text = pathlib.Path(report.make_report(str(root), {"smoke_test": True})).read_text()
   assert "**Smoke test.**" in text and "a smoke test compares nothing" in text
   assert "**agrees**" not in text and "**disagrees**" not in text
+  assert "## Findings" not in text and "## Numbers (smoke test: no findings)" in text
   report.make_report(str(root))  # leave the module fixture as it was
+
+
+def test_figures_draw_what_they_say_and_no_legend_covers_data(fake_report, monkeypatch):
+  """What each figure draws, read off the matplotlib objects before they are saved."""
+  from matplotlib.transforms import Bbox
+  root, _ = fake_report
+  drawn = {}
+  real_save = plots._save
+
+  def inspect(fig, path):
+    fig.tight_layout()
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    axes = []
+    for ax in fig.axes:
+      leg = ax.get_legend()
+      over = False
+      if leg is not None:
+        both = Bbox.intersection(leg.get_window_extent(r), ax.get_window_extent(r))
+        over = both is not None and both.width > 1 and both.height > 1
+      axes.append({"lines": [(l.get_label(), l.get_linestyle()) for l in ax.get_lines()],
+                   "legend": [t.get_text() for t in leg.get_texts()] if leg else [],
+                   "legend_over_data": over})
+    drawn[os.path.basename(path)] = axes
+    real_save(fig, path)
+
+  monkeypatch.setattr(plots, "_save", inspect)
+  report.make_report(str(root))
+  for name in ("loss_vs_tokens__base.png", "drift_around_shifts__base.png",
+               "moment_staleness__base.png", "embedding_update_frequency__base.png"):
+    assert not any(a["legend_over_data"] for a in drawn[name]), name
+  loss = drawn["loss_vs_tokens__base.png"][0]
+  assert not any("1 seeds" in t for t in loss["legend"]) and any("3 seeds" in t for t in loss["legend"])
+  styles = {label.split(" (")[0]: ls for label, ls in loss["lines"] if not label.startswith("_")}
+  assert styles["distribution shift"] not in {styles["uniform"], styles["unigram"]}
+  # Every optimizer sees the same batches, so the same row update frequencies: one line, said
+  # so, beside the expected curve (and its averaging) -- not five lines in one colour.
+  freq = drawn["embedding_update_frequency__base.png"][0]["lines"]
+  measured = [label for label, _ in freq if label.startswith("measured")]
+  assert len(measured) == 1 and "every optimizer" in measured[0] and len(freq) == 2
+  assert any("mean over the bucket's tokens and topics" in label for label, _ in freq)
+
+
+def test_a_check_without_a_condition_to_run_on_says_so_in_the_tally():
+  checks = [{"claim": "post-LN", "condition": "–", "measured": "–", "verdict": "inconclusive",
+             "reason": "no pre-/post-LN condition pair in the study"},
+            {"claim": "Adam", "condition": "base", "measured": "x", "verdict": "agrees",
+             "reason": "r"}]
+  text = "\n".join(report.literature_section(checks))
+  assert "- post-LN: **inconclusive** (no condition to measure it on)" in text
+  assert "- Adam: **agrees** in base" in text and " in –" not in text
 
 
 # ----------------------------------------------------------------------------- runner
@@ -950,6 +1004,86 @@ def test_quickstart_notebook_runs_a_tiny_study_end_to_end(tmp_path, monkeypatch)
     sec = [s for s in section if f"plots/{name}__base.png" in s][0]
     assert "Data absent" not in sec, (name, sec[:500])
   print(f"quickstart notebook: {elapsed:.0f} s")
+
+
+def test_wikitext_notebook_runs_its_smoke_study_on_local_files(tmp_path, monkeypatch):
+  """Executes notebooks/wikitext103_tpu.ipynb top to bottom on CPU, as CI can: local WikiText
+  files (WIKITEXT_DIR) instead of the hub download, and its JAXOPT_STUDY_SMOKE settings."""
+  from tests.test_data import _write_wikitext
+  nbformat = pytest.importorskip("nbformat")
+  nbclient = pytest.importorskip("nbclient")
+  study_dir = tmp_path / "wt103"
+  folder = _write_wikitext(tmp_path / "wiki", (("train", 40), ("valid", 6), ("test", 6)))
+  for k, v in {"STUDY_DIR": str(study_dir), "WIKITEXT_DIR": str(folder),
+               "JAXOPT_STUDY_SMOKE": "1"}.items():
+    monkeypatch.setenv(k, v)
+  monkeypatch.delenv("JAXOPT_STUDY_TENSORBOARD", raising=False)
+  monkeypatch.delenv("JAXOPT_STUDY_CACHE", raising=False)
+  nb = nbformat.read(REPO / "notebooks" / "wikitext103_tpu.ipynb", as_version=4)
+  nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
+                          resources={"metadata": {"path": str(tmp_path)}}).execute()
+  outputs = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+  assert "attention: auto" in outputs  # no GPU here: XLA's attention, never cuDNN's
+  spec = json.loads((study_dir / "study.json").read_text())
+  assert [r["status"] for r in spec["runs"]] == ["completed"] * 5, spec["runs"]
+  assert {r["workdir"].split("/")[1] for r in spec["runs"]} == {"base"}
+  text = (study_dir / "REPORT.md").read_text()
+  assert "**Smoke test.**" in text and "**agrees**" not in text
+  assert (study_dir / "cache").is_dir()  # the tokenizer and token cache live with the study
+
+
+def _install_cell(name):
+  nb = json.loads((REPO / "notebooks" / name).read_text())
+  (src,) = ["".join(c["source"]) for c in nb["cells"]
+            if c["cell_type"] == "code" and "install_source" in "".join(c["source"])]
+  return src
+
+
+_RUN_INSTALL_CELL = """
+import importlib.abc, json, subprocess, sys
+class NoPackage(importlib.abc.MetaPathFinder):  # as on a fresh Colab: not installed yet
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] == "jaxopt_study" and not INSTALLED:
+      raise ImportError(name)
+INSTALLED = False
+sys.meta_path.insert(0, NoPackage())
+calls = []
+def fake_run(argv, check):
+  global INSTALLED
+  calls.append(argv[argv.index("install") + 2:])  # after 'install -q'
+  INSTALLED = True
+subprocess.run = fake_run
+try:
+  exec(open(sys.argv[1]).read())
+  print("RESULT" + json.dumps(calls))
+except RuntimeError as e:
+  print("RESULT" + json.dumps(str(e)))
+"""
+
+
+@pytest.mark.parametrize("notebook", ["quickstart.ipynb", "wikitext103_tpu.ipynb"])
+def test_notebook_install_cell_installs_from_its_checkout_or_the_url_or_says_what_to_set(
+    notebook, tmp_path):
+  cell = tmp_path / "cell.py"
+  cell.write_text(_install_cell(notebook))
+  script = tmp_path / "run.py"
+  script.write_text(_RUN_INSTALL_CELL)
+
+  def run(cwd, url=None):
+    env = {k: v for k, v in os.environ.items() if k != "JAXOPT_STUDY_REPO"}
+    if url:
+      env["JAXOPT_STUDY_REPO"] = url
+    out = subprocess.run([sys.executable, str(script), str(cell)], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert "RESULT" in out.stdout, out.stderr[-2000:]
+    return json.loads(out.stdout.split("RESULT", 1)[1])
+
+  assert run(REPO / "notebooks") == [["-e", str(REPO)]]  # opened from its checkout
+  elsewhere = tmp_path / "colab"
+  elsewhere.mkdir()
+  assert run(elsewhere, "https://example.org/me/jaxopt_study.git") == [
+      ["git+https://example.org/me/jaxopt_study.git"]]
+  assert "set REPO_URL" in run(elsewhere)
 
 
 def test_processes_split_work_into_units_and_merge_their_study_files(tmp_path):

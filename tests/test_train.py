@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import socket
@@ -178,11 +179,13 @@ TINY_FLAGS = ["--config=configs/adamw.py:tiny", "--config.model.num_layers=1",
               "--config.checkpoint_every=8", "--config.diagnostics.enabled=False"]
 
 
-def test_sigterm_checkpoints_and_exits_with_the_preempted_code(tmp_path):
-  """SIGTERM (a preemption) saves a checkpoint of the current step; main exits with 75."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_checkpoints_and_exits_with_the_preempted_code(tmp_path, signum):
+  """SIGTERM (a preemption) or SIGINT (Ctrl-C) saves a checkpoint of the current step; main
+  exits with 75."""
   workdir = tmp_path / "preempted"
   proc = _run_until_checkpoint(workdir, None, main_flags=[*TINY_FLAGS, "--config.num_steps=10000"])
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(signum)
   assert proc.wait(timeout=120) == 75, proc.stderr.read()[-3000:]
   results = rundir.RunResults.load(str(workdir))
   assert results.status == "preempted" and 8 <= results.steps_done < 10_000
@@ -285,6 +288,8 @@ def test_params_are_really_sharded_over_fsdp():
         ({"prefetch": 0}, r"config\.prefetch=0"),
         ({"sync_every": 0}, r"config\.sync_every=0"),
         ({"diagnostics.every": 0}, r"config\.diagnostics\.every=0 must be >= 1"),
+        ({"model.vocab_multiple": 0}, r"config\.model\.vocab_multiple=0 must be an integer >= 1"),
+        ({"model.vocab_multiple": -64}, r"config\.model\.vocab_multiple=-64"),
     ],
 )
 def test_bad_input_fails_before_compile(overrides, error, tmp_path, monkeypatch):
@@ -339,7 +344,28 @@ def _emptied(step_dir):
   step_dir.mkdir()
 
 
-@pytest.mark.parametrize("corrupt", [_truncate, _metadata_gone, _emptied])
+def _data_file(step_dir):
+  """The checkpoint's largest file: tensorstore's array data (not orbax's JSON metadata)."""
+  return max((f for f in step_dir.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+
+
+def _one_bit_flipped(step_dir):
+  f = _data_file(step_dir)
+  data = bytearray(f.read_bytes())
+  data[len(data) // 2] ^= 0x10
+  f.write_bytes(bytes(data))
+
+
+def _three_bytes_flipped(step_dir):
+  f = _data_file(step_dir)
+  data = bytearray(f.read_bytes())
+  for i in (len(data) // 3, len(data) // 2, 2 * len(data) // 3):
+    data[i] ^= 0xFF
+  f.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("corrupt", [_truncate, _metadata_gone, _emptied, _one_bit_flipped,
+                                     _three_bytes_flipped])
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(reference_run, tmp_path,
                                                                     corrupt):
   """Damage checkpoint 24 of a finished run: the rerun restores 16, warns, keeps the bad one
@@ -372,3 +398,110 @@ def test_a_full_disk_is_one_clear_error(tmp_path):
   assert out.returncode == 1, out.stderr[-3000:]
   assert "No space left on device" in out.stderr and "--workdir" in out.stderr
   assert "Traceback" not in out.stderr and "ImportError" not in out.stderr
+
+
+# ------------------------------------------------------------------ resumes that must not mislead
+
+
+def _copy_of(reference_run, tmp_path, name="copy"):
+  workdir = tmp_path / name
+  shutil.copytree(reference_run[0], workdir)
+  return workdir
+
+
+def test_restart_refuses_to_move_a_live_run_aside(tmp_path):
+  workdir = tmp_path / "live"
+  workdir.mkdir()
+  lock = {"host": socket.gethostname(), "pid": os.getpid()}
+  (workdir / "run.lock").write_text(json.dumps(lock))
+  (workdir / "metrics.jsonl").write_text("{}\n")
+  with pytest.raises(rundir.Locked):
+    rundir.move_aside(str(workdir))
+  assert sorted(os.listdir(workdir)) == ["metrics.jsonl", "run.lock"]  # nothing moved
+
+
+@pytest.mark.parametrize("field,value", [("diagnostics.enabled", False),
+                                         ("diagnostics.entry_sample_size", 64)])
+def test_a_diagnostics_change_is_refused_by_name_and_keeps_every_checkpoint(
+    reference_run, tmp_path, field, value):
+  """Fields outside the fingerprint that change the state's arrays: the intact checkpoints are
+  never renamed .corrupt (once, every one was, and the run restarted from step 0)."""
+  workdir = _copy_of(reference_run, tmp_path)
+  before = _ckpts(workdir)
+  with pytest.raises(rundir.ConfigChanged, match=rf"{field}.*--restart"):
+    train.train_and_evaluate(tiny_config(**{field: value}), str(workdir))
+  assert _ckpts(workdir) == before
+  assert not list((workdir / "checkpoints").glob("*.corrupt*"))
+
+
+def test_without_config_json_the_results_fingerprint_still_refuses_another_config(
+    reference_run, tmp_path):
+  workdir = _copy_of(reference_run, tmp_path)
+  (workdir / "config.json").unlink()
+  with pytest.raises(rundir.ConfigChanged, match="fingerprint"):
+    train.train_and_evaluate(tiny_config(**{"optimizer.learning_rate": 1e-3}), str(workdir))
+  assert train.train_and_evaluate(tiny_config(), str(workdir)).status == "completed"
+
+
+def test_a_truncated_results_json_is_an_error_naming_it(reference_run, tmp_path):
+  workdir = _copy_of(reference_run, tmp_path)
+  text = (workdir / "results.json").read_text()
+  (workdir / "results.json").write_text(text[: len(text) // 2])
+  with pytest.raises(rundir.BadFile, match="results.json"):
+    train.train_and_evaluate(tiny_config(), str(workdir))
+  assert (workdir / "results.json").read_text() == text[: len(text) // 2]  # left as it was
+
+
+def test_resuming_on_another_device_count_says_so(reference_run, tmp_path, caplog):
+  workdir = _copy_of(reference_run, tmp_path)
+  results = json.loads((workdir / "results.json").read_text())
+  (workdir / "results.json").write_text(json.dumps({**results, "devices": 4}))
+  with caplog.at_level("WARNING"):
+    train.train_and_evaluate(tiny_config(), str(workdir))
+  assert "earlier segments trained on 4" in caplog.text
+
+
+def _a_file(tmp_path):
+  (tmp_path / "f").write_text("")
+  return tmp_path / "f"
+
+
+@pytest.mark.parametrize("where,error", [
+    (_a_file, "is a file"),
+    (lambda t: _a_file(t) / "run", "a parent of it is a file"),
+])
+def test_a_workdir_that_cannot_hold_a_run_is_refused_before_any_work(tmp_path, monkeypatch,
+                                                                     where, error):
+  built = []
+  monkeypatch.setattr(train, "setup", lambda *a, **k: built.append(1))
+  with pytest.raises(rundir.BadWorkdir, match=error):
+    train.train_and_evaluate(tiny_config(), str(where(tmp_path)))
+  assert not built
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_an_unwritable_workdir_is_refused(tmp_path):
+  ro = tmp_path / "ro"
+  ro.mkdir(mode=0o500)
+  with pytest.raises(rundir.BadWorkdir, match="not writable|cannot be created"):
+    train.train_and_evaluate(tiny_config(), str(ro / "run"))
+
+
+def test_warmup_longer_than_the_run_warns(caplog):
+  with caplog.at_level("WARNING"):
+    train.validate_config(tiny_config(**{"schedule.warmup_steps": STEPS + 1}))
+  assert "never reaches its peak" in caplog.text
+
+
+@pytest.mark.parametrize("flag,expected", [
+    ("--config.optimizer.learnin_rate=1", 'Did you mean "learning_rate"'),
+    ("--config=configs/nonexistent.py", "no such file.*configs/lion.py"),
+])
+def test_a_typo_is_one_line_with_the_fix(tmp_path, flag, expected):
+  argv = [sys.executable, "-m", "jaxopt_study.main", f"--workdir={tmp_path}",
+          "--config=configs/lion.py", flag]
+  out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 1
+  assert "Traceback" not in out.stderr, out.stderr[-2000:]
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and re.search(expected, lines[0]), out.stderr[-2000:]

@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import os
 import pathlib
+import re
 import uuid
 from typing import Iterable, Iterator
 
@@ -65,9 +66,13 @@ def train_tokenizer(lines: Iterable[str], model_path: str | os.PathLike, *, voca
   except RuntimeError as e:
     msg = str(e)
     if "Vocabulary size is smaller than required_chars" in msg or "vocab_size" in msg:
+      # SentencePiece says e.g. "... smaller than required_chars. 320 vs 338.": the second
+      # number is what this corpus needs (its characters plus the special pieces).
+      needed = re.search(r"(\d+) vs (\d+)", msg)
+      least = max(MIN_VOCAB_SIZE, int(needed[2])) if needed else MIN_VOCAB_SIZE
       raise ValueError(
           f"config.data.vocab_size={vocab_size} is too small for this corpus ({msg.strip()}); "
-          f"raise it (>= {MIN_VOCAB_SIZE}, typically 8192-50304) or lower "
+          f"raise it (>= {least}, typically 8192-50304) or lower "
           f"config.data.tokenizer.character_coverage.") from e
     raise ValueError(f"SentencePiece training failed with config.data.tokenizer "
                      f"(model_type={model_type!r}, vocab_size={vocab_size}): {msg.strip()}") from e

@@ -27,6 +27,13 @@ n = number of update() calls including this one.
   (log(b2/d) = 0.054): 0.142 at n = 7, 0.068 at n = 20, within 0.005 of 0.054 from n = 30.
   Adafactor's decay 1 - t^-0.8 varies with t, so its idle growth has no constant rate.
 
+Which gradient: g is the loss's gradient as the step computes it, *before* the chain's
+global-norm clipping (``optimizers.build``: clip, then the optimizer's moments), while v is
+built from the clipped gradients c_t g_t, c_t = min(1, clip_norm / |g_t|). Where clipping is
+active, log_staleness carries an offset of about 2 log c (about -2 log(|g| / clip_norm); early
+in training, with |g| ~ 100 and clip_norm 1, about -9), so compare it across optimizers that
+share clip_norm, or with clipping off (``optimizer.clip_norm=0``), not with plain optax.
+
 With ``entry_sample_size`` > 0 the per-entry statistics above (ages, s) are kept on a fixed
 strided grid of entries of each tensor (``core.entry_strides``; v is read on the same grid) and
 estimate the all-entry values; the row metrics below are exact in both cases (rows keep their

@@ -167,6 +167,7 @@ class Context:
   energy_long: Optional[jax.Array] = None
   init_grad_sq: Optional[jax.Array] = None   # |g_0(b)|^2 per tensor in context order (NaN: unseen)
   experts: dict = dataclasses.field(default_factory=dict)  # DiagState.experts after this step
+  experts_seen: dict = dataclasses.field(default_factory=dict)  # {layer: bool [E]} active < t
   names: list = dataclasses.field(default_factory=list)
   values: list = dataclasses.field(default_factory=list)
   hists: dict = dataclasses.field(default_factory=dict)

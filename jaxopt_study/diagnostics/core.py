@@ -400,7 +400,8 @@ def update(params, grads, updates, opt_state, diag_state: DiagState, step, cfg, 
       energy_short=new["energy_short"][perm] if "energy_short" in new else None,
       energy_long=new["energy_long"][perm] if "energy_long" in new else None,
       init_grad_sq=new["init_grad_sq"][perm] if "init_grad_sq" in new else None,
-      experts=experts_new or {})
+      experts=experts_new or {},
+      experts_seen={k: x["last_active"] >= 0 for k, x in (st.experts or {}).items()})
   for name, compute in FAMILIES.items():
     if cfg[name]:
       compute(ctx)

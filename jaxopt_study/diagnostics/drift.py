@@ -16,6 +16,11 @@ the previous step (mode 'prev' or 'full' at step t-1); if the stored one is not 
   energy_long_decay (El), each bias-corrected by 1/(1-d^n); group values sum E over the group.
   ~1 when stationary; a jump above 1 when the gradient energy rises (e.g. a distribution shift).
   Updated every step (one scalar per tensor).
+
+A cosine or ratio whose denominator is 0 is NaN, not 0 or 1: a group whose gradient (or
+moment, or stored previous gradient) is exactly zero, e.g. a layer of embedding rows none of
+whose tokens occurred, has no direction (``context.safe_div``). Aggregates over steps should
+skip NaN (the report does).
 """
 
 from __future__ import annotations

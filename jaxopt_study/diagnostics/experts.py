@@ -27,8 +27,10 @@ Per expert, names ``experts/<metric>/layer=NN/expert=EE``:
 * ``active_window`` = 1 if age < W (the expert got a gradient in the last W = window steps).
 * ``log_staleness`` = log(mean v / mean (s / (1 - d_s^n))) over the expert's entries, as
   ``aging/emb_row_log_staleness_mean`` for embedding rows (> 0: the optimizer's second moment
-  remembers larger, older gradients than the recent ones). NaN where either mean is 0 (e.g. an
-  expert that never got a gradient); absent without a second moment.
+  remembers larger, older gradients than the recent ones). Defined, as for embedding rows,
+  only for an expert active at some step before t (so v_{t-1} holds one of its gradients) with
+  both means > 0; NaN otherwise: an expert first routed at t has only Adafactor's epsilon
+  floor in v (log(1e-30 / s) ~ -65 would swamp the mean); absent without a second moment.
 
 Aggregates over all (layer, expert) pairs: ``experts/got_grad_frac`` (mean of got_grad),
 ``experts/grad_zero_frac`` (pooled over entries), ``experts/update_freq_mean``,
@@ -94,6 +96,8 @@ def _per_expert(ctx: context.Context):
         out[name] = jnp.stack([x[key] for x in state]).astype(jnp.float32)
     if "last_active" in out:
       out["age"] = ctx.step.astype(jnp.float32) - out.pop("last_active")
+  if all(f"layer_{l:02d}" in ctx.experts_seen for l in layers):
+    out["seen"] = jnp.stack([ctx.experts_seen[f"layer_{l:02d}"] for l in layers])  # [L, E]
   if "s" not in out:
     out.pop("v", None)
   return out, layers
@@ -117,7 +121,7 @@ def compute(ctx: context.Context):
     per["active_window"] = (q["age"] < cfg.window).astype(jnp.float32)
   if "v" in q:
     s_hat = q["s"] / ctx.bias_correction(cfg.sq_ema_decay)
-    ok = (q["v"] > 0) & (s_hat > 0)
+    ok = (q["v"] > 0) & (s_hat > 0) & q.get("seen", True)
     per["log_staleness"] = jnp.where(
         ok, jnp.log(jnp.where(ok, q["v"], 1.0)) - jnp.log(jnp.where(ok, s_hat, 1.0)), jnp.nan)
   for metric, x in per.items():

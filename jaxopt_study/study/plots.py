@@ -62,6 +62,16 @@ def _placeholder(path: str, title: str, message: str) -> None:
   plt.close(fig)
 
 
+def _legend_outside(ax, fontsize=7, ncol=1) -> None:
+  """The legend right of the axes, never over the data (savefig's tight bbox keeps it)."""
+  ax.legend(fontsize=fontsize, ncol=ncol, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+            borderaxespad=0.0, frameon=False)
+
+
+def _seeds(n: int) -> str:
+  return f"{n} seed" if n == 1 else f"{n} seeds"
+
+
 def _save(fig, path: str) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=DPI, bbox_inches="tight")
@@ -98,13 +108,14 @@ def _mark_shifts(ax, shifts, scale: float = 1.0, label: bool = True) -> None:
                label="distribution shift" if (label and i == 0) else None)
 
 
-BASELINE_STYLE = {"uniform": ":", "unigram": "--", "entropy_floor": "-."}
+# Distribution shifts are dotted verticals (_mark_shifts): no baseline shares their style.
+BASELINE_STYLE = {"uniform": (0, (6, 2, 1, 2, 1, 2)), "unigram": "--", "entropy_floor": "-."}
 
 
 def _baselines(ax, study: Study, cond: str) -> None:
   """Horizontal lines at the data's reference losses (uniform, unigram, entropy floor)."""
   for name, value in study.baselines(cond).items():
-    ax.axhline(value, color="0.35", lw=0.9, ls=BASELINE_STYLE.get(name, ":"),
+    ax.axhline(value, color="0.35", lw=0.9, ls=BASELINE_STYLE.get(name, (0, (4, 4))),
                label=f"{name.replace('_', ' ')} ({value:.2f})")
 
 
@@ -145,7 +156,7 @@ def loss_vs_tokens(study, best, runs, cond, path):
                     _smooth(df.max(axis=1).values, k))
     c = _color(opt, i)
     lr = tables.best_lr_of(best, cond, opt)
-    ax.plot(x, mean, color=c, lw=1.5, label=f"{opt} (lr {rundir.lr_str(lr)}, {df.shape[1]} seeds)")
+    ax.plot(x, mean, color=c, lw=1.5, label=f"{opt} (lr {rundir.lr_str(lr)}, {_seeds(df.shape[1])})")
     if df.shape[1] > 1:
       ax.fill_between(x, lo, hi, color=c, alpha=0.2, lw=0)
     ev = _seed_frame(rs, "eval/loss")
@@ -161,7 +172,7 @@ def loss_vs_tokens(study, best, runs, cond, path):
   ax.set_xlabel("tokens")
   ax.set_ylabel("train loss (smoothed; dots: eval loss)")
   ax.set_title(f"Loss vs tokens at each optimizer's best lr, seed range shaded ({cond})")
-  ax.legend(fontsize=8)
+  _legend_outside(ax, fontsize=8)
   ax.grid(alpha=0.3)
   _save(fig, path)
   return f"absent: {', '.join(absent)}" if absent else None
@@ -282,32 +293,47 @@ def embedding_update_frequency(study, best, runs, cond, path):
   if not use_freq:
     notes.append("token frequency per bucket unknown (study.json has no freq_buckets): "
                  "x axis is the bucket index")
-  for i, opt in enumerate(study.optimizers):
+  curves = {1: {}, 2: {}}  # panel -> {opt: (xs, ys)}
+  for opt in study.optimizers:
     rs = _best_runs(study, best, cond, opt)
     if not rs:
       continue
     run = rs[0]
-    for ax, name, flag in ((ax1, base, 1), (ax2, stale, 2)):
+    for name, flag in ((base, 1), (stale, 2)):
       cols = _bucket_cols(run, name)
       if not cols:
         continue
       last = run.metrics[[c for _, c in cols]].ffill().iloc[-1]
-      xs, ys = [], []
-      for b, c in cols:
-        x = buckets.get(b, {}).get("mean_token_freq") if use_freq else b
-        if x is None or not np.isfinite(last[c]):
-          continue
-        xs.append(x)
-        ys.append(last[c])
-      if xs:
-        ax.plot(xs, ys, "-o", color=_color(opt, i), label=opt, ms=4)
-        got += flag == 1
-        got2 += flag == 2
+      xy = [(buckets.get(b, {}).get("mean_token_freq") if use_freq else b, last[c])
+            for b, c in cols]
+      xy = [(x, y) for x, y in xy if x is not None and np.isfinite(y)]
+      if xy:
+        curves[flag][opt] = tuple(map(list, zip(*xy)))
+  # A row gets a gradient iff its token is in the batch, and every optimizer sees the same
+  # batches: the update frequencies coincide, so one line stands for all (five identical
+  # lines would show only the last colour).
+  freq = curves[1]
+  same = len(freq) > 1 and all(c[0] == next(iter(freq.values()))[0] and np.allclose(
+      c[1], next(iter(freq.values()))[1], rtol=1e-6) for c in freq.values())
+  if same:
+    xs, ys = next(iter(freq.values()))
+    ax1.plot(xs, ys, "-o", color="0.2", ms=4,
+             label=f"measured (every optimizer: {', '.join(freq)}; the same batches)")
+  else:
+    for opt, (xs, ys) in freq.items():
+      ax1.plot(xs, ys, "-o", color=_color(opt, study.optimizers.index(opt)), label=opt, ms=4)
+  for opt, (xs, ys) in curves[2].items():
+    ax2.plot(xs, ys, "-o", color=_color(opt, study.optimizers.index(opt)), label=opt, ms=4)
+  got, got2 = len(freq), len(curves[2])
   if use_freq:
     xs = [buckets[b]["mean_token_freq"] for b in sorted(buckets)]
     ex = [buckets[b].get("expected_update_freq") for b in sorted(buckets)]
     if all(e is not None for e in ex):
-      ax1.plot(xs, ex, "k--", lw=1, label="expected: 1-(1-f)^(tokens/step)")
+      # Averaged over the bucket's tokens and the topic schedule (runner.freq_buckets): a token
+      # frequent in one topic is rare in the others, so this lies below 1-(1-x)^(B T) at the
+      # bucket's mean frequency x.
+      ax1.plot(xs, ex, "k--", lw=1,
+               label="expected: 1-(1-q)^(tokens/step), mean over the bucket's tokens and topics")
   if not got:
     notes.append(f"no {base}/freq_bucket=BB metrics")
     ax1.text(0.5, 0.5, "no data", transform=ax1.transAxes, ha="center")
@@ -322,7 +348,7 @@ def embedding_update_frequency(study, best, runs, cond, path):
       ax.set_xlabel("frequency bucket (0 = most frequent)")
     ax.grid(alpha=0.3, which="both")
     if ax.get_legend_handles_labels()[0]:
-      ax.legend(fontsize=7)
+      ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), frameon=False)
   if got and use_freq:
     ax1.set_yscale("log")
   ax1.set_ylabel("embedding-row update frequency (share of steps)")
@@ -361,7 +387,7 @@ def drift_around_shifts(study, best, runs, cond, path):
   if name == "drift/energy_ratio":
     axes[-1].axhline(1.0, color="k", lw=0.5)
   if axes[0].get_legend_handles_labels()[0]:
-    axes[0].legend(fontsize=7, ncol=3)
+    _legend_outside(axes[0])
   axes[-1].set_xlabel("step")
   title = f"Drift around distribution shifts ({cond}, best lr, mean over seeds)"
   if not shifts:
@@ -405,7 +431,7 @@ def moment_staleness(study, best, runs, cond, path):
   ax.set_ylabel("age: steps since the last non-zero gradient", fontsize=8)
   ax.grid(alpha=0.3)
   if got:
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), frameon=False)
     ax.set_title("Entry age (data-driven: the same for every optimizer)", fontsize=8)
   else:
     ax.text(0.5, 0.5, "no aging/age_q* metrics", transform=ax.transAxes, ha="center")
@@ -425,7 +451,7 @@ def moment_staleness(study, best, runs, cond, path):
   ax.grid(alpha=0.3)
   ax.set_title("Second-moment staleness (SGD, Lion, SignSGD have no nu)", fontsize=8)
   if got:
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), frameon=False)
   else:
     ax.text(0.5, 0.5, "no aging/log_staleness_q*", transform=ax.transAxes, ha="center")
     notes.append("no aging/log_staleness_q* metrics (no optimizer with a second moment)")
@@ -446,7 +472,8 @@ def moment_staleness(study, best, runs, cond, path):
   ax.set_ylabel("share of |u|^2 on entries with zero gradient", fontsize=8)
   ax.grid(alpha=0.3)
   if got:
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=6, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.15),
+              frameon=False)
   else:
     ax.text(0.5, 0.5, "no idle/update_sq_share", transform=ax.transAxes, ha="center")
     notes.append("no idle/update_sq_share metrics")

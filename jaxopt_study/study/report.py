@@ -298,7 +298,8 @@ def runs_section(study: Study, runs: pd.DataFrame) -> list[str]:
 def findings_section(study: Study, findings: pd.DataFrame) -> list[str]:
   st = study.settings
   split = findings["report_split"].iloc[0] if len(findings) else "test"
-  out = ["## Findings", ""]
+  # A smoke test's banner says nothing below is a finding: so must its heading.
+  out = ["## Numbers (smoke test: no findings)" if st.smoke_test else "## Findings", ""]
   out.append(
       "Per optimizer at its best learning rate. *Stability*: diverged runs over the whole lr "
       "sweep, and loss spikes (train loss above mean + "
@@ -424,8 +425,11 @@ def literature_section(checks: list[dict]) -> list[str]:
   corpus may move them), with a one-line tally per claim."""
   tally = {}
   for c in checks:
-    tally.setdefault(c["claim"], {}).setdefault(c["verdict"], []).append(c["condition"])
-  lines = [f"- {claim}: " + "; ".join(f"**{v}** in {', '.join(conds)}"
+    conds = tally.setdefault(c["claim"], {}).setdefault(c["verdict"], [])
+    if c["condition"] not in ("", "–"):  # a check that found no condition to run on
+      conds.append(c["condition"])
+  lines = [f"- {claim}: " + "; ".join(f"**{v}** in {', '.join(conds)}" if conds else
+                                      f"**{v}** (no condition to measure it on)"
                                       for v, conds in by.items()) for claim, by in tally.items()]
   return ["## Against the literature", "", *lines, "",
           _md_table(["claim", "condition", "measured here", "verdict", "why"],

@@ -131,8 +131,10 @@ def scalars_long(study: Study) -> pd.DataFrame:
   for r in study.runs:
     if r.metrics is None or r.metrics.empty:
       continue
-    m = r.metrics.drop(columns=list(NOT_ARCHIVED), errors="ignore").reset_index().melt(
-        id_vars="step", var_name="metric", value_name="value")
+    # melt before reset_index: pandas 3's drop leaves one block per column, and inserting the
+    # index into that frame warns "highly fragmented" (once per run).
+    m = r.metrics.drop(columns=list(NOT_ARCHIVED), errors="ignore").melt(
+        var_name="metric", value_name="value", ignore_index=False).reset_index()
     m = m.dropna(subset=["value"])
     tps = r.tokens_per_step
     m["tokens"] = m["step"] * tps if tps else np.nan
