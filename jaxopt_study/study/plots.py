@@ -109,7 +109,8 @@ def _mark_shifts(ax, shifts, scale: float = 1.0, label: bool = True) -> None:
 
 
 # Distribution shifts are dotted verticals (_mark_shifts): no baseline shares their style.
-BASELINE_STYLE = {"uniform": (0, (6, 2, 1, 2, 1, 2)), "unigram": "--", "entropy_floor": "-."}
+BASELINE_STYLE = {"uniform": (0, (6, 2, 1, 2, 1, 2)), "unigram": "--", "entropy_floor": "-.",
+                  "marginal_entropy": (0, (10, 3))}
 
 
 def _baselines(ax, study: Study, cond: str) -> None:
@@ -348,7 +349,7 @@ def embedding_update_frequency(study, best, runs, cond, path):
       ax.set_xlabel("frequency bucket (0 = most frequent)")
     ax.grid(alpha=0.3, which="both")
     if ax.get_legend_handles_labels()[0]:
-      ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), frameon=False)
+      ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
   if got and use_freq:
     ax1.set_yscale("log")
   ax1.set_ylabel("embedding-row update frequency (share of steps)")
@@ -431,7 +432,7 @@ def moment_staleness(study, best, runs, cond, path):
   ax.set_ylabel("age: steps since the last non-zero gradient", fontsize=8)
   ax.grid(alpha=0.3)
   if got:
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), frameon=False)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
     ax.set_title("Entry age (data-driven: the same for every optimizer)", fontsize=8)
   else:
     ax.text(0.5, 0.5, "no aging/age_q* metrics", transform=ax.transAxes, ha="center")
@@ -451,7 +452,7 @@ def moment_staleness(study, best, runs, cond, path):
   ax.grid(alpha=0.3)
   ax.set_title("Second-moment staleness (SGD, Lion, SignSGD have no nu)", fontsize=8)
   if got:
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), frameon=False)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
   else:
     ax.text(0.5, 0.5, "no aging/log_staleness_q*", transform=ax.transAxes, ha="center")
     notes.append("no aging/log_staleness_q* metrics (no optimizer with a second moment)")
@@ -472,7 +473,7 @@ def moment_staleness(study, best, runs, cond, path):
   ax.set_ylabel("share of |u|^2 on entries with zero gradient", fontsize=8)
   ax.grid(alpha=0.3)
   if got:
-    ax.legend(fontsize=6, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.15),
+    ax.legend(fontsize=6, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.2),
               frameon=False)
   else:
     ax.text(0.5, 0.5, "no idle/update_sq_share", transform=ax.transAxes, ha="center")

@@ -295,6 +295,16 @@ def runs_section(study: Study, runs: pd.DataFrame) -> list[str]:
   return out
 
 
+# What the synthetic corpus's held-out splits hold (data.synthetic.eval_at), for the reader
+# comparing train and test losses.
+EVAL_SPLITS = {
+    "seen": ("from the mixture of every topic of the training schedule, weighted by the steps "
+             "spent on each: the train loss is measured on the current topic, so after a "
+             "switch a train loss below the test loss is adaptation to it, not only overfitting"),
+    "last": "from the topic of the last training step (adaptation to the present topic)",
+}
+
+
 def findings_section(study: Study, findings: pd.DataFrame) -> list[str]:
   st = study.settings
   split = findings["report_split"].iloc[0] if len(findings) else "test"
@@ -326,6 +336,9 @@ def findings_section(study: Study, findings: pd.DataFrame) -> list[str]:
     if baselines:
       out += ["Reference losses of the data (nats/token): " + ", ".join(
           f"{k} {_fmt(v)}" for k, v in baselines.items()) + ".", ""]
+    if (where := EVAL_SPLITS.get(study.condition_info(cond).get("eval_at"))):
+      out += [f"Validation and test splits: fresh held-out sequences of the synthetic corpus "
+              f"drawn {where}.", ""]
     rows = []
     for _, r in f.iterrows():
       lr = "–" if r["best_lr"] is None or not np.isfinite(r["best_lr"]) else rundir.lr_str(

@@ -342,7 +342,7 @@ def condition_info(study: ml_collections.ConfigDict, cond: str,
   }
   if syn is not None and config.data.name == "synthetic":
     info.update(zipf_exponent=syn.zipf_exponent, shift=syn.shift, shift_every=syn.shift_every,
-                num_topics=syn.num_topics)
+                num_topics=syn.num_topics, eval_at=syn.eval_at)
   info["freq_buckets"] = frequency_buckets(config)
   return info
 
@@ -419,8 +419,7 @@ class _Runner:
         e["analysis"] = before["analysis"]
       self.entries[r.relpath] = e
       self.spec["runs"].append(e)
-      self.bar.total += 1
-      self.bar.refresh()
+      self.bar.total += 1  # shown at the next update: no 0/1, 0/2, ... count-up on screen
     return self.entries[r.relpath]
 
   def save(self) -> None:
