@@ -153,7 +153,7 @@ def make_fake_study(root: pathlib.Path, status_of=None):
       "num_steps": NUM_STEPS, "tokens_per_step": 64,
       "command": "python scripts/run_study.py --config=configs/study.py:small --workdir=x",
       "conditions": {
-          "base": {"overrides": {}, "ln_position": "pre", "shift_steps": [SHIFT],
+          "base": {"overrides": {}, "ln_position": "pre", "shift_steps": [SHIFT], "eval_at": "seen",
                    "freq_buckets": [{"bucket": b, "mean_token_freq": 10.0 ** (-1 - b),
                                      "expected_update_freq": 1 - (1 - 10.0 ** (-1 - b)) ** 64}
                                     for b in range(4)]},
@@ -468,6 +468,9 @@ def test_report_has_every_figure_and_the_findings_table(fake_report):
       assert fp.exists() and fp.stat().st_size > 1000, fp
       assert f"]({fp.relative_to(root)})" in text
   assert "## Findings" in text and "| optimizer | best lr | stability |" in text
+  # What the held-out splits hold, where a train/test gap needs it (base: synthetic, 'seen').
+  assert text.count("Validation and test splits: fresh held-out sequences") == 1
+  assert "mixture of every topic of the training schedule" in text
   assert "final test loss (95% t)" in text and "95% Student-t interval" in text
   for opt in OPTS:
     assert f"| **{opt}** |" in text
