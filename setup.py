@@ -26,6 +26,7 @@ setuptools.setup(
         "matplotlib>=3.8",
         "numpy>=1.26",
         "pandas>=2.0",
+        "scipy>=1.11",  # Student-t quantiles of the study's intervals (jax needs it too)
         "pyarrow>=14",  # the study archive's per-step series (parquet); datasets needs it too
         "safetensors>=0.4",  # Hugging Face export (export_hf.py); small, no torch needed
         "tqdm>=4.66",

@@ -22,14 +22,12 @@ from jaxopt_study import data as data_lib
 from jaxopt_study import diagnostics as diagnostics_lib
 from jaxopt_study import optimizers
 
-PRESETS = ("tiny", "small", "gpt2_small", "gpt2_xl")
-
-
 def get_config(preset: str | None = None, optimizer: str = "adamw") -> ml_collections.ConfigDict:
   """The run config of `preset` (default 'tiny') with `optimizer`'s default block."""
   preset = preset or "tiny"
   if preset not in PRESETS:
-    raise ValueError(f"unknown preset {preset!r} for configs/*.py:PRESET; valid: {PRESETS}")
+    raise ValueError(f"unknown preset {preset!r} for configs/*.py:PRESET; valid: "
+                     f"{tuple(PRESETS)}")
   config = ml_collections.ConfigDict()
   config.preset = preset
   config.seed = 0  # Fixes the initial parameters and the data order: same seed, same start.
@@ -112,37 +110,51 @@ def get_config(preset: str | None = None, optimizer: str = "adamw") -> ml_collec
   p.thresholds = (0.01, 0.1)  # weights/small_frac_<tau>: share of |w| <= tau * rms(w).
   p.top_k = (1, 4)  # attention/top<k>_mass: attention mass on the k largest keys.
 
-  if preset == "small":
-    m.num_layers, m.d_model, m.num_heads, m.max_len = 6, 256, 8, 256
-    config.seq_len, config.batch_size, config.num_steps = 256, 64, 2000
-    s.warmup_steps = 100
-    config.eval_every = config.checkpoint_every = 500
-  elif preset == "gpt2_small":
-    m.num_layers, m.d_model, m.num_heads, m.max_len = 12, 768, 12, 1024
-    m.dtype = "bfloat16"
-    config.data.vocab_size = 50304  # GPT-2's 50257 padded to a multiple of 64 (nanoGPT).
-    config.seq_len, config.batch_size, config.num_steps = 1024, 32, 20000
-    s.warmup_steps = 700
-    config.log_every, config.eval_every, config.checkpoint_every = 50, 1000, 1000
-    # Per-entry counters on ~1M sampled entries (shares to ~0.1%): on all 124M they move 32 B
-    # per parameter every step, ~2% of the step on an H100 (BENCHMARKS.md, issue 8).
-    config.diagnostics.entry_sample_size = 2 ** 20
-    config.probes.every = 100  # a forward with explicit attention: ~1% of the step every 10
-    # Per-layer and per-kind aggregates only: /param=<path> adds ~4500 scalars per full step,
-    # ~70 ms of host writing while the GPU waits (BENCHMARKS.md, issue 8).
-    config.diagnostics.per_param = False
-  elif preset == "gpt2_xl":
-    m.num_layers, m.d_model, m.num_heads, m.max_len = 48, 1600, 25, 1024
-    m.dtype = "bfloat16"
-    # Saved activations of 48 layers at seq 1024 are ~9 GB per sequence without remat
-    # (Korthikanti et al. 2022: s*h*(34 + 5*a*s/h) bytes a layer); 'dots' keeps the matmuls only.
-    m.remat = "dots"
-    config.data.vocab_size = 50304  # GPT-2's 50257 padded to a multiple of 64 (nanoGPT).
-    # 8 sequences per GPU on 4 GPUs (mesh.fsdp=4); the memory plan is scripts/memory_plan.py.
-    config.seq_len, config.batch_size, config.num_steps = 1024, 32, 20000
-    s.warmup_steps = 700
-    config.log_every, config.eval_every, config.checkpoint_every = 50, 1000, 1000
-    config.diagnostics.entry_sample_size = 2 ** 20  # as gpt2_small
-    config.probes.every = 100
-    config.diagnostics.per_param = False  # as gpt2_small
+  PRESETS[preset](config)
   return config
+
+
+# ---------------------------------------------------------------------- the presets: changes to
+# the defaults above, one function each (the registry PRESETS, below, names them).
+
+
+def _tiny(config):
+  del config  # the defaults
+
+
+def _small(config):
+  m = config.model
+  m.num_layers, m.d_model, m.num_heads, m.max_len = 6, 256, 8, 256
+  config.seq_len, config.batch_size, config.num_steps = 256, 64, 2000
+  config.schedule.warmup_steps = 100
+  config.eval_every = config.checkpoint_every = 500
+
+
+def _gpt2_small(config):
+  m = config.model
+  m.num_layers, m.d_model, m.num_heads, m.max_len = 12, 768, 12, 1024
+  m.dtype = "bfloat16"
+  config.data.vocab_size = 50304  # GPT-2's 50257 padded to a multiple of 64 (nanoGPT).
+  config.seq_len, config.batch_size, config.num_steps = 1024, 32, 20000
+  config.schedule.warmup_steps = 700
+  config.log_every, config.eval_every, config.checkpoint_every = 50, 1000, 1000
+  # Per-entry counters on ~1M sampled entries (shares to ~0.1%): on all 124M they move 32 B
+  # per parameter every step, ~2% of the step on an H100 (BENCHMARKS.md, issue 8).
+  config.diagnostics.entry_sample_size = 2 ** 20
+  config.probes.every = 100  # a forward with explicit attention: ~1% of the step every 10
+  # Per-layer and per-kind aggregates only: /param=<path> adds ~4500 scalars per full step,
+  # ~70 ms of host writing while the GPU waits (BENCHMARKS.md, issue 8).
+  config.diagnostics.per_param = False
+
+
+def _gpt2_xl(config):
+  _gpt2_small(config)  # its data, loop cadence and diagnostics settings
+  m = config.model
+  m.num_layers, m.d_model, m.num_heads = 48, 1600, 25
+  # Saved activations of 48 layers at seq 1024 are ~9 GB per sequence without remat
+  # (Korthikanti et al. 2022: s*h*(34 + 5*a*s/h) bytes a layer); 'dots' keeps the matmuls only.
+  m.remat = "dots"
+  # 8 sequences per GPU on 4 GPUs (mesh.fsdp=4); the memory plan is scripts/memory_plan.py.
+
+
+PRESETS = {"tiny": _tiny, "small": _small, "gpt2_small": _gpt2_small, "gpt2_xl": _gpt2_xl}

@@ -376,6 +376,11 @@ class Lock:
   its holder ran on this host and that pid is gone (a killed run), or when it has not been
   refreshed for ``STALE_AFTER_S`` seconds. Otherwise a second process gets ``Locked`` before it
   compiles or writes anything.
+
+  Why not ``filelock``: its ``FileLock`` (flock) is not honoured by every network filesystem a
+  workdir may live on (GCS FUSE, some NFS), and only ``SoftFileLock`` of filelock >= 4 records
+  its holder and breaks a dead holder's lock; the GPU image's filelock comes with its other
+  packages, and these ~50 lines give the same rule on every version.
   """
 
   def __init__(self, workdir: str, enabled: bool = True):
@@ -439,7 +444,8 @@ class ConfigChanged(ValueError):
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
-  """{dotted.path: leaf} of a nested dict."""
+  """{dotted.path: leaf} of a nested dict (``flax.traverse_util.flatten_dict(tree, sep='.')``,
+  which would import JAX here: see the module docstring)."""
   out = {}
   for k, v in tree.items():
     if isinstance(v, dict):

@@ -19,7 +19,7 @@ import functools
 import logging
 import math
 import os
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import flax
 import flax.linen as nn
@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxopt_study import checkpointing
 from jaxopt_study import data as data_lib
@@ -233,9 +234,9 @@ def padded_vocab(vocab_size: int, multiple: int) -> int:
 
 
 def state_init(config, model, tx, token_frequencies):
-  """The pure initialiser ``PRNGKey(seed) -> TrainState`` of a run (jit it; ``stacked`` vmaps
+  """The pure initialiser ``PRNGKey(seed) -> TrainState`` of a run (jit it; ``Stack`` vmaps
   it over the seeds of a sweep). The peak learning rate (in ``tx``) and the frequency-bucket
-  table (from ``token_frequencies``) are constants of it: ``stacked`` sets each run's own."""
+  table (from ``token_frequencies``) are constants of it: ``Stack`` sets each run's own."""
   tokens = jnp.zeros((1, config.seq_len), jnp.int32)
 
   def init(key):
@@ -324,11 +325,7 @@ def setup(config: ml_collections.ConfigDict, *, validate: bool = True) -> Setup:
         f"config.batch_size={config.batch_size} is not divisible by the "
         f"{jax.process_count()} processes."
     )
-  ds = data_lib.build_dataset(
-      config.data, seq_len=config.seq_len, global_batch_size=config.batch_size,
-      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
-      num_train_steps=config.num_steps,
-  )
+  ds = _dataset(config)
   model = gpt.GPT(gpt.from_config(config.model, padded_vocab(ds.vocab_size,
                                                             config.model.vocab_multiple)))
   state, state_sh, tx, learning_rate = initial_state(config, model, mesh, ds)
@@ -336,22 +333,34 @@ def setup(config: ml_collections.ConfigDict, *, validate: bool = True) -> Setup:
 
 
 def compile_train_step(config, s: Setup):
-  """``mode -> jitted train step``, each diagnostics mode compiled once, on first use.
+  """``mode -> jitted train step``, each diagnostics mode compiled once, on first use (one run;
+  :meth:`Stack.compile` for the loop's K).
 
   Call the steps inside ``sharding.activate(s.mesh)`` so that the model's activation sharding
   constraints are traced against the mesh.
   """
+  return _jit_steps(config, s, s.state_sharding, s.batch_sharding, vmapped=False)[0]
+
+
+def _jit_steps(config, s: Setup, state_sh, batch_sh, *, vmapped: bool):
+  """``(mode -> jitted train step, jitted eval step, jitted probes)``, vmapped over a leading
+  run axis when ``vmapped`` (:class:`Stack`)."""
+  vmap = jax.vmap if vmapped else (lambda f: f)
 
   @functools.cache
-  def get(mode):
+  def train_fn(mode):
     step = functools.partial(
         train_step, model=s.model, tx=s.tx, learning_rate=s.learning_rate,
         diag_config=config.diagnostics, diag_mode=mode, nan_step=config.inject_nan_at_step,
     )
-    return jax.jit(step, in_shardings=(s.state_sharding, s.batch_sharding),
-                   out_shardings=(s.state_sharding, None), donate_argnums=0)
+    return jax.jit(vmap(step), in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+                   donate_argnums=0)
 
-  return get
+  eval_fn = jax.jit(
+      vmap(functools.partial(eval_step, model=s.model, diag_config=config.diagnostics)),
+      in_shardings=(state_sh.params, batch_sh, state_sh.diag_state))
+  probes_fn = probe_fn(config, s.model)  # jitted; vmapped, jitted again as one program
+  return train_fn, eval_fn, jax.jit(vmap(probes_fn)) if vmapped else probes_fn
 
 
 def precompile(calls: dict[Any, tuple[Any, tuple]], parallel: bool = True) -> dict[Any, Any]:
@@ -385,22 +394,162 @@ def step_calls(train_fn, modes, state: TrainState, batch) -> dict[Any, tuple[Any
   return {mode: (train_fn(mode), (state, batch)) for mode in modes}
 
 
-def loop_calls(config, s: Setup, train_fn, eval_fn, state: TrainState, start_step: int,
+def loop_calls(config, stack: Stack, fns, state: TrainState, start_step: int,
                probe) -> dict[Any, tuple[Any, tuple]]:
-  """:func:`precompile`'s calls for everything ``train_and_evaluate`` runs from ``start_step``:
-  the step variants, the probes (if ``probe`` is not None) and the eval step (key 'eval')."""
-  batch = batch_struct(config, s.batch_sharding)
+  """:func:`precompile`'s calls for everything the loop runs from ``start_step``: the step
+  variants, the probes (key 'probes', unless ``probe`` is None) and the eval step ('eval');
+  ``fns`` is :meth:`Stack.compile`'s."""
+  train_fn, eval_fn, probes_fn = fns
+  batch = batch_struct(config, stack.batch_sharding, *stack.lead)
   modes = step_modes(start_step, config.num_steps, config.diagnostics)
   return {**step_calls(train_fn, modes, state, batch),
-          **probe_calls(probe_fn(config, s.model), state.params, probe),
+          **({} if probe is None else {"probes": (probes_fn, (state.params, probe))}),
           "eval": (eval_fn, (state.params, batch, state.diag_state))}
 
 
-def compile_eval_step(config, s: Setup):
-  return jax.jit(
-      functools.partial(eval_step, model=s.model, diag_config=config.diagnostics),
-      in_shardings=(s.state_sharding.params, s.batch_sharding, s.state_sharding.diag_state),
-  )
+# ------------------------------------------------------------------------------ K runs, one step
+
+# Fields the runs of one loop may differ in (everything else is one compiled step and one loop).
+PER_RUN = ("optimizer.learning_rate", "seed")
+CADENCE = ("log_every", "sync_every", "eval_every", "checkpoint_every")
+
+
+def check_stackable(configs: Sequence[ml_collections.ConfigDict]) -> None:
+  """Raises naming the first field (other than ``PER_RUN``) in which two configs differ."""
+  def shared(c):
+    d = c.to_dict()
+    d.pop("seed")
+    d["optimizer"].pop("learning_rate")
+    return d
+
+  first = shared(configs[0])
+  for k, c in enumerate(configs[1:], 1):
+    diff = rundir.config_diff(first, shared(c))
+    cadence = {f: (configs[0][f], c[f]) for f in CADENCE if configs[0][f] != c[f]}
+    if diff or cadence:
+      field, (a, b) = next(iter({**diff, **cadence}.items()))
+      raise ValueError(f"runs of one loop may differ only in {PER_RUN}; run 0 and run {k} "
+                       f"differ in config.{field} ({a!r} vs {b!r}): train them separately.")
+
+
+def _take(tree, k):
+  return jax.tree.map(lambda x: x[k], tree)
+
+
+class Stack:
+  """How the loop's K runs share one step. K = 1: the state, batch and steps as they are.
+  K > 1 (runs that differ only in ``PER_RUN``: a sweep's rates and seeds share everything
+  compiled, the rate lives in the optimizer state, ``optimizers.build``): every leaf gains a
+  leading run axis and one ``jax.vmap(train_step)`` advances all of them, so that a small model
+  fills a GPU::
+
+    state:   TrainState whose every leaf is [K, ...]   (run k = leaf[k])
+    batch:   int32 [K, B, T + 1]                        (run k's own data order, from its seed)
+    metrics: {name: [K, ...]}                           (writers.MetricBuffer(stacked=True))
+  """
+
+  def __init__(self, configs: Sequence[ml_collections.ConfigDict], s: Setup):
+    self.setup, self.k = s, len(configs)
+    self.stacked = self.k > 1
+    self.datasets = [s.dataset] + [_dataset(c) for c in configs[1:]]
+    self.eval_splits = s.dataset.eval_splits
+    self.lead = (self.k,) if self.stacked else ()  # the run axis of batches
+    lead = lambda sh: NamedSharding(sh.mesh, P(None, *sh.spec))
+    self.state_sharding = (jax.tree.map(lead, s.state_sharding) if self.stacked
+                           else s.state_sharding)
+    self.batch_sharding = lead(s.batch_sharding) if self.stacked else s.batch_sharding
+    self._unstack = jax.jit(lambda st: [_take(st, k) for k in range(self.k)],
+                            out_shardings=[s.state_sharding] * self.k)
+
+  def take(self, tree, k: int):
+    """Run ``k``'s part of a (host) tree of the stack."""
+    return _take(tree, k) if self.stacked else tree
+
+  def unstack(self, state: TrainState) -> list[TrainState]:
+    """Each run's own state (what its checkpoints hold)."""
+    return self._unstack(state) if self.stacked else [state]
+
+  def steps_done(self, state: TrainState) -> int:
+    return int(state.step[0] if self.stacked else state.step)
+
+  def train_batch(self, step: int) -> np.ndarray:
+    """The host batch of ``step``: [B, T + 1], or [K, B, T + 1]."""
+    if not self.stacked:
+      return self.datasets[0].train_batch(step)
+    return np.stack([ds.train_batch(step) for ds in self.datasets])
+
+  def eval_batches(self, split: str):
+    if not self.stacked:
+      yield from self.datasets[0].eval_batches(split)
+      return
+    for rows in zip(*(ds.eval_batches(split) for ds in self.datasets)):
+      yield np.stack(rows)
+
+  def probe_batch(self, configs):
+    """The fixed probe tokens of each run (None when probes are off), stacked for K > 1."""
+    probe = [probe_batch(c, ds) for c, ds in zip(configs, self.datasets)]
+    if probe[0] is None or not self.stacked:
+      return probe[0]
+    return jnp.stack(probe)  # [K, n, T]: each run's own
+
+  def compile(self, config, s: Setup):
+    """``(mode -> jitted train step, jitted eval step, jitted probes)`` of the stack."""
+    return _jit_steps(config, s, self.state_sharding, self.batch_sharding, vmapped=self.stacked)
+
+  def name(self, workdirs) -> str:
+    """The progress line's label: the run's directory name, or how many runs."""
+    return (os.path.basename(os.path.normpath(workdirs[0])) if not self.stacked
+            else f"{self.k} runs")
+
+  def initial_state(self, configs, workdirs):
+    """``(state, start_step, results)``: each run restored from its latest good checkpoint, or
+    fresh; ``results[k]``: run k's identity and starting point (:func:`start_results`)."""
+    s = self.setup
+    if self.stacked:
+      fresh = _initial_states(configs, self.datasets, s, self.state_sharding)
+      runs = self.unstack(fresh)
+    else:
+      fresh = s.state
+      runs = [fresh]
+    results = [start_results(c, st, ds) for c, st, ds in zip(configs, runs, self.datasets)]
+    del runs
+    restored = [restore(w, c, s.state) for c, w in zip(configs, workdirs)]
+    steps = [int(st.step) for st in restored]
+    if len(set(steps)) > 1:
+      raise ValueError(f"the runs stand at different steps {steps}; resume them one at a time "
+                       "(train.train_and_evaluate).")
+    if not steps[0]:
+      return fresh, 0, results
+    if not self.stacked:
+      return restored[0], steps[0], results
+    return jax.jit(lambda ts: jax.tree.map(lambda *xs: jnp.stack(xs), *ts),
+                   out_shardings=self.state_sharding)(restored), steps[0], results
+
+
+def _dataset(config):
+  return data_lib.build_dataset(
+      config.data, seq_len=config.seq_len, global_batch_size=config.batch_size,
+      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+      num_train_steps=config.num_steps)
+
+
+def _initial_states(configs, datasets, s: Setup, state_sh):
+  """The K runs' initial states, stacked: one compiled initialiser (run 0's, vmapped over the
+  seeds), then each run's own peak learning rate and frequency-bucket table put in place. A
+  run alone (:func:`create_state`) starts from the same state."""
+  freqs = [token_frequencies(s.model, ds) for ds in datasets]
+  init = state_init(configs[0], s.model, s.tx, freqs[0])
+  keys = jnp.stack([jax.random.PRNGKey(c.seed) for c in configs])
+  state = jax.jit(jax.vmap(init), out_shardings=state_sh)(keys)
+  state = state.replace(opt_state=optimizers.with_peak_lr(
+      state.opt_state, [c.optimizer.learning_rate for c in configs]))
+  if state.diag_state is not None and state.diag_state.token_bucket is not None:
+    tables = np.stack([diagnostics.token_bucket_table(s.state.params, c.diagnostics, f)
+                       for c, f in zip(configs, freqs)])
+    bucket = state.diag_state.token_bucket
+    state = state.replace(diag_state=state.diag_state._replace(
+        token_bucket=jax.device_put(tables.astype(bucket.dtype), bucket.sharding)))
+  return state
 
 
 # ------------------------------------------------------------------------------ the run
@@ -479,17 +628,6 @@ def probe_fn(config, model):
   return probes.measure_fn(model, thresholds=config.probes.thresholds, top_k=config.probes.top_k)
 
 
-def measure_probes(config, model, params, probe) -> dict:
-  """Probe metrics as a metric-buffer entry (device arrays; written at the next sync)."""
-  return {"diagnostics": probe_fn(config, model)(params, probe)}
-
-
-def probe_calls(fn, params, probe) -> dict[Any, tuple[Any, tuple]]:
-  """:func:`precompile`'s call for the jitted probes ``fn(params, probe)`` ({} when the
-  probes are off: ``probe`` is None)."""
-  return {} if probe is None else {"probes": (fn, (params, probe))}
-
-
 def probes_due(step: int, mode, config) -> bool:
   """Whether the probes are measured after step ``step``: every ``config.probes.every`` steps and
   at the end, or at each full diagnostics step when it is 0."""
@@ -530,66 +668,107 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> rundi
   while another process runs there, ``rundir.ConfigChanged`` if it holds a run with another
   trajectory config, ``rundir.BadFile`` if its bookkeeping is unreadable.
   """
-  validate_config(config)
+  return train_runs([config], [workdir])[0]
+
+
+def train_runs(configs: Sequence[ml_collections.ConfigDict],
+               workdirs: Sequence[str]) -> list[rundir.RunResults]:
+  """Trains (or resumes) ``configs[k]`` in ``workdirs[k]``: K >= 1 runs in one loop and one step.
+
+  K = 1 is :func:`train_and_evaluate`. K > 1 runs differing only in ``PER_RUN`` (a sweep's rates
+  and seeds) share one ``vmap(train_step)`` (:class:`Stack`); each keeps its own workdir exactly
+  as if it had run alone: metrics.jsonl and TensorBoard scalars, orbax checkpoints (saved
+  unstacked: a run resumes alone too), results.json, lock and config fingerprint. A run that
+  diverges is finished at the sync that finds it (recorded ``diverged``, never checkpointed
+  after it; its frozen state rides along) while the others go on. Raises as
+  :func:`train_and_evaluate` does, for any of the runs, and ``ValueError`` for configs that
+  cannot share a step or resumed runs that stand at different steps.
+  """
+  if len(configs) != len(workdirs) or not configs:
+    raise ValueError("train_runs needs one workdir per config, and at least one.")
+  for c in configs:
+    validate_config(c)
+  check_stackable(configs)
   sharding.maybe_initialize_distributed()
   is_main = jax.process_index() == 0
-  rundir.make_workdir(workdir)
+  for w in workdirs:
+    rundir.make_workdir(w)
+  config, runs = configs[0], range(len(configs))
+  total, dcfg = config.num_steps, config.diagnostics
   with contextlib.ExitStack() as stack:
-    lock = stack.enter_context(rundir.Lock(workdir, enabled=is_main))
-    rundir.check_same_trajectory(workdir, config)
-    previous = rundir.RunResults.load(workdir)
+    # 1. Bookkeeping first: another process's lock, another trajectory, unreadable files stop
+    #    the runs before any data is built.
+    locks = [stack.enter_context(rundir.Lock(w, enabled=is_main)) for w in workdirs]
+    for c, w in zip(configs, workdirs):
+      rundir.check_same_trajectory(w, c)
+    previous = [rundir.RunResults.load(w) for w in workdirs]
+    # 2. Mesh, data, model, the state of each run (restored where a checkpoint exists).
     s = setup(config, validate=False)
-    ds, state, total, dcfg = s.dataset, s.state, config.num_steps, config.diagnostics
     stack.enter_context(sharding.activate(s.mesh))
-    results = start_results(config, state, ds)
-    ckpt_dir = rundir.path(workdir, rundir.CHECKPOINTS)
-    state = restore(workdir, config, state)
-    if int(state.step) and previous and previous.devices not in (None, jax.device_count()):
-      logging.warning(
-          "resuming at step %d on %d devices; the earlier segments trained on %d: the run goes "
-          "on, but not bit for bit on the same trajectory (reductions split differently; "
-          "docs/RELIABILITY.md).", int(state.step), jax.device_count(), previous.devices)
-    ckpt = stack.enter_context(contextlib.closing(
-        checkpointing.manager(ckpt_dir, keep=config.keep_checkpoints)))
-    start_step = int(state.step)
-    if is_main:
-      rundir.write_config(workdir, config)
-    logging.info("model: %.2fM parameters, vocab %d, mesh %s; starting at step %d",
-                 results.num_params / 1e6, s.model.cfg.vocab_size, dict(s.mesh.shape), start_step)
-
-    writer = writers.create_writer(workdir, just_logging=not is_main)
-    stack.callback(writer.close)
-    if start_step == 0:
-      writer.write_hparams(writers.hparams(config))
+    st = Stack(configs, s)
+    state, start_step, results = st.initial_state(configs, workdirs)
+    for w, prev in zip(workdirs, previous):
+      if start_step and prev and prev.devices not in (None, jax.device_count()):
+        logging.warning(
+            "%s: resuming at step %d on %d devices; the earlier segments trained on %d: the run "
+            "goes on, but not bit for bit on the same trajectory (reductions split differently; "
+            "docs/RELIABILITY.md).", w, start_step, jax.device_count(), prev.devices)
+    logging.info("model: %.2fM parameters, vocab %d, mesh %s; %d run(s) starting at step %d",
+                 results[0].num_params / 1e6, s.model.cfg.vocab_size, dict(s.mesh.shape),
+                 len(runs), start_step)
+    # 3. Each run's checkpoints, config.json and writers; one metric buffer for all of them.
+    ckpts = [stack.enter_context(contextlib.closing(checkpointing.manager(
+        rundir.path(w, rundir.CHECKPOINTS), keep=c.keep_checkpoints)))
+             for c, w in zip(configs, workdirs)]
+    run_writers = []
+    for c, w in zip(configs, workdirs):
+      if is_main:
+        rundir.write_config(w, c)
+      run_writers.append(writers.create_writer(w, just_logging=not is_main))
+      stack.callback(run_writers[-1].close)
+      if start_step == 0:
+        run_writers[-1].write_hparams(writers.hparams(c))
+    live = set(runs)  # runs whose divergence no sync has found yet
+    found = {}  # diverged run -> steps done at the sync that found it
     # Every write goes through the buffer: kept on the device, fetched and written at host syncs.
-    buffer = writers.MetricBuffer(writer)
-    stack.callback(buffer.flush)  # before writer.close (LIFO): e.g. train/diverged
-    speed = writers.Throughput(results.tokens_per_step)
-    progress = writers.report_progress(total, writer)
-    bar = writers.ProgressBar(total, start_step, desc=os.path.basename(os.path.normpath(workdir)))
+    buffer = writers.MetricBuffer(run_writers, stacked=st.stacked)
+    stack.callback(lambda: buffer.flush(live))  # before the writers close (LIFO)
+    speed = writers.Throughput(results[0].tokens_per_step)  # each run's own tokens/s
+    progress = writers.report_progress(total, writers.fanout(run_writers))
+    bar = writers.ProgressBar(total, start_step, desc=st.name(workdirs))
     stack.callback(bar.close)
-    preemption = checkpointing.Preemption(ckpt)
+    preemption = checkpointing.Preemption(ckpts[0])
     stack.callback(preemption.close)
-    batches = data_lib.prefetch_to_device(ds.train_batch, start_step, s.batch_sharding,
+    batches = data_lib.prefetch_to_device(st.train_batch, start_step, st.batch_sharding,
                                           config.prefetch)
     stack.callback(batches.close)
-    train_fn, eval_fn = compile_train_step(config, s), compile_eval_step(config, s)
-    probe = probe_batch(config, ds)
-    precompile(loop_calls(config, s, train_fn, eval_fn, state, start_step, probe),
-               config.parallel_compile)
+    # 4. Every step variant, the probes and the eval step compile before the first step.
+    fns = train_fn, eval_fn, probes_fn = st.compile(config, s)
+    probe = st.probe_batch(configs)
+    precompile(loop_calls(config, st, fns, state, start_step, probe), config.parallel_compile)
 
     def sync(step, diverged_at) -> bool:
       """Host sync after ``step``: fetches the buffered metrics (written a few after each later
-      step, while the device computes); True once the run has diverged."""
-      diverged = int(diverged_at) >= 0  # waits for the step: the clock below is exact
+      step, while the device computes) and finishes the runs found diverged; True once no run
+      is left."""
+      diverged_at = np.atleast_1d(jax.device_get(diverged_at))  # waits: the clock is exact
       if (tps := speed.update(step)) is not None:
-        buffer.add(step, {"train/tokens_per_sec": tps})
-      buffer.fetch()
-      lock.heartbeat()
-      bar.show(loss=buffer.last_train.get("train/loss"), tokens_per_sec=speed.tokens_per_second)
-      return diverged
+        for k in live:
+          buffer.add(step, {"train/tokens_per_sec": tps}, run=k)
+      buffer.fetch(live)
+      for k in sorted(live):
+        locks[k].heartbeat()
+        if diverged_at[k] >= 0:
+          live.discard(k)
+          found[k] = step
+          buffer.add(int(diverged_at[k]), {"train/diverged": 1.0}, run=k)
+          logging.warning("%s diverged at step %d: non-finite loss, gradient, update or "
+                          "parameters", workdirs[k], int(diverged_at[k]))
+      bar.show(loss=buffer.last_train[0].get("train/loss"), tokens_per_sec=speed.tokens_per_second)
+      return not live
 
-    status, diverged, last_eval = "completed", False, {}
+    # 5. The loop: a list of periodic actions after each step.
+    status, last_eval = "completed", [{} for _ in runs]
     due = None  # (step, its diverged_at): a periodic sync, done once the next step is queued
     for step in range(start_step + 1, total + 1):  # `step`: steps done once this one is
       if preemption.reached(step - 1):
@@ -600,14 +779,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> rundi
       # buffered metrics, then writes them a couple of records per step: neither a periodic
       # sync nor the writing costs GPU time (syncing right after a step, or writing a whole
       # interval's records at once, would idle the GPU until the host queued the next step).
-      if due is not None and (diverged := sync(*due)):
+      if due is not None and sync(*due):
         break
       due = None
       buffer.write(limit=2)  # e.g. a full diagnostics step's record and a sync's tokens/s
       if itstime(step, config.log_every, total) or "diagnostics" in metrics:
         buffer.add(step, metrics)
       if probe is not None and probes_due(step, mode, config):
-        buffer.add(step, measure_probes(config, s.model, state.params, probe))
+        buffer.add(step, {"diagnostics": probes_fn(state.params, probe)})
       progress(step)
       bar(step)
       evaluates = itstime(step, config.eval_every, total)  # always at the last step
@@ -615,32 +794,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> rundi
       if itstime(step, config.sync_every, total) or saves:
         due = (step, jnp.copy(state.diverged_at))  # a copy: the next step donates the state
       if due is not None and (evaluates or saves):  # the host waits here anyway: sync now
-        diverged, due = sync(*due), None
-        if diverged:  # only finite states are saved
+        due, stop = None, sync(*due)
+        if stop:
           break
       if evaluates:
-        last_eval = {split: evaluate(eval_fn, state, ds.eval_batches(split), s.batch_sharding)
-                     for split in ds.eval_splits}
-        for split, ev in last_eval.items():
-          buffer.add(step, eval_scalars(split, ev))
-      if saves:
+        for split in st.eval_splits:
+          totals = eval_totals(eval_fn, state, st.eval_batches(split), st.batch_sharding)
+          for k in sorted(live):
+            last_eval[k][split] = summarize_eval(st.take(totals, k))
+            buffer.add(step, eval_scalars(split, last_eval[k][split]), run=k)
+      if saves:  # only states a sync has found finite are saved
         buffer.write()  # the metrics of every step up to the checkpoint, before it
-        checkpointing.save(ckpt, step, state)
-    if sync(int(state.step), state.diverged_at) or diverged:
-      status = "diverged"
-      buffer.add(int(state.diverged_at), {"train/diverged": 1.0})
-      logging.warning("diverged at step %d: non-finite loss, gradient, update or parameters",
-                      int(state.diverged_at))
-    elif int(state.step) > 0 and ckpt.latest_step() != int(state.step):
-      buffer.write()  # as at every checkpoint: its steps' metrics first
-      checkpointing.save(ckpt, int(state.step), state, force=True)
-    ckpt.wait_until_finished()
-
-  diverged_at = int(state.diverged_at) if status == "diverged" else None
-  results = final_results(results, status=status, steps_done=int(state.step),
-                          diverged_at=diverged_at, last_train=buffer.last_train,
-                          last_eval=last_eval, tokens_per_second=speed.tokens_per_second)
-  return record_results(workdir, results, is_main)
+        for k, run_state in zip(runs, st.unstack(state)):
+          if k in live:
+            checkpointing.save(ckpts[k], step, run_state)
+    # 6. The end: a last sync, each live run's last state saved, results recorded.
+    end = st.steps_done(state)
+    sync(end, state.diverged_at)
+    buffer.flush(live)  # as at every checkpoint: its steps' metrics first
+    out = []
+    for k, ckpt, run_state in zip(runs, ckpts, st.unstack(state)):
+      if k in live and end > 0 and ckpt.latest_step() != end:
+        checkpointing.save(ckpt, end, run_state, force=True)
+      ckpt.wait_until_finished()
+      diverged_at = int(np.atleast_1d(jax.device_get(state.diverged_at))[k])
+      out.append(final_results(
+          results[k], status="diverged" if k in found else status,
+          steps_done=found.get(k, end), diverged_at=diverged_at if k in found else None,
+          last_train=buffer.last_train[k], last_eval=last_eval[k],
+          tokens_per_second=speed.tokens_per_second))
+  return [record_results(w, r, is_main) for w, r in zip(workdirs, out)]
 
 
 def restore(workdir: str, config, state):

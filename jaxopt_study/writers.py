@@ -142,6 +142,11 @@ class _Fanout:
     return call
 
 
+def fanout(run_writers):
+  """One writer that writes to all of ``run_writers`` (e.g. the progress of K runs' loop)."""
+  return run_writers[0] if len(run_writers) == 1 else _Fanout(list(run_writers))
+
+
 def create_writer(workdir: str, *, just_logging: bool = False, backend: str = "auto"):
   """TensorBoard (CLU's asynchronous SummaryWriter, or tensorboardX), console, metrics.jsonl.
 
@@ -234,55 +239,70 @@ def hparams(config) -> dict[str, Any]:
 
 
 class MetricBuffer:
-  """Per-step metrics kept on the device until the next host sync, then fetched in one go.
+  """Per-step metrics of a loop's K runs, kept on the device until the next host sync, then
+  fetched in one go and written to each run's own writer.
 
   ``add`` costs no device-to-host transfer, so a run can record every step's loss (the study's
-  spike rule needs them) without syncing every step. ``fetch`` brings everything pending to the
-  host in one transfer; ``write(limit)`` writes up to ``limit`` fetched records (scalars and
-  histogram samples) and remembers the last finite ``train/*`` scalars of a step's record (one
-  with ``train/loss``); ``flush`` is both, for every record.
+  spike rule needs them) without syncing every step. A record is of every run (``run=None``: a
+  step's metrics, with a leading run axis [K, ...] when the runs share a stacked step) or of one
+  run (``run=k``: its evaluation, its tokens/s). ``fetch(runs)`` brings everything pending to
+  the host in one transfer and hands every-run records to ``runs`` only (the loop's live runs:
+  a diverged run records nothing after the sync that found it); ``write(limit)`` writes up to
+  ``limit`` fetched records per run (scalars and histogram samples) and remembers each run's last
+  finite ``train/*`` scalars of a step's record (one with ``train/loss``); ``flush`` is both.
 
-  The train loop fetches at a sync and writes a record or two after queueing each later step,
-  so the host writes while the device computes: a full diagnostics step's few hundred scalars
-  and histograms take the host longer than a fast step, and writing a whole sync interval's
-  records at once would leave the device idle. (A background writer thread measured slower:
-  it contends for the GIL with the dispatch of the next steps, BENCHMARKS.md.)
+  The train loop fetches at a sync and writes a record or two per run after queueing each later
+  step, so the host writes while the device computes: a full diagnostics step's few hundred
+  scalars and histograms take the host longer than a fast step, and writing a whole sync
+  interval's records at once would leave the device idle. (A background writer thread measured
+  slower: it contends for the GIL with the dispatch of the next steps, BENCHMARKS.md.)
   """
 
-  def __init__(self, writer):
-    self._writer = writer
-    self._pending = []  # [(step, device metrics)]
-    self._fetched = collections.deque()  # [(step, host metrics)], not yet written
-    self.last_train: dict[str, float] = {}
+  def __init__(self, run_writers, *, stacked: bool = False):
+    self._writers = list(run_writers)  # writer of run k
+    self._stacked = stacked  # every-run records carry a leading run axis
+    self._pending = []  # [(step, device metrics, run k or None: every run)]
+    self._fetched = [collections.deque() for _ in self._writers]  # per run: [(step, host metrics)]
+    self.last_train: list[dict[str, float]] = [{} for _ in self._writers]
 
-  def add(self, step: int, metrics: Mapping[str, Any]) -> None:
-    self._pending.append((step, metrics))
+  def add(self, step: int, metrics: Mapping[str, Any], run: int | None = None) -> None:
+    self._pending.append((step, metrics, run))
 
-  def fetch(self) -> None:
-    """Fetches every pending record (waits for the steps that computed them)."""
-    self._fetched.extend(jax.device_get(self._pending))
+  def fetch(self, runs=None) -> None:
+    """Fetches every pending record (waits for the steps that computed them); records of every
+    run go to the runs ``runs`` (default: all)."""
+    runs = range(len(self._writers)) if runs is None else sorted(runs)
+    for step, m, run in jax.device_get(self._pending):
+      if run is not None:
+        self._fetched[run].append((step, m))
+        continue
+      for k in runs:
+        self._fetched[k].append((step, jax.tree.map(lambda x: x[k], m) if self._stacked else m))
     self._pending = []
 
   def write(self, limit: int | None = None) -> None:
-    """Writes up to ``limit`` fetched records, oldest first (all of them if None)."""
-    for _ in range(len(self._fetched) if limit is None else min(limit, len(self._fetched))):
-      step, m = self._fetched.popleft()
-      m = dict(m)
-      m.update(m.pop("diagnostics", {}))  # A diagnostics.Metrics: packed scalars and histograms
-      scalars = {k: v for k, v in m.items() if np.ndim(v) == 0}
-      # Histogram samples: drop non-finite entries (a diverged step's NaNs).
-      hists = {k: v[np.isfinite(v)] for k, v in m.items() if np.ndim(v) == 1}
-      hists = {k: v for k, v in hists.items() if v.size}
-      self._writer.write_scalars(step, scalars)
-      if hists:
-        self._writer.write_histograms(step, hists)
-      train = {k: float(v) for k, v in scalars.items() if k.startswith("train/")}
-      if "train/loss" in train and all(np.isfinite(v) for v in train.values()):
-        self.last_train = train  # a step's record (not e.g. a sync's train/tokens_per_sec)
+    """Writes up to ``limit`` fetched records of each run, oldest first (all if None)."""
+    for k, fetched in enumerate(self._fetched):
+      for _ in range(len(fetched) if limit is None else min(limit, len(fetched))):
+        self._write(k, *fetched.popleft())
 
-  def flush(self) -> None:
-    """Fetches and writes everything."""
-    self.fetch()
+  def _write(self, k: int, step: int, m) -> None:
+    m = dict(m)
+    m.update(m.pop("diagnostics", {}))  # A diagnostics.Metrics: packed scalars and histograms
+    scalars = {name: v for name, v in m.items() if np.ndim(v) == 0}
+    # Histogram samples: drop non-finite entries (a diverged step's NaNs).
+    hists = {name: v[np.isfinite(v)] for name, v in m.items() if np.ndim(v) == 1}
+    hists = {name: v for name, v in hists.items() if v.size}
+    self._writers[k].write_scalars(step, scalars)
+    if hists:
+      self._writers[k].write_histograms(step, hists)
+    train = {name: float(v) for name, v in scalars.items() if name.startswith("train/")}
+    if "train/loss" in train and all(np.isfinite(v) for v in train.values()):
+      self.last_train[k] = train  # a step's record (not e.g. a sync's train/tokens_per_sec)
+
+  def flush(self, runs=None) -> None:
+    """Fetches (for ``runs``) and writes everything."""
+    self.fetch(runs)
     self.write()
 
 

@@ -4,8 +4,7 @@ r"""Runs per device-hour of a study preset: K runs stacked in one vmapped step v
       --steps=300 --append=BENCHMARKS.md
 
 For each K, trains K runs of the study's first condition and optimizer (its grid's rates and
-seeds, exactly the configs the runner would train; ``stacked.train_stacked`` for K > 1,
-``train.train_and_evaluate`` for K = 1) for ``--steps`` steps in a temporary directory, with
+seeds, exactly the configs the runner would train; ``train.train_runs``) for ``--steps`` steps in a temporary directory, with
 everything a study run does (evals, diagnostics, probes, checkpoints; host syncs at least 5
 times). Measured: the whole wall
 time (set-up and compilation included) and the steady-state tokens/s of the loop (results.json).
@@ -34,7 +33,6 @@ import jax
 
 from jaxopt_study import cli
 from jaxopt_study import rundir
-from jaxopt_study import stacked
 from jaxopt_study import train
 from jaxopt_study.study import runner
 
@@ -69,10 +67,7 @@ def measure(configs) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     dirs = [os.path.join(tmp, f"run{i}") for i in range(k)]
     t0 = time.perf_counter()
-    if k == 1:
-      train.train_and_evaluate(configs[0], dirs[0])
-    else:
-      stacked.train_stacked(configs, dirs)
+    train.train_runs(configs, dirs)
     wall = time.perf_counter() - t0
     res = [rundir.RunResults.load(d) for d in dirs]
   tps_run = res[0].tokens_per_second  # steady state, per run

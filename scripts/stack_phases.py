@@ -6,7 +6,7 @@ r"""Where a stacked sweep's wall time goes: XLA compile seconds and counts, and 
 Arguments: study preset, steps, condition, optimizer, then one setting per argument,
 ``K;field=python_literal,...``. For each setting, trains the K run configs the runner would
 stack (``benchmark_stacking.configs_for``: the grid's rates x seeds) for the given steps in a
-temporary directory (``stacked.train_stacked``, or ``train.train_and_evaluate`` for K = 1) and
+temporary directory (``train.train_runs``) and
 prints one line: the wall time, the seconds and counts of XLA's backend compiles, jaxpr tracing
 and lowering (``jax.monitoring`` events), and the time in ``advance`` (the step, with a device
 sync after each so that the time lands here), ``eval``, ``ckpt_save`` and metric ``flush``.
@@ -28,7 +28,6 @@ import jax
 
 import benchmark_stacking
 from jaxopt_study import checkpointing
-from jaxopt_study import stacked
 from jaxopt_study import train
 from jaxopt_study import writers
 from jaxopt_study.study import presets
@@ -80,10 +79,7 @@ def main(argv):
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
       dirs = [os.path.join(tmp, f"run{i}") for i in range(k)]
-      if k == 1:
-        train.train_and_evaluate(configs[0], dirs[0])
-      else:
-        stacked.train_stacked(configs, dirs)
+      train.train_runs(configs, dirs)
     wall = time.perf_counter() - t0
     print(f"K={k} {sets or 'as configured'} steps={steps} wall {wall:.1f} s " +
           " ".join(f"{n}={v:.1f}s/{COUNTS[n]}" for n, v in sorted(SECONDS.items())), flush=True)

@@ -1,4 +1,4 @@
-"""K runs stacked in one vmapped step behave exactly like the same runs alone."""
+"""K runs of one loop (``train.train_runs``) in one vmapped step behave like the same runs alone."""
 
 import json
 import os
@@ -8,7 +8,6 @@ import pytest
 
 from jaxopt_study import checkpointing
 from jaxopt_study import rundir
-from jaxopt_study import stacked
 from jaxopt_study import train
 from tests.test_train import _ckpts, losses, tiny_config
 
@@ -17,7 +16,7 @@ RUNS = [{"optimizer.learning_rate": 1e-3, "seed": 0}, {"optimizer.learning_rate"
 
 
 def _config(**kw):
-  # Probes every 5 steps and at the end (vmapped over the stack in train_stacked).
+  # Probes every 5 steps and at the end (vmapped over the stack).
   return tiny_config(num_steps=STEPS, eval_every=STEPS, **{"probes.every": 5}, **kw)
 
 
@@ -27,7 +26,7 @@ def runs(tmp_path_factory):
   configs = [_config(**r) for r in RUNS]
   stacked_dirs = [str(root / f"stacked{k}") for k in range(len(RUNS))]
   alone_dirs = [str(root / f"alone{k}") for k in range(len(RUNS))]
-  stacked_results = stacked.train_stacked(configs, stacked_dirs)
+  stacked_results = train.train_runs(configs, stacked_dirs)
   alone_results = [train.train_and_evaluate(c, d) for c, d in zip(configs, alone_dirs)]
   return stacked_dirs, stacked_results, alone_dirs, alone_results
 
@@ -72,9 +71,9 @@ def test_a_preempted_stack_resumes_stacked_on_the_same_trajectory(runs, tmp_path
   dirs = [str(tmp_path / f"run{k}") for k in range(len(RUNS))]
   with monkeypatch.context() as m:
     m.setattr(checkpointing.Preemption, "reached", lambda self, step: step >= 7)
-    first = stacked.train_stacked(configs, dirs)
+    first = train.train_runs(configs, dirs)
   assert [r.status for r in first] == ["preempted"] * 2 and {r.steps_done for r in first} == {7}
-  again = stacked.train_stacked(configs, dirs)
+  again = train.train_runs(configs, dirs)
   for d, r, ad in zip(dirs, again, alone_dirs):
     assert r.status == "completed" and r.steps_done == STEPS
     got, want = losses(d, "train/loss"), losses(ad, "train/loss")
@@ -84,5 +83,39 @@ def test_a_preempted_stack_resumes_stacked_on_the_same_trajectory(runs, tmp_path
 
 def test_configs_that_differ_beyond_rate_and_seed_are_refused(tmp_path):
   with pytest.raises(ValueError, match=r"differ in config\.model\.d_model"):
-    stacked.train_stacked([_config(), _config(**{"model.d_model": 64})],
+    train.train_runs([_config(), _config(**{"model.d_model": 64})],
                           [str(tmp_path / "a"), str(tmp_path / "b")])
+
+
+def test_a_run_that_diverges_inside_a_stack_is_finished_there_and_the_others_go_on(
+    runs, tmp_path, monkeypatch):
+  """Run 1's parameters turn NaN before step 5 (fault injection keyed by its seed's dropout
+  key): it is recorded diverged at step 5 and never checkpointed after it; run 0, stacked
+  with it, trains on exactly as alone."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  _, _, alone_dirs, alone_results = runs
+  step_fn = train.train_step
+  poisoned_key = jax.random.split(jax.random.PRNGKey(RUNS[1]["seed"]))[1]
+
+  def poisoned(state, batch, **kw):
+    hit = (state.step == 5) & jnp.all(state.rng == poisoned_key)
+    params = jax.tree.map(lambda p: jnp.where(hit, jnp.nan, p), state.params)
+    return step_fn(state.replace(params=params), batch, **kw)
+
+  monkeypatch.setattr(train, "train_step", poisoned)
+  configs = [_config(checkpoint_every=4, **r) for r in RUNS]
+  dirs = [str(tmp_path / f"run{k}") for k in range(len(RUNS))]
+  got = train.train_runs(configs, dirs)
+  assert got[1].status == "diverged" and got[1].diverged_at_step == 5
+  assert got[1].steps_done < STEPS and _ckpts(dirs[1]) == [4]  # nothing after step 5
+  assert losses(dirs[1], "train/diverged") == {5: 1.0}
+  assert max(losses(dirs[1], "train/loss")) <= got[1].steps_done
+  assert rundir.RunResults.load(dirs[1]).status == "diverged"
+  assert got[0].status == "completed" and got[0].steps_done == STEPS
+  assert _ckpts(dirs[0]) == [8, STEPS]  # keep_checkpoints = 2
+  want = losses(alone_dirs[0], "train/loss")
+  np.testing.assert_allclose([losses(dirs[0], "train/loss")[s] for s in want],
+                             list(want.values()), rtol=2e-5)
+  np.testing.assert_allclose(got[0].final_eval_loss, alone_results[0].final_eval_loss, rtol=2e-5)

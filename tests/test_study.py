@@ -285,13 +285,6 @@ def test_t_quantile_matches_tables(q, df, expected):
   assert stats.t_quantile(1 - q, df) == pytest.approx(-expected, abs=6e-4)
 
 
-def test_t_cdf_closed_forms():
-  # nu = 1 is Cauchy: F(t) = 1/2 + atan(t)/pi; nu = 2: F(t) = 1/2 + t / (2 sqrt(2 + t^2)).
-  for t in (-3.0, -0.5, 0.0, 0.7, 4.0):
-    assert stats.t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-12)
-    assert stats.t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), abs=1e-12)
-
-
 def test_mean_ci_hand_computed_and_compare():
   ci = stats.mean_ci([1.0, 2.0, 3.0])
   # mean 2, sample sd 1, t_{0.975,2} = 4.3027: half-width 4.3027 / sqrt(3) = 2.4841.
@@ -721,7 +714,6 @@ def test_runner_extends_the_grid_until_bracketed(tmp_path, monkeypatch, optimum,
 def test_extension_points_are_added_together_and_trained_in_one_stack(tmp_path, monkeypatch):
   """Two points at once on the high edge: x27 and x81 in one stack; the optimum (x27) is then
   bracketed, so the grid is the one that one point at a time gives."""
-  from jaxopt_study import stacked
   from jaxopt_study import train
   from jaxopt_study.study import runner
 
@@ -737,7 +729,7 @@ def test_extension_points_are_added_together_and_trained_in_one_stack(tmp_path, 
     return [one(c, w) for c, w in zip(configs, workdirs)]
 
   monkeypatch.setattr(train, "train_and_evaluate", one)
-  monkeypatch.setattr(stacked, "train_stacked", fake_stacked)
+  monkeypatch.setattr(train, "train_runs", fake_stacked)
   spec = runner.run_study(config, str(tmp_path), progress=False)
   lr = lambda m: runner.round_lr(centre * m)
   assert groups == [[lr(m) for m in (1 / 9, 1 / 3, 1, 3, 9)], [lr(27), lr(81)],
@@ -793,7 +785,6 @@ def test_a_study_continues_from_its_committed_archive(tmp_path, monkeypatch):
 
 
 def test_runner_stacks_fresh_runs_and_runs_checkpointed_at_one_step(tmp_path, monkeypatch):
-  from jaxopt_study import stacked
   from jaxopt_study import train
   from jaxopt_study.study import runner
 
@@ -815,7 +806,7 @@ def test_runner_stacks_fresh_runs_and_runs_checkpointed_at_one_step(tmp_path, mo
     rundir.RunResults(status=status, steps_done=step).save(str(rd))
 
   monkeypatch.setattr(train, "train_and_evaluate", one)
-  monkeypatch.setattr(stacked, "train_stacked", fake_stacked)
+  monkeypatch.setattr(train, "train_runs", fake_stacked)
   earlier(3.0, "preempted", 3)  # a stack stopped at step 3: stacked again, with
   earlier(9.0, "running", 3)  # a run of it killed after that step's save (status not updated)
   earlier(1 / 9, "running", 2)  # the only run checkpointed at step 2: alone

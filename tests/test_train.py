@@ -107,13 +107,14 @@ def test_precompiled_variants_are_not_compiled_again_by_the_loop():
     if event.endswith("backend_compile_duration"):  # XLA compiles (not cache hits)
       compiles.append(event)
 
-  get, eval_fn = train.compile_train_step(config, s), train.compile_eval_step(config, s)
+  stack = train.Stack([config], s)
+  fns = get, eval_fn, probes_fn = stack.compile(config, s)
   modes = train.step_modes(0, STEPS, config.diagnostics)
-  probe = train.probe_batch(config, s.dataset)
+  probe = stack.probe_batch([config])
   jax.monitoring.register_event_duration_secs_listener(listen)
   try:
     with sharding.activate(s.mesh):
-      compiled = train.precompile(train.loop_calls(config, s, get, eval_fn, s.state, 0, probe))
+      compiled = train.precompile(train.loop_calls(config, stack, fns, s.state, 0, probe))
       assert sorted(compiled, key=str) == sorted(modes + ["eval", "probes"], key=str)
       done = len(compiles)  # the steps' (others may be in the jit cache of an earlier test)
       assert done >= len(modes)
@@ -121,7 +122,7 @@ def test_precompiled_variants_are_not_compiled_again_by_the_loop():
       for step in range(2 * config.diagnostics.every):
         state, _ = get(train.step_mode(step, config.diagnostics))(
             state, jax.device_put(s.dataset.train_batch(step), s.batch_sharding))
-      train.measure_probes(config, s.model, state.params, probe)
+      probes_fn(state.params, probe)
       train.evaluate(eval_fn, state, s.dataset.eval_batches(), s.batch_sharding)
   finally:
     jax.monitoring.unregister_event_duration_listener(listen)

@@ -85,14 +85,14 @@ def test_metric_buffer_writes_every_buffered_step_once_and_keeps_the_last_finite
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   rec = _Recorder()
-  buf = writers.MetricBuffer(rec)
+  buf = writers.MetricBuffer([rec])
   buf.add(1, {"train/loss": jnp.float32(3.0), "h": jnp.array([1.0, jnp.nan, 2.0])})
   buf.add(2, {"train/loss": jnp.float32(2.0)})
   buf.add(3, {"train/loss": jnp.float32(jnp.nan)})
   assert rec.scalars == []  # nothing leaves the device before a flush
   buf.flush()
   assert [s for s, _ in rec.scalars] == [1, 2, 3]
-  assert buf.last_train == {"train/loss": 2.0}  # step 3 is not finite
+  assert buf.last_train == [{"train/loss": 2.0}]  # step 3 is not finite
   assert rec.hists[0][0] == 1 and list(rec.hists[0][1]["h"]) == [1.0, 2.0]
   buf.flush()
   assert len(rec.scalars) == 3  # flushed entries are not written again
@@ -102,18 +102,37 @@ def test_metric_buffer_writes_fetched_records_a_few_at_a_time_in_order():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   rec = _Recorder()
-  buf = writers.MetricBuffer(rec)
+  buf = writers.MetricBuffer([rec])
   for step in (1, 2, 3):
     buf.add(step, {"train/loss": jnp.float32(step)})
   buf.fetch()
   buf.add(4, {"train/loss": jnp.float32(4.0)})  # after the fetch: waits for the next one
   assert rec.scalars == []  # fetching writes nothing
   buf.write(limit=2)
-  assert [s for s, _ in rec.scalars] == [1, 2] and buf.last_train == {"train/loss": 2.0}
+  assert [s for s, _ in rec.scalars] == [1, 2] and buf.last_train == [{"train/loss": 2.0}]
   buf.write(limit=2)
   assert [s for s, _ in rec.scalars] == [1, 2, 3]  # step 4 is not fetched yet
   buf.flush()
-  assert [s for s, _ in rec.scalars] == [1, 2, 3, 4] and buf.last_train == {"train/loss": 4.0}
+  assert [s for s, _ in rec.scalars] == [1, 2, 3, 4] and buf.last_train == [{"train/loss": 4.0}]
+
+
+def test_metric_buffer_of_a_stack_writes_run_k_its_slice_and_only_live_runs_every_run_records():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  recs = [_Recorder(), _Recorder(), _Recorder()]
+  buf = writers.MetricBuffer(recs, stacked=True)
+  buf.add(1, {"train/loss": jnp.array([1.0, 2.0, 3.0]), "h": jnp.ones((3, 4))})
+  buf.add(1, {"eval/loss": 7.0}, run=2)
+  buf.fetch()
+  buf.add(2, {"train/loss": jnp.array([4.0, 5.0, jnp.nan])})
+  buf.add(2, {"train/diverged": 1.0}, run=2)  # one run's own record reaches it when not live
+  buf.flush(runs={0, 1})
+  assert [(s, dict(m)) for s, m in recs[0].scalars] == [(1, {"train/loss": 1.0}),
+                                                       (2, {"train/loss": 4.0})]
+  assert [(s, dict(m)) for s, m in recs[2].scalars] == [
+      (1, {"train/loss": 3.0}), (1, {"eval/loss": 7.0}), (2, {"train/diverged": 1.0})]
+  assert [h[1]["h"].shape for h in recs[1].hists] == [(4,)]
+  assert buf.last_train == [{"train/loss": 4.0}, {"train/loss": 5.0}, {"train/loss": 3.0}]
 
 
 def test_tensorboardx_writes_non_finite_scalars_without_a_warning_each(tmp_path, caplog):

@@ -1,16 +1,21 @@
-"""Figures of one checkpoint's layer scores (matplotlib, Agg backend, PNG), from analysis.json."""
+"""Figures of one checkpoint's layer scores (matplotlib figures without pyplot, PNG), from analysis.json."""
 
 from __future__ import annotations
 
 import os
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import matplotlib.figure
+import numpy as np
 
 DPI = 90
+
+
+def _subplots(*args, figsize=None, **kwargs):
+  """``plt.subplots`` without pyplot: a Figure of its own (importing this module sets no
+  matplotlib backend or global state; ``savefig`` writes PNG through Agg)."""
+  fig = matplotlib.figure.Figure(figsize=figsize)
+  return fig, fig.subplots(*args, **kwargs)
 
 
 def _array(x):
@@ -30,7 +35,7 @@ def _heatmap(ax, m, title, label):
 def jacobian(res, path):
   jac = res["jacobian"]
   layers = np.arange(len(jac["identity_deviation"]))
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+  fig, axes = _subplots(1, 2, figsize=(10, 3.5))
   axes[0].plot(layers, jac["identity_deviation"], "o-")
   axes[0].set_title("||J - I||_F / ||I||_F")
   root_d = np.sqrt(res["d_model"])
@@ -50,7 +55,7 @@ def usefulness(res, path):
   use = res["usefulness"]
   inc = np.asarray(use["loss_increase"], float) * 100
   layers = np.arange(len(inc))
-  fig, ax = plt.subplots(figsize=(6, 3.5))
+  fig, ax = _subplots(figsize=(6, 3.5))
   ax.bar(layers, inc, color=["tab:red" if v > use["threshold"] * 100 else "tab:gray" for v in inc])
   ax.axhline(use["threshold"] * 100, color="k", ls="--", lw=1)
   ax.set_xlabel("block replaced by its least-squares affine map")
@@ -62,14 +67,14 @@ def usefulness(res, path):
 
 def causal(res, path):
   c = res["causal"]
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  fig, axes = _subplots(1, 2, figsize=(10, 4))
   _heatmap(axes[0], _array(c["output_change"]), "skip i: change of h after block j", "relative")
   _heatmap(axes[1], _array(c["update_change"]), "skip i: change of block j's update", "relative")
   _save(fig, path)
 
 
 def permutation(res, path):
-  fig, ax = plt.subplots(figsize=(5, 4))
+  fig, ax = _subplots(figsize=(5, 4))
   _heatmap(ax, _array(res["permutation"]["loss_change"]), "swap i <-> j: (L' - L) / L", "relative")
   _save(fig, path)
 
@@ -95,4 +100,3 @@ def make_all(res, directory) -> list[str]:
 def _save(fig, path):
   fig.tight_layout()
   fig.savefig(path, dpi=DPI)
-  plt.close(fig)

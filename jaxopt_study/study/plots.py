@@ -1,4 +1,4 @@
-"""The study's figures (matplotlib, Agg backend, PNG), from the loaded study and its tables.
+"""The study's figures (matplotlib figures without pyplot, PNG), from the loaded study and its tables.
 
 Every figure function takes ``(study, best, runs, condition, path)``, writes a PNG at ``path``
 and returns a note (None, or what data was absent). A figure whose data is absent is still
@@ -16,19 +16,17 @@ import re
 from typing import Callable, Optional
 
 import matplotlib
+import matplotlib.figure
+import matplotlib.colors
+import matplotlib.ticker
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.colors  # pylint: disable=g-import-not-at-top,wrong-import-position
-import matplotlib.ticker  # pylint: disable=g-import-not-at-top,wrong-import-position
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-import pandas as pd  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from jaxopt_study import rundir  # pylint: disable=g-import-not-at-top,wrong-import-position
-from jaxopt_study.study import depth  # pylint: disable=wrong-import-position
-from jaxopt_study.study import measures  # pylint: disable=wrong-import-position
-from jaxopt_study.study import tables  # pylint: disable=wrong-import-position
-from jaxopt_study.study.loading import Run, Study  # pylint: disable=wrong-import-position
+from jaxopt_study import rundir
+from jaxopt_study.study import depth
+from jaxopt_study.study import measures
+from jaxopt_study.study import tables
+from jaxopt_study.study.loading import Run, Study
 
 DPI = 90
 COLORS = {
@@ -49,17 +47,23 @@ class Figure:
   note: Optional[str]
 
 
+def _subplots(*args, figsize=None, **kwargs):
+  """``plt.subplots`` without pyplot: a Figure of its own (importing this module sets no
+  matplotlib backend or global state; ``savefig`` writes PNG through Agg)."""
+  fig = matplotlib.figure.Figure(figsize=figsize)
+  return fig, fig.subplots(*args, **kwargs)
+
+
 def _color(opt: str, i: int = 0) -> str:
   return COLORS.get(opt, f"C{i % 10}")
 
 
 def _placeholder(path: str, title: str, message: str) -> None:
-  fig, ax = plt.subplots(figsize=(6, 2.2))
+  fig, ax = _subplots(figsize=(6, 2.2))
   ax.axis("off")
   ax.text(0.5, 0.6, title, ha="center", va="center", fontsize=11, weight="bold")
   ax.text(0.5, 0.3, f"no data: {message}", ha="center", va="center", fontsize=9, wrap=True)
   fig.savefig(path, dpi=DPI, bbox_inches="tight")
-  plt.close(fig)
 
 
 def _legend_outside(ax, fontsize=7, ncol=1) -> None:
@@ -75,7 +79,6 @@ def _seeds(n: int) -> str:
 def _save(fig, path: str) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=DPI, bbox_inches="tight")
-  plt.close(fig)
 
 
 def _best_runs(study: Study, best: pd.DataFrame, cond: str, opt: str) -> list[Run]:
@@ -141,7 +144,7 @@ def _layer_cols(run: Run, base: str) -> list[tuple[str, str]]:
 
 def loss_vs_tokens(study, best, runs, cond, path):
   shifts = study.shift_steps(cond)
-  fig, ax = plt.subplots(figsize=(8, 4.5))
+  fig, ax = _subplots(figsize=(8, 4.5))
   plotted, absent = 0, []
   tps = None
   for i, opt in enumerate(study.optimizers):
@@ -165,7 +168,6 @@ def loss_vs_tokens(study, best, runs, cond, path):
       ax.plot(ev.index.values * tps, ev.mean(axis=1).values, "o", color=c, ms=4)
     plotted += 1
   if not plotted:
-    plt.close(fig)
     _placeholder(path, f"Loss vs tokens ({cond})", "no train/loss in any run")
     return "no train/loss in any run"
   _mark_shifts(ax, shifts, tps or 1)
@@ -184,7 +186,7 @@ def lr_sweep(study, best, runs, cond, path):
   if g.empty:
     _placeholder(path, f"Learning-rate sweep ({cond})", "no runs")
     return "no runs"
-  fig, ax = plt.subplots(figsize=(8, 4.5))
+  fig, ax = _subplots(figsize=(8, 4.5))
   col = tables.SELECTION_COLUMN
   finite = pd.to_numeric(g[col], errors="coerce").dropna()
   top = float(finite.max()) * 1.05 if len(finite) else 1.0
@@ -243,7 +245,7 @@ def grad_sparsity_heatmap(study, best, runs, cond, path):
   if not panels:
     _placeholder(path, f"Per-layer gradient sparsity ({cond})", f"no {base}/layer=NN metrics")
     return f"no {base}/layer=NN metrics"
-  fig, axes = plt.subplots(len(panels), 1, figsize=(8, 1.2 + 1.0 * len(panels) *
+  fig, axes = _subplots(len(panels), 1, figsize=(8, 1.2 + 1.0 * len(panels) *
                                                     max(1, len(panels[0][2]) / 4)),
                            squeeze=False, sharex=True)
   # Log colour scale: dense layers have small fractions (1e-4..1e-2), the embedding ~1.
@@ -268,7 +270,6 @@ def grad_sparsity_heatmap(study, best, runs, cond, path):
                        f"layer x step ({cond})", fontsize=9)
   fig.colorbar(im, ax=axes[:, 0].tolist(), shrink=0.8, label="small-gradient fraction (log)")
   fig.savefig(path, dpi=DPI, bbox_inches="tight")
-  plt.close(fig)
   return None
 
 
@@ -288,7 +289,7 @@ def embedding_update_frequency(study, best, runs, cond, path):
       base = cand
       break
   stale = "aging/emb_row_log_staleness_mean"
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.3))
+  fig, (ax1, ax2) = _subplots(1, 2, figsize=(11, 4.3))
   got, got2, notes = 0, 0, []
   use_freq = bool(buckets)
   if not use_freq:
@@ -364,7 +365,7 @@ def drift_around_shifts(study, best, runs, cond, path):
   shifts = study.shift_steps(cond)
   names = [("train/loss", "train loss"), ("drift/cos_grad_mu", "cos(g_t, m_{t-1})"),
            ("drift/energy_ratio", "short / long EMA of ||g||^2")]
-  fig, axes = plt.subplots(len(names), 1, figsize=(8, 7), sharex=True)
+  fig, axes = _subplots(len(names), 1, figsize=(8, 7), sharex=True)
   notes = []
   for ax, (name, label) in zip(axes, names):
     got = 0
@@ -415,7 +416,7 @@ def _quantile_band(ax, run, base, color, label, band_label, alpha) -> int:
 
 
 def moment_staleness(study, best, runs, cond, path):
-  fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+  fig, axes = _subplots(1, 3, figsize=(14, 4))
   notes = []
   # (a) Ages depend on the data only (which entries get a gradient), not on the optimizer: one
   # run's token-embedding row ages and all-entry ages, as q10-q90 bands.
@@ -488,7 +489,7 @@ def moment_staleness(study, best, runs, cond, path):
 def grad_heterogeneity(study, best, runs, cond, path):
   names = [("heterogeneity/grad_norm_cv", "CV of per-tensor ||g||"),
            ("heterogeneity/step_size_cv", "CV of per-tensor ||u|| / ||g||")]
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+  fig, axes = _subplots(1, 2, figsize=(12, 4))
   notes = []
   for ax, (name, label) in zip(axes, names):
     got = 0
@@ -524,13 +525,13 @@ def layer_norms(study, best, runs, cond, path):
   if not panels:
     _placeholder(path, f"Layer-wise norms ({cond})", "no norms/*/layer=NN metrics")
     return "no norms/*/layer=NN metrics"
-  fig, axes = plt.subplots(2, len(panels), figsize=(3.2 * len(panels) + 1, 6), squeeze=False,
+  fig, axes = _subplots(2, len(panels), figsize=(3.2 * len(panels) + 1, 6), squeeze=False,
                            sharex=True)
   for j, (opt, run) in enumerate(panels):
     for i, (base, label) in enumerate(rows):
       ax = axes[i, j]
       cols = _layer_cols(run, base)
-      cmap = plt.get_cmap("viridis")
+      cmap = matplotlib.colormaps["viridis"]
       for k, (lab, c) in enumerate(cols):
         s, v = run.series(c)
         ax.plot(s, v, color=cmap(k / max(1, len(cols) - 1)), lw=1, label=lab)
@@ -550,7 +551,7 @@ def layer_norms(study, best, runs, cond, path):
 
 
 def loss_by_frequency(study, best, runs, cond, path):
-  fig, ax = plt.subplots(figsize=(8, 4))
+  fig, ax = _subplots(figsize=(8, 4))
   got = 0
   for i, opt in enumerate(study.optimizers):
     lr = tables.best_lr_of(best, cond, opt)
@@ -565,7 +566,6 @@ def loss_by_frequency(study, best, runs, cond, path):
             label=f"{opt} (lr {rundir.lr_str(lr)})")
     got += 1
   if not got:
-    plt.close(fig)
     _placeholder(path, f"Eval loss by token frequency ({cond})",
                  "no eval_loss_by_frequency in results.json")
     return "no eval_loss_by_frequency in results.json"
@@ -598,7 +598,7 @@ def heterogeneity_by_condition(study, best, runs, cond, path):
   if not vals:
     _placeholder(path, "Gradient heterogeneity by condition", f"no {name} in any run")
     return f"no {name} in any run"
-  fig, ax = plt.subplots(figsize=(8, 4))
+  fig, ax = _subplots(figsize=(8, 4))
   width = 0.8 / max(1, len(conds))
   for j, c in enumerate(conds):
     xs = np.arange(len(study.optimizers)) + j * width
@@ -635,7 +635,7 @@ def gap_vs_heterogeneity(study, best, runs, cond, path):
     _placeholder(path, "Gap to SGD vs gradient heterogeneity",
                  f"needs sgd_momentum and signsgd/adamw at a best lr, and {het}")
     return "no condition with SGD, SignSGD/AdamW results and the heterogeneity metric"
-  fig, ax = plt.subplots(figsize=(7, 4.3))
+  fig, ax = _subplots(figsize=(7, 4.3))
   for i, (other, pts) in enumerate(sorted(points.items())):
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
     err = [p[2] if p[2] is not None else 0.0 for p in pts]
@@ -677,7 +677,7 @@ def _layer_line(ax, table, part, measure, cond, opt, color, scale=1.0, label=Non
 def _condition_grid(n: int, ncols: int, width: float = 3.6, height: float = 3.0):
   ncols = max(1, min(ncols, n))
   nrows = -(-n // ncols)
-  fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols + 0.5, height * nrows),
+  fig, axes = _subplots(nrows, ncols, figsize=(width * ncols + 0.5, height * nrows),
                            squeeze=False)
   for ax in axes.flat[n:]:
     ax.axis("off")
@@ -729,7 +729,7 @@ def layer_scores(study, best, runs, cond, path):
   if not conds:
     _placeholder(path, "Layer scores by depth", "no analysis/analysis.json at a best rate")
     return "no run at a best rate has analysis/analysis.json (layer scores)"
-  fig, axes = plt.subplots(len(conds), len(LAYER_SCORE_PANELS),
+  fig, axes = _subplots(len(conds), len(LAYER_SCORE_PANELS),
                            figsize=(4.2 * len(LAYER_SCORE_PANELS), 2.8 * len(conds) + 0.6),
                            squeeze=False)
   for r, c in enumerate(conds):
@@ -772,7 +772,7 @@ def sparsity_by_layer(study, best, runs, cond, path):
             ("weights", weight_measures,
              f"share |w| <= {taus[-1][len('small_frac_'):]} rms" if taus else "weights")]
   styles = ["-", "--", ":", "-."]
-  fig, axes = plt.subplots(len(conds), 3, figsize=(12.6, 2.8 * len(conds) + 0.6), squeeze=False)
+  fig, axes = _subplots(len(conds), 3, figsize=(12.6, 2.8 * len(conds) + 0.6), squeeze=False)
   for r, c in enumerate(conds):
     for k, (part, measures_, label) in enumerate(panels):
       ax = axes[r, k]
@@ -807,7 +807,7 @@ def depth_scaling(study, best, runs, cond, path):
     _placeholder(path, "Layer usefulness vs depth", "needs conditions that differ only in "
                  "model.num_layers")
     return "fewer than two depths (conditions that differ from the primary in num_layers only)"
-  fig, axes = plt.subplots(1, len(DEPTH_SCALING_PANELS), figsize=(4.2 * len(DEPTH_SCALING_PANELS),
+  fig, axes = _subplots(1, len(DEPTH_SCALING_PANELS), figsize=(4.2 * len(DEPTH_SCALING_PANELS),
                                                                   3.4), squeeze=False)
   order = sorted(depths, key=depths.get)
   for ax, (part, measure, label) in zip(axes[0], DEPTH_SCALING_PANELS):
@@ -918,7 +918,6 @@ def make_all(study: Study, best: pd.DataFrame, runs: pd.DataFrame,
       try:
         note = fn(study, best, runs, cond, path)
       except Exception as e:  # pylint: disable=broad-except
-        plt.close("all")
         note = f"plot failed: {type(e).__name__}: {e}"
         _placeholder(path, full_title, note)
       out.append(Figure(name, full_title, caption, path, note))

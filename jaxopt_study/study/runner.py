@@ -29,7 +29,7 @@ fewer points and seeds and is reported without verdicts):
 
 **Many runs per device**: with ``stack_runs = K > 1``, the fresh runs of one step above (they
 differ only in learning rate and seed) train K at a time in one vmapped step
-(``stacked.train_stacked``), each in its own run directory exactly as if alone.
+(``train.train_runs``), each in its own run directory exactly as if alone.
 
 **Identical conditions**: a run's config is ``study.base`` + the condition's overrides + the
 optimizer's default block (``optimizers.default_config``) with ``optimizer_overrides`` and the
@@ -73,7 +73,6 @@ import numpy as np
 
 from jaxopt_study import optimizers
 from jaxopt_study import rundir
-from jaxopt_study import stacked
 from jaxopt_study import train
 from jaxopt_study.study import loading
 from jaxopt_study.study import tables
@@ -109,23 +108,28 @@ class RunSpec:
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any],
                     what: str) -> None:
-  """Sets dotted fields; a field missing from the run config is an error naming it."""
-  for dotted, value in overrides.items():
-    node = config
-    parts = dotted.split(".")
-    for p in parts[:-1]:
-      if p not in node:
-        raise KeyError(f"{what}: '{dotted}' is not a field of the run config ('{p}' missing)")
-      node = node[p]
-    if parts[-1] not in node:
-      raise KeyError(f"{what}: '{dotted}' is not a field of the run config")
-    if isinstance(value, list):
-      value = tuple(value)
-    node[parts[-1]] = value
+  """Sets dotted fields (``ConfigDict.update_from_flattened_dict`` on the locked config, so
+  that ml_collections' type checks apply); a field missing from the run config is a KeyError
+  naming ``what`` and the field."""
+  was_locked = config.is_locked
+  config.lock()
+  try:
+    for dotted, value in overrides.items():
+      try:
+        config.update_from_flattened_dict({dotted: tuple(value) if isinstance(value, list)
+                                           else value})
+      except KeyError as e:
+        raise KeyError(f"{what}: '{dotted}' is not a field of the run config ({e.args[0]})"
+                       ) from None
+  finally:
+    if not was_locked:
+      config.unlock()
 
 
 def parse_overrides(text: str) -> dict[str, Any]:
-  """``'field=python_literal,...'`` (the scripts' override syntax) as {dotted field: value}.
+  """``'field=python_literal,...'`` (the scripts' override syntax) as {dotted field: value},
+  for :func:`apply_overrides` (ml_collections parses one field per flag, not a list in a
+  string). Values hold no commas (a scalar, a string, a bool).
 
   >>> parse_overrides("diagnostics.enabled=False,optimizer.b1=0.95")
   {'diagnostics.enabled': False, 'optimizer.b1': 0.95}
@@ -208,7 +212,7 @@ def validate(study: ml_collections.ConfigDict) -> None:
                      "'rerun'")
   if int(study.lr_grid_max_extensions) < 0:
     raise ValueError("config.lr_grid_max_extensions must be >= 0")
-  if int(study.get("lr_grid_extension_points", 1)) < 1:
+  if int(study.lr_grid_extension_points) < 1:
     raise ValueError("config.lr_grid_extension_points must be >= 1 (grid points added at once "
                      "on an edge)")
   if not study.report.smoke_test:
@@ -272,7 +276,7 @@ def next_multipliers(study, multipliers: list[float], records, extended: dict[st
   side = tables.unbracketed_side(tables.swept_lrs(records), tables.choose_lr(records))
   if ratio is None or side not in ("low", "high"):
     return []
-  n = min(int(study.get("lr_grid_extension_points", 1)),
+  n = min(int(study.lr_grid_extension_points),
           int(study.lr_grid_max_extensions) - extended[side])
   if n <= 0:
     return []
@@ -447,7 +451,7 @@ class _Runner:
     """Trains (or reuses) ``runs``, ``stack_runs`` at a time in one vmapped step where it can.
 
     Runs of one phase differ only in learning rate and seed, so they can share a step
-    (``stacked.train_stacked``) when they stand at the same step: fresh runs (no checkpoint,
+    (``train.train_runs``) when they stand at the same step: fresh runs (no checkpoint,
     e.g. failed before their first one) are stacked, and so are runs whose latest checkpoints
     are at the same step (a stack stopped together, by SIGTERM or killed after its last save).
     """
@@ -491,7 +495,7 @@ class _Runner:
       if len(group) == 1:
         train.train_and_evaluate(r0.config, rds[0])
       else:
-        stacked.train_stacked([r.config for r in group], rds)
+        train.train_runs([r.config for r in group], rds)
       errors, killed = [None] * len(group), False
     except (KeyboardInterrupt, rundir.Locked, rundir.ConfigChanged):
       raise  # not this run's failure: another process holds it, or it belongs to another config
@@ -547,7 +551,7 @@ class _Runner:
       if retrain and e["workdir"] in self.archived_scores:
         e["analysis"] = "done (archived)"
         continue
-      if retrain and not self.study.get("retrain_for_layer_scores", False):
+      if retrain and not self.study.retrain_for_layer_scores:
         e["analysis"] = "skipped: no checkpoint in this run directory (trained elsewhere)"
         continue
       self.bar.set_postfix_str(f"{condition}/{opt} seed={e['seed']} (layer scores)")
@@ -621,7 +625,7 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *, command: Option
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   sweep = expand(study)
-  if study.get("compilation_cache", False):
+  if study.compilation_cache:
     enable_compilation_cache()
   previous = rundir.read_json(os.path.join(workdir, loading.STUDY_FILE)) or {}
   now = datetime.datetime.now().isoformat(timespec="seconds")
@@ -630,7 +634,7 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *, command: Option
     first.setdefault(r.condition, r)
   spec = {
       "name": study.name,
-      "preset": study.get("preset"),
+      "preset": study.preset,
       "command": command or previous.get("command"),
       "created": previous.get("created") or now,
       # When a run last trained (a re-run that reuses every run leaves it as it was).
@@ -639,7 +643,7 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *, command: Option
       "lr_multipliers": list(study.lr_multipliers),
       "learning_rates": dict(study.learning_rates),
       "lr_grid_max_extensions": int(study.lr_grid_max_extensions),
-      "lr_grid_extension_points": int(study.get("lr_grid_extension_points", 1)),
+      "lr_grid_extension_points": int(study.lr_grid_extension_points),
       "sweep_seeds": list(study.sweep_seeds),
       "seeds": list(study.seeds),
       "token_budget": int(study.token_budget),
@@ -664,11 +668,11 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *, command: Option
       for opt in study.optimizers:
         if not _sweep_and_seeds(study, runner, cond, opt):
           break
-        if study.get("analyze_layers", False):
+        if study.analyze_layers:
           runner.analyze(cond, opt)
       if runner.stopped:
         break
-      if study.get("analyze_layers", False):
+      if study.analyze_layers:
         import jax  # pylint: disable=g-import-not-at-top
         jax.clear_caches()  # the analyses' compiled functions
   finally:

@@ -10,9 +10,7 @@ three seeds give an interval 2.48 s wide on each side). Two optimizers are calle
 when their intervals are disjoint (a conservative rule: disjoint 95% intervals imply a Welch test
 at well below 5%); otherwise they tie. One seed gives no interval and no comparison.
 
-The t quantile inverts the t CDF, F(t) = 1 - I_{nu/(nu+t^2)}(nu/2, 1/2) / 2 for t >= 0, with I
-the regularized incomplete beta function (continued fraction, Numerical Recipes 6.4), by
-bisection; scipy is not a dependency.
+The t quantile is ``scipy.stats.t.ppf``.
 """
 
 from __future__ import annotations
@@ -21,67 +19,16 @@ import dataclasses
 import math
 from typing import Iterable, Optional
 
+import scipy.stats
+
 LEVEL = 0.95  # Every interval of the report.
 
 
-def _betacf(a: float, b: float, x: float) -> float:
-  """Continued fraction of the incomplete beta function (modified Lentz)."""
-  tiny, eps = 1e-300, 1e-15
-  qab, qap, qam = a + b, a + 1.0, a - 1.0
-  c, d = 1.0, 1.0 - qab * x / qap
-  d = 1.0 / (d if abs(d) > tiny else tiny)
-  h = d
-  for m in range(1, 500):
-    m2 = 2 * m
-    for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)),
-               -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
-      d = 1.0 + aa * d
-      d = 1.0 / (d if abs(d) > tiny else tiny)
-      c = 1.0 + aa / c
-      c = c if abs(c) > tiny else tiny
-      h *= d * c
-    if abs(d * c - 1.0) < eps:
-      break
-  return h
-
-
-def betainc(a: float, b: float, x: float) -> float:
-  """Regularized incomplete beta I_x(a, b) for a, b > 0 and 0 <= x <= 1."""
-  if x <= 0.0:
-    return 0.0
-  if x >= 1.0:
-    return 1.0
-  front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-                   + a * math.log(x) + b * math.log1p(-x))
-  if x < (a + 1.0) / (a + b + 2.0):
-    return front * _betacf(a, b, x) / a
-  return 1.0 - front * _betacf(b, a, 1.0 - x) / b
-
-
-def t_cdf(t: float, df: float) -> float:
-  """P(T <= t) for Student's t with ``df`` degrees of freedom."""
-  tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))
-  return 1.0 - tail if t >= 0 else tail
-
-
 def t_quantile(q: float, df: float) -> float:
-  """The q-quantile of Student's t with ``df`` > 0 degrees of freedom (bisection on t_cdf)."""
+  """The q-quantile of Student's t with ``df`` > 0 degrees of freedom."""
   if not 0.0 < q < 1.0 or df <= 0:
     raise ValueError(f"t_quantile needs 0 < q < 1 and df > 0, got q={q}, df={df}")
-  if q < 0.5:
-    return -t_quantile(1.0 - q, df)
-  lo, hi = 0.0, 1.0
-  while t_cdf(hi, df) < q:
-    hi *= 2.0
-  for _ in range(200):
-    mid = 0.5 * (lo + hi)
-    if t_cdf(mid, df) < q:
-      lo = mid
-    else:
-      hi = mid
-    if hi - lo < 1e-12 * max(1.0, hi):
-      break
-  return 0.5 * (lo + hi)
+  return float(scipy.stats.t.ppf(q, df))
 
 
 @dataclasses.dataclass(frozen=True)
