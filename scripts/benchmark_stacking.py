@@ -34,7 +34,7 @@ import jax
 from jaxopt_study import cli
 from jaxopt_study import rundir
 from jaxopt_study import train
-from jaxopt_study.study import runner
+from jaxopt_study.study import protocol
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/study.py:controls",
@@ -52,8 +52,8 @@ def configs_for(study, condition: str, optimizer: str, k: int, steps: int):
   pairs = (pairs * (k // len(pairs) + 1))[:k]
   out = []
   for m, s in pairs:
-    lr = runner.round_lr(study.learning_rates[optimizer] * m)
-    c = runner.run_config(study, condition, optimizer, lr, s)
+    lr = protocol.round_lr(study.learning_rates[optimizer] * m)
+    c = protocol.run_config(study, condition, optimizer, lr, s)
     full_steps = c.num_steps
     with c.unlocked():
       # Host syncs at least 5 times: the loop's tokens/s clock starts at the first one.
@@ -80,7 +80,7 @@ def measure(configs) -> dict:
 def main(argv):
   del argv
   study = FLAGS.config
-  cond = FLAGS.condition or runner.conditions_of(study)[0]
+  cond = FLAGS.condition or protocol.conditions_of(study)[0]
   opt = FLAGS.optimizer or study.optimizers[0]
   rows = []
   for k in (int(x) for x in FLAGS.stacks):

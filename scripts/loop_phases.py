@@ -3,7 +3,7 @@ r"""Where a training run's wall time goes: the loop's phases, timed, for config 
   python scripts/loop_phases.py --config=configs/study.py:controls --steps=200 \
       --variants=";probes.enabled=False;diagnostics.enabled=False,probes.enabled=False"
 
-Trains one run of the study's first condition and optimizer (``runner.run_config``, the
+Trains one run of the study's first condition and optimizer (``protocol.run_config``, the
 optimizer's grid centre, seed 0) for ``--steps`` steps with ``sync_every = --sync_every``,
 once per variant (comma-separated ``field=python_literal`` overrides of the run config; variants
 separated by ';', the empty variant is the config as is), each in a temporary directory, and
@@ -34,7 +34,7 @@ from jaxopt_study import cli
 from jaxopt_study import checkpointing
 from jaxopt_study import train
 from jaxopt_study import writers
-from jaxopt_study.study import runner
+from jaxopt_study.study import protocol
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/study.py:controls",
@@ -67,15 +67,15 @@ def _timed(name, fn, totals, counts):
 def main(argv):
   del argv
   study = FLAGS.config
-  cond, opt = runner.conditions_of(study)[0], study.optimizers[0]
+  cond, opt = protocol.conditions_of(study)[0], study.optimizers[0]
   totals, counts = collections.defaultdict(float), collections.Counter()
   for name, (owner, attr) in PHASES.items():
     setattr(owner, attr, _timed(name, getattr(owner, attr), totals, counts))
   for variant in FLAGS.variants.split(";"):
-    config = runner.run_config(study, cond, opt, study.learning_rates[opt], 0)
+    config = protocol.run_config(study, cond, opt, study.learning_rates[opt], 0)
     with config.unlocked():
       config.num_steps, config.sync_every = FLAGS.steps, FLAGS.sync_every
-      runner.apply_overrides(config, runner.parse_overrides(variant), f"--variants '{variant}'")
+      protocol.apply_overrides(config, protocol.parse_overrides(variant), f"--variants '{variant}'")
     totals.clear()
     counts.clear()
     with tempfile.TemporaryDirectory() as tmp:

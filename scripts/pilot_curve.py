@@ -3,7 +3,7 @@ r"""The eval-loss curve of one run of a study config, for sizing a preset (BENCH
   python scripts/pilot_curve.py --config=configs/study.py:controls --condition=stationary \
       --optimizer=adamw --lr=1e-3 --steps=3000 --set=data.synthetic.copy_prob=0.9
 
-Trains ``runner.run_config(study, condition, optimizer, lr, seed)`` for ``--steps`` steps with
+Trains ``protocol.run_config(study, condition, optimizer, lr, seed)`` for ``--steps`` steps with
 diagnostics and probes off, an eval every ``--eval_every`` steps, each ``--set`` override
 (``field=python_literal``) applied, in a temporary directory, and prints the data's reference
 losses and every split's eval loss at each eval.
@@ -25,7 +25,7 @@ from jaxopt_study import cli
 from jaxopt_study import rundir
 from jaxopt_study import train
 from jaxopt_study.study import loading
-from jaxopt_study.study import runner
+from jaxopt_study.study import protocol
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/study.py:controls", "Study config.")
@@ -42,14 +42,14 @@ def main(argv):
   del argv
   study = FLAGS.config
   lr = FLAGS.lr or study.learning_rates[FLAGS.optimizer]
-  c = runner.run_config(study, FLAGS.condition, FLAGS.optimizer, lr, FLAGS.seed)
+  c = protocol.run_config(study, FLAGS.condition, FLAGS.optimizer, lr, FLAGS.seed)
   with c.unlocked():
     c.num_steps = FLAGS.steps
     c.diagnostics.enabled = c.probes.enabled = False
     c.eval_every = c.sync_every = FLAGS.eval_every
     c.checkpoint_every = FLAGS.steps
     for kv in FLAGS.set:
-      runner.apply_overrides(c, runner.parse_overrides(kv), "--set")
+      protocol.apply_overrides(c, protocol.parse_overrides(kv), "--set")
   with tempfile.TemporaryDirectory() as tmp:
     results = train.train_and_evaluate(c, tmp)
     print("reference losses:", json.dumps(results.baselines))

@@ -19,7 +19,7 @@ its own share of device memory (XLA_PYTHON_CLIENT_MEM_FRACTION = 0.9 / N unless 
 stacked models leave the GPU idle while XLA compiles on the host, and N processes overlap one's
 compiling with another's training. A unit is a condition (every optimizer), or, with more
 processes than conditions, one (condition, optimizer); the units start longest first as
-processes free up (runner.work_units). Each unit keeps its study.json in
+processes free up (processes.work_units). Each unit keeps its study.json in
 WORKDIR/parts/<condition>[-<optimizer>]/ (its runs/ is a link to WORKDIR/runs); when all are
 done, this process merges them and writes WORKDIR/study.json and the report. WORKDIR/sessions.json records every
 invocation (start, end, wall time, device, processes) for the report.
@@ -52,6 +52,8 @@ from jaxopt_study import cli  # pylint: disable=g-import-not-at-top,wrong-import
 from jaxopt_study import rundir  # pylint: disable=g-import-not-at-top,wrong-import-position
 from jaxopt_study.study import report  # pylint: disable=g-import-not-at-top,wrong-import-position
 from jaxopt_study.study import runner  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jaxopt_study.study import protocol  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jaxopt_study.study import processes  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Study directory (runs/, study.json, REPORT.md).")
@@ -110,8 +112,8 @@ def train_in_processes(config, workdir: str, n: int) -> int:
   """Trains the work units in ``n`` child processes at a time (module docstring); their worst
   exit code. A process that ends hands its slot to the next unit (longest first)."""
   workdir = os.path.abspath(workdir)
-  runner.validate(config)
-  units = runner.work_units(config, n, workdir)
+  protocol.validate(config)
+  units = processes.work_units(config, n, workdir)
   os.makedirs(os.path.join(workdir, "runs"), exist_ok=True)
   env = dict(os.environ)
   env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / min(n, len(units)):.3f}")
@@ -123,7 +125,7 @@ def train_in_processes(config, workdir: str, n: int) -> int:
   running, codes, stopping = [], [], []
 
   def start(unit):
-    part = runner.part_dir(workdir, unit)
+    part = processes.part_dir(workdir, unit)
     os.makedirs(part, exist_ok=True)
     link = os.path.join(part, "runs")
     if not os.path.islink(link):
@@ -160,7 +162,7 @@ def train_in_processes(config, workdir: str, n: int) -> int:
   finally:
     signal.signal(signal.SIGTERM, old)
   print(f"processes done, exit codes {codes}")
-  runner.merge_parts(workdir)
+  processes.merge_parts(workdir)
   if stopping or pending or any(c == runner.EXIT_PREEMPTED or c < 0 for c in codes):
     return runner.EXIT_PREEMPTED
   for c in (runner.EXIT_CONFIG_CHANGED, runner.EXIT_LOCKED):

@@ -31,7 +31,7 @@ from jaxopt_study import checkpointing
 from jaxopt_study import train
 from jaxopt_study import writers
 from jaxopt_study.study import presets
-from jaxopt_study.study import runner
+from jaxopt_study.study import protocol
 
 SECONDS = collections.defaultdict(float)
 COUNTS = collections.Counter()
@@ -73,7 +73,7 @@ def main(argv):
     k = int(k)
     configs, _ = benchmark_stacking.configs_for(presets.get_config(preset), cond, opt, k, steps)
     for c in configs:
-      runner.apply_overrides(c, runner.parse_overrides(sets), setting)
+      protocol.apply_overrides(c, protocol.parse_overrides(sets), setting)
     SECONDS.clear()
     COUNTS.clear()
     t0 = time.perf_counter()

@@ -601,10 +601,10 @@ def test_a_check_without_a_condition_to_run_on_says_so_in_the_tally():
 
 def test_expand_identical_conditions():
   from jaxopt_study.study import presets as study_configs
-  from jaxopt_study.study import runner
+  from jaxopt_study.study import protocol
 
   config = study_configs.get_config("small")
-  runs = runner.expand(config)
+  runs = protocol.expand(config)
   assert len(runs) == 2 * 5 * 5 * 1  # conditions x optimizers x 5-point grid x sweep seed
   assert {r.optimizer for r in runs} == set(OPTS) and {r.phase for r in runs} == {"sweep"}
   steps = {r.config.num_steps for r in runs}
@@ -626,7 +626,7 @@ def test_expand_identical_conditions():
   with pytest.raises(KeyError, match="model.no_such_field"):
     bad = study_configs.get_config("tiny")
     bad.conditions.base.overrides = {"model": {"no_such_field": 1}}
-    runner.expand(bad)
+    protocol.expand(bad)
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -638,12 +638,12 @@ def test_expand_identical_conditions():
 ])
 def test_protocol_is_enforced(field, value, match):
   from jaxopt_study.study import presets as study_configs
-  from jaxopt_study.study import runner
+  from jaxopt_study.study import protocol
 
   config = study_configs.get_config("small")
   config[field] = value
   with pytest.raises(ValueError, match=match):
-    runner.expand(config)
+    protocol.expand(config)
 
 
 def _fake_trainer(calls, val_loss, status_of=lambda c: "completed"):
@@ -690,6 +690,7 @@ def test_runner_extends_the_grid_until_bracketed(tmp_path, monkeypatch, optimum,
                                                  expected_mults, bracketed):
   from jaxopt_study import train
   from jaxopt_study.study import runner
+  from jaxopt_study.study import protocol
 
   config = _protocol_config()
   centre = config.learning_rates.adamw
@@ -698,7 +699,7 @@ def test_runner_extends_the_grid_until_bracketed(tmp_path, monkeypatch, optimum,
       calls, lambda c: 3.0 + math.log(c.optimizer.learning_rate / (centre * optimum)) ** 2))
   spec = runner.run_study(config, str(tmp_path), progress=False)
   swept = sorted(lr for _, lr, seed in calls if seed == 0)
-  assert np.allclose(swept, sorted(runner.round_lr(centre * m) for m in expected_mults))
+  assert np.allclose(swept, sorted(protocol.round_lr(centre * m) for m in expected_mults))
   best = min(swept, key=lambda lr: abs(math.log(lr / (centre * optimum))))
   assert sorted(seed for _, lr, seed in calls if lr == best) == [0, 1, 2]  # seeds at the best
   assert len(calls) == len(expected_mults) + 2
@@ -716,6 +717,7 @@ def test_extension_points_are_added_together_and_trained_in_one_stack(tmp_path, 
   bracketed, so the grid is the one that one point at a time gives."""
   from jaxopt_study import train
   from jaxopt_study.study import runner
+  from jaxopt_study.study import protocol
 
   config = _protocol_config()
   config.lr_grid_extension_points, config.stack_runs = 2, 5
@@ -731,7 +733,7 @@ def test_extension_points_are_added_together_and_trained_in_one_stack(tmp_path, 
   monkeypatch.setattr(train, "train_and_evaluate", one)
   monkeypatch.setattr(train, "train_runs", fake_stacked)
   spec = runner.run_study(config, str(tmp_path), progress=False)
-  lr = lambda m: runner.round_lr(centre * m)
+  lr = lambda m: protocol.round_lr(centre * m)
   assert groups == [[lr(m) for m in (1 / 9, 1 / 3, 1, 3, 9)], [lr(27), lr(81)],
                     [lr(27), lr(27)]]  # sweep, both extension points, seeds 1 and 2 at x27
   assert spec["lr_grid_extension_points"] == 2
@@ -787,6 +789,7 @@ def test_a_study_continues_from_its_committed_archive(tmp_path, monkeypatch):
 def test_runner_stacks_fresh_runs_and_runs_checkpointed_at_one_step(tmp_path, monkeypatch):
   from jaxopt_study import train
   from jaxopt_study.study import runner
+  from jaxopt_study.study import protocol
 
   config = _protocol_config()
   config.stack_runs = 3
@@ -799,7 +802,7 @@ def test_runner_stacks_fresh_runs_and_runs_checkpointed_at_one_step(tmp_path, mo
     return [one(c, w) for c, w in zip(configs, workdirs)]
 
   def earlier(mult, status, step, checkpoint=True):
-    rd = tmp_path / rundir.run_relpath("base", "adamw", runner.round_lr(centre * mult), 0)
+    rd = tmp_path / rundir.run_relpath("base", "adamw", protocol.round_lr(centre * mult), 0)
     if checkpoint:
       (rd / rundir.CHECKPOINTS / str(step)).mkdir(parents=True)
     rd.mkdir(parents=True, exist_ok=True)
@@ -813,7 +816,7 @@ def test_runner_stacks_fresh_runs_and_runs_checkpointed_at_one_step(tmp_path, mo
   earlier(1 / 3, "failed", 0, checkpoint=False)  # failed before any checkpoint: fresh
   spec = runner.run_study(config, str(tmp_path), progress=False)
   assert len(calls) == 5 + 2  # 5 sweep runs (best x1: bracketed), 2 more seeds
-  lr = lambda m: runner.round_lr(centre * m)
+  lr = lambda m: protocol.round_lr(centre * m)
   assert groups == [[(lr(1 / 3), 0), (lr(1.0), 0)], [(lr(3.0), 0), (lr(9.0), 0)],
                     [(centre, 1), (centre, 2)]]
   assert all(r["status"] == "completed" for r in spec["runs"])
@@ -1085,18 +1088,18 @@ def test_processes_split_work_into_units_and_merge_their_study_files(tmp_path):
   first; whole conditions when they are enough to fill the processes, else one optimizer each;
   the parts' study.json files merge into one with every run, condition and optimizer."""
   from jaxopt_study.study import presets as study_configs
-  from jaxopt_study.study import runner
+  from jaxopt_study.study import processes
 
   config = study_configs.get_config("controls")
-  units = runner.work_units(config, 5)
+  units = processes.work_units(config, 5)
   assert sorted(c for c, _ in units) == sorted(config.conditions)
   assert all(opts == tuple(config.optimizers) for _, opts in units)
   assert units[0][0] == "depth_8"  # the most work (2x the layers) is placed first
-  per_opt = runner.work_units(config, 20)  # 20 processes > 12 conditions: one optimizer each
+  per_opt = processes.work_units(config, 20)  # 20 processes > 12 conditions: one optimizer each
   assert sorted((c, o) for c, (o,) in per_opt) == sorted(
       (c, o) for c in config.conditions for o in config.optimizers)
   assert {c for c, _ in per_opt[:len(config.optimizers)]} == {"depth_8"}
-  assert runner.part_dir("w", per_opt[0]) == os.path.join("w", "parts", "depth_8-" +
+  assert processes.part_dir("w", per_opt[0]) == os.path.join("w", "parts", "depth_8-" +
                                                           per_opt[0][1][0])
   # Resumed: finished sweeps weigh nothing, so the units left come first.
   for cond in config.conditions:
@@ -1108,14 +1111,14 @@ def test_processes_split_work_into_units_and_merge_their_study_files(tmp_path):
           rd = tmp_path / "resumed" / rundir.run_relpath(cond, opt, lr + 1.0, seed)
           os.makedirs(rd)
           rundir.write_json(str(rd / "results.json"), {"status": "completed"})
-  resumed = runner.work_units(config, 20, str(tmp_path / "resumed"))
+  resumed = processes.work_units(config, 20, str(tmp_path / "resumed"))
   assert sorted(resumed[:2]) == [("base", ("adamw",)), ("tied", ("lion",))], resumed[:3]
-  assert sorted(c for c, _ in runner.work_units(config, 2, str(tmp_path / "resumed"))[:2]) == [
+  assert sorted(c for c, _ in processes.work_units(config, 2, str(tmp_path / "resumed"))[:2]) == [
       "base", "tied"]
   part_of = {"base": ("base", ("adamw",)), "tied": ("tied", tuple(config.optimizers))}
   for k, (cond, wall) in enumerate([("base", 12.5), ("tied", None)]):
-    os.makedirs(runner.part_dir(str(tmp_path), part_of[cond]))
-    rundir.write_json(os.path.join(runner.part_dir(str(tmp_path), part_of[cond]), "study.json"), {
+    os.makedirs(processes.part_dir(str(tmp_path), part_of[cond]))
+    rundir.write_json(os.path.join(processes.part_dir(str(tmp_path), part_of[cond]), "study.json"), {
         "preset": "controls", "command": f"child {k}", "conditions": {cond: {"num_steps": 5}},
         "optimizers": list(part_of[cond][1]),
         "runs": [{"workdir": f"runs/{cond}/adamw/lr=0.001/seed=0", "status": "completed",
@@ -1124,7 +1127,7 @@ def test_processes_split_work_into_units_and_merge_their_study_files(tmp_path):
   rundir.write_json(str(tmp_path / "study.json"), {"runs": [
       {"workdir": "runs/tied/adamw/lr=0.001/seed=0", "status": "completed", "wall_s": None,
        "analysis": "skipped: no checkpoint"}]})
-  part1 = os.path.join(runner.part_dir(str(tmp_path), part_of["tied"]), "study.json")
+  part1 = os.path.join(processes.part_dir(str(tmp_path), part_of["tied"]), "study.json")
   rundir.write_json(part1, {**rundir.read_json(part1), "runs": [
       {**rundir.read_json(part1)["runs"][0], "analysis": "done (retrained here)"}]})
   # A part written before a re-split says "preempted"; the run's results.json says completed.
@@ -1134,7 +1137,7 @@ def test_processes_split_work_into_units_and_merge_their_study_files(tmp_path):
   part = rundir.read_json(part1)
   part["runs"][0]["status"] = "preempted"
   rundir.write_json(part1, part)
-  runner.merge_parts(str(tmp_path))
+  processes.merge_parts(str(tmp_path))
   merged = rundir.read_json(str(tmp_path / "study.json"))
   assert {r["status"] for r in merged["runs"]} == {"completed"}
   assert merged["preset"] == "controls" and set(merged["conditions"]) == {"base", "tied"}
@@ -1174,8 +1177,8 @@ def test_paired_comparison_removes_the_seed_variance():
 
 
 def test_parse_overrides_reads_the_scripts_field_literal_syntax():
-  from jaxopt_study.study import runner
+  from jaxopt_study.study import protocol
 
-  assert runner.parse_overrides("diagnostics.enabled=False, optimizer.b1=0.95,,name='x'") == {
+  assert protocol.parse_overrides("diagnostics.enabled=False, optimizer.b1=0.95,,name='x'") == {
       "diagnostics.enabled": False, "optimizer.b1": 0.95, "name": "x"}
-  assert runner.parse_overrides("") == {}
+  assert protocol.parse_overrides("") == {}

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 
 import matplotlib
 import matplotlib.figure
+from matplotlib.backends import backend_agg
 import matplotlib.colors
 import matplotlib.ticker
 import numpy as np
@@ -48,9 +49,10 @@ class Figure:
 
 
 def _subplots(*args, figsize=None, **kwargs):
-  """``plt.subplots`` without pyplot: a Figure of its own (importing this module sets no
-  matplotlib backend or global state; ``savefig`` writes PNG through Agg)."""
+  """``plt.subplots`` without pyplot: a Figure on an Agg canvas of its own (importing this
+  module sets no matplotlib backend or global state; nothing to close)."""
   fig = matplotlib.figure.Figure(figsize=figsize)
+  backend_agg.FigureCanvasAgg(fig)
   return fig, fig.subplots(*args, **kwargs)
 
 

@@ -121,7 +121,7 @@ def get_config(preset=None) -> ml_collections.ConfigDict:
   # --config.optimizer_overrides.signsgd.momentum=0.9
   c.optimizer_overrides = ml_collections.ConfigDict({o: _tunable(o) for o in optimizers.NAMES})
   # Grid: lr = learning_rates[opt] * multiplier (rounded to 3 significant digits); log-spaced
-  # (one constant ratio), at least 5 points (runner.MIN_GRID_POINTS) unless a smoke test.
+  # (one constant ratio), at least 5 points (protocol.MIN_GRID_POINTS) unless a smoke test.
   c.lr_multipliers = (1 / 9, 1 / 3, 1.0, 3.0, 9.0)
   # A best rate on an edge of the grid: add up to this many points (same ratio) on that side.
   c.lr_grid_max_extensions = 2
@@ -131,7 +131,7 @@ def get_config(preset=None) -> ml_collections.ConfigDict:
   # Seeds of the lr sweep (a seed fixes initial parameters and data order, the same for every
   # optimizer); the best rate is chosen on the validation loss averaged over them.
   c.sweep_seeds = (0,)
-  c.seeds = (0, 1, 2)  # Seeds at each best rate (>= 3, runner.MIN_SEEDS, unless a smoke test).
+  c.seeds = (0, 1, 2)  # Seeds at each best rate (>= 3, protocol.MIN_SEEDS, unless a smoke test).
   # Tokens per run, the same for every run: num_steps = token_budget // (batch_size * seq_len).
   c.token_budget = 0
   # Conditions: named partial configs over `base` (the order is the report's order; the first

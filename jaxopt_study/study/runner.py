@@ -55,10 +55,7 @@ again continues where it stopped. :func:`exit_code` maps the outcome to the proc
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import datetime
-import glob
 import json
 import logging
 import math
@@ -66,20 +63,16 @@ import os
 import signal
 import time
 import traceback
-from typing import Any, Optional
+from typing import Optional
 
 import ml_collections
 import numpy as np
 
-from jaxopt_study import optimizers
 from jaxopt_study import rundir
 from jaxopt_study import train
 from jaxopt_study.study import loading
+from jaxopt_study.study import protocol
 from jaxopt_study.study import tables
-
-# Protocol minima (waived for a smoke test, config.report.smoke_test).
-MIN_GRID_POINTS = 5  # learning rates per optimizer before any extension
-MIN_SEEDS = 3  # seeds at each optimizer's best rate
 
 # Exit codes of scripts/run_study.py.
 EXIT_OK = 0  # at least one run completed (failed / diverged runs are findings, in the report)
@@ -89,201 +82,6 @@ EXIT_LOCKED = 5  # another live process trains in one of the study's run directo
 # SIGTERM: the running run checkpointed and the study stopped; run the same command again to
 # continue (EX_TEMPFAIL, for schedulers that requeue; the code main.py gives a preempted run).
 EXIT_PREEMPTED = 75
-
-
-@dataclasses.dataclass
-class RunSpec:
-  condition: str
-  optimizer: str
-  learning_rate: float
-  lr_multiplier: float
-  seed: int
-  phase: str  # 'sweep', 'extension' or 'seeds'
-  relpath: str
-  config: ml_collections.ConfigDict
-
-
-# ----------------------------------------------------------------------------- configs
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any],
-                    what: str) -> None:
-  """Sets dotted fields (``ConfigDict.update_from_flattened_dict`` on the locked config, so
-  that ml_collections' type checks apply); a field missing from the run config is a KeyError
-  naming ``what`` and the field."""
-  was_locked = config.is_locked
-  config.lock()
-  try:
-    for dotted, value in overrides.items():
-      try:
-        config.update_from_flattened_dict({dotted: tuple(value) if isinstance(value, list)
-                                           else value})
-      except KeyError as e:
-        raise KeyError(f"{what}: '{dotted}' is not a field of the run config ({e.args[0]})"
-                       ) from None
-  finally:
-    if not was_locked:
-      config.unlock()
-
-
-def parse_overrides(text: str) -> dict[str, Any]:
-  """``'field=python_literal,...'`` (the scripts' override syntax) as {dotted field: value},
-  for :func:`apply_overrides` (ml_collections parses one field per flag, not a list in a
-  string). Values hold no commas (a scalar, a string, a bool).
-
-  >>> parse_overrides("diagnostics.enabled=False,optimizer.b1=0.95")
-  {'diagnostics.enabled': False, 'optimizer.b1': 0.95}
-  """
-  import ast  # pylint: disable=g-import-not-at-top
-
-  out = {}
-  for item in filter(None, (i.strip() for i in text.split(","))):
-    field, value = item.split("=", 1)
-    out[field.strip()] = ast.literal_eval(value.strip())
-  return out
-
-
-def round_lr(lr: float) -> float:
-  """Learning rates are rounded to 3 significant digits (the run directory's spelling)."""
-  return float(rundir.lr_str(lr))
-
-
-def num_steps_of(config: ml_collections.ConfigDict, token_budget: int) -> int:
-  tokens_per_step = config.batch_size * config.seq_len
-  if token_budget <= 0:
-    return int(config.num_steps)
-  steps = int(token_budget // tokens_per_step)
-  if steps < 1:
-    raise ValueError(f"token_budget={token_budget} is less than one step "
-                     f"({tokens_per_step} tokens); raise config.token_budget.")
-  return steps
-
-
-def run_config(study: ml_collections.ConfigDict, condition: str, optimizer: str, lr: float,
-               seed: int) -> ml_collections.ConfigDict:
-  """The full run config of one run of the study (see the module docstring)."""
-  config = study.base.copy_and_resolve_references()
-  with config.unlocked():
-    config.optimizer = optimizers.default_config(optimizer)
-    overrides = study.optimizer_overrides.get(optimizer) if "optimizer_overrides" in study else None
-    if overrides:
-      apply_overrides(config.optimizer, rundir.flatten(overrides.to_dict()),
-                      f"config.optimizer_overrides.{optimizer}")
-    config.optimizer.learning_rate = float(lr)
-    config.seed = int(seed)
-    apply_overrides(config, rundir.flatten(study.conditions[condition].overrides.to_dict()),
-                    f"config.conditions.{condition}.overrides")
-    config.num_steps = num_steps_of(config, int(study.token_budget))
-  return config
-
-
-def grid_ratio(multipliers) -> Optional[float]:
-  """The constant ratio of a log-spaced grid (None for a single point)."""
-  m = [float(x) for x in multipliers]
-  return m[1] / m[0] if len(m) > 1 else None
-
-
-def validate(study: ml_collections.ConfigDict) -> None:
-  """Errors naming the field and the fix, before anything trains."""
-  if not study.conditions:
-    raise ValueError("config.conditions is empty: a study needs at least one condition.")
-  unknown = [c for c in tuple(study.only_conditions or ()) if c not in study.conditions]
-  if unknown:
-    raise ValueError(f"config.only_conditions={unknown} not in config.conditions "
-                     f"{list(study.conditions)}")
-  for opt in study.optimizers:
-    if opt not in optimizers.NAMES:
-      raise ValueError(f"config.optimizers: unknown optimizer {opt!r}; valid: "
-                       f"{list(optimizers.NAMES)}")
-    if opt not in study.learning_rates:
-      raise ValueError(f"config.learning_rates has no entry for optimizer {opt!r}")
-  mults = [float(m) for m in study.lr_multipliers]
-  if not mults or any(m <= 0 for m in mults):
-    raise ValueError(f"config.lr_multipliers={tuple(mults)} must be positive numbers")
-  ratio = grid_ratio(mults)
-  if ratio is not None and (ratio <= 1 or any(
-      not math.isclose(b / a, ratio, rel_tol=1e-3) for a, b in zip(mults, mults[1:]))):
-    raise ValueError(f"config.lr_multipliers={tuple(mults)} must increase by one constant "
-                     "ratio (log-spaced), e.g. (1/9, 1/3, 1, 3, 9)")
-  if not study.sweep_seeds or not study.seeds:
-    raise ValueError("config.sweep_seeds and config.seeds need at least one seed each")
-  if study.on_config_change not in ("refuse", "rerun"):
-    raise ValueError(f"config.on_config_change={study.on_config_change!r}; valid: 'refuse', "
-                     "'rerun'")
-  if int(study.lr_grid_max_extensions) < 0:
-    raise ValueError("config.lr_grid_max_extensions must be >= 0")
-  if int(study.lr_grid_extension_points) < 1:
-    raise ValueError("config.lr_grid_extension_points must be >= 1 (grid points added at once "
-                     "on an edge)")
-  if not study.report.smoke_test:
-    if len(mults) < MIN_GRID_POINTS:
-      raise ValueError(
-          f"config.lr_multipliers has {len(mults)} points; the protocol needs >= "
-          f"{MIN_GRID_POINTS} log-spaced points, e.g. (1/9, 1/3, 1, 3, 9) (or set "
-          "config.report.smoke_test=True: a report without verdicts)")
-    if len(study.seeds) < MIN_SEEDS:
-      raise ValueError(
-          f"config.seeds={tuple(study.seeds)}; the protocol needs >= {MIN_SEEDS} seeds at each "
-          "best rate, e.g. (0, 1, 2) (or set config.report.smoke_test=True)")
-
-
-def conditions_of(study: ml_collections.ConfigDict) -> list[str]:
-  only = tuple(study.only_conditions or ())
-  return [c for c in study.conditions if not only or c in only]
-
-
-def make_run(study, condition: str, optimizer: str, multiplier: float, seed: int,
-             phase: str) -> RunSpec:
-  lr = round_lr(study.learning_rates[optimizer] * multiplier)
-  return RunSpec(condition, optimizer, lr, float(multiplier), int(seed), phase,
-                 rundir.run_relpath(condition, optimizer, lr, seed),
-                 run_config(study, condition, optimizer, lr, seed))
-
-
-def expand(study: ml_collections.ConfigDict) -> list[RunSpec]:
-  """The sweep runs (condition x optimizer x lr multiplier x sweep seed), in training order.
-
-  Grid extensions and the seeds at each best rate depend on the results; :func:`run_study`
-  adds them as it goes.
-  """
-  validate(study)
-  runs = [make_run(study, cond, opt, mult, seed, "sweep")
-          for cond in conditions_of(study) for opt in study.optimizers
-          for mult in study.lr_multipliers for seed in study.sweep_seeds]
-  keys = [r.relpath for r in runs]
-  if len(set(keys)) != len(keys):
-    raise ValueError("two runs of the study share a workdir (lr multipliers that round to the "
-                     "same learning rate?)")
-  return runs
-
-
-def next_multipliers(study, multipliers: list[float], records, extended: dict[str, int]
-                     ) -> list[float]:
-  """The grid points to add when the best lr of ``records`` is on an edge, else [].
-
-  ``lr_grid_extension_points`` points at once (the same ratio, going outwards), so that a
-  stacked study trains them in one step (one compile), at most ``lr_grid_max_extensions`` per
-  side in all. One point at a time and two at once give the same grid whenever the optimum is
-  bracketed before the limit, except possibly one point beyond it.
-
-  Args:
-    study: the study config (lr_grid_max_extensions, lr_grid_extension_points).
-    multipliers: the (sorted) grid so far.
-    records: (lr, status, validation loss) of the sweep runs.
-    extended: points added so far per side ('low', 'high'); updated.
-  """
-  ratio = grid_ratio(multipliers)
-  side = tables.unbracketed_side(tables.swept_lrs(records), tables.choose_lr(records))
-  if ratio is None or side not in ("low", "high"):
-    return []
-  n = min(int(study.lr_grid_extension_points),
-          int(study.lr_grid_max_extensions) - extended[side])
-  if n <= 0:
-    return []
-  extended[side] += n
-  if side == "low":
-    return [multipliers[0] / ratio ** (i + 1) for i in range(n)]
-  return [multipliers[-1] * ratio ** (i + 1) for i in range(n)]
 
 
 # ----------------------------------------------------------------------------- study.json
@@ -408,7 +206,7 @@ class _Runner:
     if self._old_sigterm is not None:
       signal.signal(signal.SIGTERM, self._old_sigterm)
 
-  def entry(self, r: RunSpec) -> dict:
+  def entry(self, r: protocol.RunSpec) -> dict:
     """The run's study.json entry (added, as pending, the first time)."""
     if r.relpath not in self.entries:
       res = rundir.RunResults.load(os.path.join(self.workdir, r.relpath))
@@ -430,7 +228,7 @@ class _Runner:
     self.spec["stopped_early"] = self.stopped
     rundir.write_json(self.path, self.spec)
 
-  def check_config(self, r: RunSpec) -> Optional[rundir.RunResults]:
+  def check_config(self, r: protocol.RunSpec) -> Optional[rundir.RunResults]:
     """The run's results if its directory was trained under r.config (module docstring)."""
     rd = os.path.join(self.workdir, r.relpath)
     old = rundir.read_json(rundir.path(rd, rundir.CONFIG))
@@ -447,7 +245,7 @@ class _Runner:
     logging.warning("%s: training it again; the old run is at %s", what, rundir.move_aside(rd))
     return None
 
-  def run(self, runs: list[RunSpec]) -> None:
+  def run(self, runs: list[protocol.RunSpec]) -> None:
     """Trains (or reuses) ``runs``, ``stack_runs`` at a time in one vmapped step where it can.
 
     Runs of one phase differ only in learning rate and seed, so they can share a step
@@ -481,7 +279,7 @@ class _Runner:
         return
       self._train(group)
 
-  def _train(self, group: list[RunSpec]) -> None:
+  def _train(self, group: list[protocol.RunSpec]) -> None:
     """Trains one run, or several stacked; records each run's status (failed on an error)."""
     import jax  # pylint: disable=g-import-not-at-top
 
@@ -578,7 +376,8 @@ class _Runner:
 
     tmp = os.path.join(rd, "retrain")
     shutil.rmtree(tmp, ignore_errors=True)  # a retrain cut short starts again
-    config = run_config(self.study, e["condition"], e["optimizer"], e["learning_rate"], e["seed"])
+    config = protocol.run_config(self.study, e["condition"], e["optimizer"], e["learning_rate"],
+                                 e["seed"])
     again = train.train_and_evaluate(config, tmp)
     if again.status == "preempted":  # SIGTERM (self.stopped is set): retrained from 0 next time
       return STOPPED_ANALYSIS
@@ -624,7 +423,7 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *, command: Option
   """
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  sweep = expand(study)
+  sweep = protocol.expand(study)
   if study.compilation_cache:
     enable_compilation_cache()
   previous = rundir.read_json(os.path.join(workdir, loading.STUDY_FILE)) or {}
@@ -664,7 +463,7 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *, command: Option
         runner.check_config(r)
       runner.entry(r)
     runner.save()
-    for cond in conditions_of(study):
+    for cond in protocol.conditions_of(study):
       for opt in study.optimizers:
         if not _sweep_and_seeds(study, runner, cond, opt):
           break
@@ -686,19 +485,20 @@ def _sweep_and_seeds(study, runner: _Runner, cond: str, opt: str) -> bool:
   mults = sorted(float(m) for m in study.lr_multipliers)
   todo, phase, extended = mults, "sweep", {"low": 0, "high": 0}
   while todo:
-    runner.run([make_run(study, cond, opt, mult, seed, phase)
+    runner.run([protocol.make_run(study, cond, opt, mult, seed, phase)
                 for mult in todo for seed in study.sweep_seeds])
     if runner.stopped:
       return False
-    todo = next_multipliers(study, mults, runner.records(cond, opt), extended)
+    todo = protocol.next_multipliers(study, mults, runner.records(cond, opt), extended)
     phase = "extension" if todo else phase
     mults = sorted(mults + todo)
   best = tables.choose_lr(runner.records(cond, opt))
   if best is None:
     return True  # nothing completed: no best rate, no seeds (the report says so)
-  mult = min(mults, key=lambda m: abs(math.log(round_lr(study.learning_rates[opt] * m) / best)))
+  lr_of = lambda m: protocol.round_lr(study.learning_rates[opt] * m)
+  mult = min(mults, key=lambda m: abs(math.log(lr_of(m) / best)))
   # The sweep seeds are already trained at every grid point.
-  runner.run([make_run(study, cond, opt, mult, seed, "seeds") for seed in study.seeds
+  runner.run([protocol.make_run(study, cond, opt, mult, seed, "seeds") for seed in study.seeds
               if seed not in tuple(study.sweep_seeds)])
   return not runner.stopped
 
@@ -734,8 +534,8 @@ def seed_from_archive(study: ml_collections.ConfigDict, archive: str, workdir: s
         or ident["condition"] not in study.conditions
         or os.path.exists(rundir.path(rd, rundir.RESULTS))):
       continue
-    config = run_config(study, ident["condition"], ident["optimizer"], ident["learning_rate"],
-                        ident["seed"])
+    config = protocol.run_config(study, ident["condition"], ident["optimizer"],
+                                 ident["learning_rate"], ident["seed"])
     if res.get("config_fingerprint") not in rundir.config_fingerprints(config):
       logging.warning("%s: trained under another config; not seeded", rel)
       continue
@@ -744,85 +544,6 @@ def seed_from_archive(study: ml_collections.ConfigDict, archive: str, workdir: s
     rundir.write_json(rundir.path(rd, rundir.RESULTS), res)
     n += 1
   return n
-
-
-# ----------------------------------------------------------------------------- processes
-# scripts/run_study.py --processes=N: the work units in N processes sharing one device.
-
-
-def part_dir(workdir: str, unit: tuple[str, tuple[str, ...]]) -> str:
-  """A work unit's study directory (its study.json; its runs/ links to WORKDIR/runs):
-  ``parts/<condition>`` for a whole condition, ``parts/<condition>-<optimizer>`` for one."""
-  cond, opts = unit
-  return os.path.join(workdir, "parts", cond if len(opts) != 1 else f"{cond}-{opts[0]}")
-
-
-def work_units(config, n: int, workdir: Optional[str] = None
-               ) -> list[tuple[str, tuple[str, ...]]]:
-  """The (condition, optimizers) units that ``--processes=n`` trains, the most work first.
-
-  With ``n`` at most the number of conditions a unit is a whole condition (every optimizer);
-  with more processes than conditions, one (condition, optimizer) each, so that N processes
-  stay busy when a study has few conditions (the protocol of one optimizer never reads
-  another's runs). A unit's work is its block matmul FLOPs per run (num_steps * batch_size *
-  seq_len * num_layers * d_model^2) times its sweep runs not yet finished in ``workdir``
-  (lr_multipliers x sweep_seeds per optimizer, less the run directories whose results.json
-  says completed or diverged; at least 1: extensions, seeds and layer scores may remain). The
-  processes take the units in this order as they free up (longest first), so a study resumed
-  with most units done spreads the ones left over the processes.
-  """
-  finished = collections.Counter()  # (condition, optimizer) -> finished runs
-  if workdir:
-    for res_path in glob.glob(os.path.join(workdir, "runs", "*", "*", "*", "*", rundir.RESULTS)):
-      if (rundir.read_json(res_path) or {}).get("status") in ("completed", "diverged"):
-        finished[tuple(res_path.split(os.sep)[-5:-3])] += 1
-  planned = len(config.lr_multipliers) * len(config.sweep_seeds)  # per optimizer
-  conds = conditions_of(config)
-  per_opt = n > len(conds)
-  units = [(c, (o,)) for c in conds for o in config.optimizers] if per_opt else [
-      (c, tuple(config.optimizers)) for c in conds]
-
-  def work(unit):
-    cond, opts = unit
-    c = run_config(config, cond, config.optimizers[0], 1e-3, 0)
-    per_run = c.num_steps * c.batch_size * c.seq_len * c.model.num_layers * c.model.d_model ** 2
-    return per_run * max(sum(planned - finished[cond, o] for o in opts), 1)
-
-  return sorted(units, key=work, reverse=True)  # stable: config order among equals
-
-
-def merge_parts(workdir: str) -> None:
-  """WORKDIR/study.json from every part's (WORKDIR/parts/*): their runs (with their wall times),
-  conditions and optimizers.
-
-  The final pass (runner.run_study over all conditions) rewrites it; this is what it starts from,
-  and what a report reads if that pass never ran.
-  """
-  path = os.path.join(workdir, loading.STUDY_FILE)
-  merged = rundir.read_json(path) or {}
-  runs = {r["workdir"]: r for r in merged.get("runs", [])}
-  for part_path in sorted(glob.glob(os.path.join(workdir, "parts", "*", loading.STUDY_FILE))):
-    part = rundir.read_json(part_path) or {}
-    for key, value in part.items():
-      if key == "conditions":
-        merged.setdefault("conditions", {}).update(value)
-      elif key == "optimizers":  # a unit of one optimizer lists only its own
-        merged[key] = list(dict.fromkeys([*merged.get(key, []), *value]))
-      elif key == "updated":  # the latest part's
-        merged[key] = max(value, merged.get(key, value))
-      elif key not in ("runs", "command"):
-        merged.setdefault(key, value)
-    for r in part.get("runs", []):
-      if r.get("wall_s") is not None or r["workdir"] not in runs:
-        runs[r["workdir"]] = r
-      elif r.get("analysis"):  # layer scores of a run trained earlier (e.g. retrained here)
-        runs[r["workdir"]]["analysis"] = r["analysis"]
-  for r in runs.values():  # a run's results.json is the truth (parts may predate a re-split)
-    res = rundir.read_json(rundir.path(os.path.join(workdir, r["workdir"]), rundir.RESULTS))
-    if res and res.get("status"):
-      r["status"] = res["status"]
-  merged["runs"] = list(runs.values())
-  rundir.write_json(path, merged)
 
 
 def enable_compilation_cache(path: Optional[str] = None) -> Optional[str]:
