@@ -17,6 +17,8 @@
   markov       one GPU: the controls protocol on a corpus small models learn (a bigram chain
                over ranks, entropy floor 2 nats below the marginal), switch vs none, post-LN,
                and 4 x 256 vs 8 x 512.
+  markov_lion  one GPU: the Lion controls on `markov`: AdamW and Lion on a sqrt(3)-ratio grid
+               around their first optima, switch vs none at 4 x 256 and 8 x 512.
   wikitext103_offline  one GPU: WikiText-103 text, trained on its validation split and
                evaluated on held-out test articles (only those two splits exist offline).
   wikitext2_sizes  one GPU: trained on WikiText-2's train split (local files, docs/DATA.md),
@@ -267,6 +269,24 @@ def _markov(b, c):
        "data": {"synthetic": {"shift": "none"}}})
 
 
+def _markov_lion(b, c):
+  """The `markov_lion` study: run config `b`, study config `c`."""
+  # The Lion controls (issue 25, part 4) on the `markov` corpus: AdamW and Lion only, on a grid
+  # twice as fine (ratio sqrt(3) instead of 3), switch vs stationary at 4 x 256 and 8 x 512.
+  # Centres: each optimizer's best seed-0 rate of the first `markov` GPU sweep (base, ratio-3
+  # grid: AdamW 0.0054 and Lion 0.0009, both on the high edge there, so the extensions run
+  # here too). Weight decay: the paper's scaling (Chen et al. 2023, arXiv 2302.06675, sec. 3):
+  # Lion's 0.6 is 6x AdamW's 0.1 (optimizers.default_config), and optax multiplies both by the
+  # rate, so at rates 6x apart (AdamW / Lion) the decoupled decay per step lr * wd is the same.
+  #   python scripts/run_study.py --config=configs/study.py:markov_lion --workdir=studies/lion \
+  #       --processes=4
+  _markov(b, c)
+  c.optimizers = ("adamw", "lion")
+  c.learning_rates.adamw, c.learning_rates.lion = 0.0054, 0.0009
+  c.lr_multipliers = tuple(3.0 ** (k / 2) for k in range(-2, 3))  # 1/3 .. 3, ratio sqrt(3)
+  del c.conditions["post_ln"]  # the size and shift axes only
+
+
 def _controls(b, c):
   """The `controls` study: run config `b`, study config `c`."""
   # One GPU, every control and architecture condition (issues 10 and 11) under the full
@@ -411,6 +431,7 @@ PRESETS = {
     "small": ("tiny", _small),
     "controls": ("small", _controls),
     "markov": ("small", _markov),
+    "markov_lion": ("small", _markov_lion),
     "wikitext103_offline": ("small", _wikitext103_offline),
     "wikitext103": ("small", _wikitext103),
     "wikitext2_sizes": ("small", _wikitext2_sizes),
