@@ -275,7 +275,7 @@ def _markov_lion(b, c):
   # twice as fine (ratio sqrt(3) instead of 3), switch vs stationary at 4 x 256 and 8 x 512.
   # Centres: each optimizer's best seed-0 rate of the first `markov` GPU sweep (base, ratio-3
   # grid: AdamW 0.0054 and Lion 0.0009, both on the high edge there, so the extensions run
-  # here too). Weight decay: the paper's scaling (Chen et al. 2023, arXiv 2302.06675, sec. 3):
+  # here too). Weight decay: the paper's scaling (Chen et al. 2023, arXiv 2302.06675):
   # Lion's 0.6 is 6x AdamW's 0.1 (optimizers.default_config), and optax multiplies both by the
   # rate, so at rates 6x apart (AdamW / Lion) the decoupled decay per step lr * wd is the same.
   #   python scripts/run_study.py --config=configs/study.py:markov_lion --workdir=studies/lion \
