@@ -186,7 +186,8 @@ def setup_section(study: Study) -> list[str]:
       ("lr grid (multipliers of each optimizer's centre)",
        ", ".join(f"{x:.3g}" for x in spec.get("lr_multipliers", []))),
       ("lr grid centres", ", ".join(f"{o} {rundir.lr_str(v)}"
-                                    for o, v in spec.get("learning_rates", {}).items())),
+                                    for o, v in spec.get("learning_rates", {}).items()
+                                    if o in spec.get("optimizers", ()))),
       ("sweep seeds", ", ".join(map(str, spec.get("sweep_seeds", [])))),
       ("seeds at the best lr", ", ".join(map(str, spec.get("seeds", [])))),
       ("token budget per run", spec.get("token_budget")),
