@@ -10,7 +10,8 @@ times). Measured: the whole wall
 time (set-up and compilation included) and the steady-state tokens/s of the loop (results.json).
 Runs per hour at the preset's full length = 3600 K / (overhead + num_steps * tokens_per_step * K /
 tokens_per_s), where overhead = the measured wall - the timed steps' share, i.e. set-up,
-compilation and the first steps are paid once per stack.
+compilation and the first steps are paid once per stack. Peak GPU memory is the process's
+peak so far (``memory_stats``), so list the largest K first to read each K's own peak.
 """
 
 from __future__ import annotations
@@ -73,7 +74,9 @@ def measure(configs) -> dict:
   tps_run = res[0].tokens_per_second  # steady state, per run
   if not tps_run:
     raise SystemExit(f"K={k}: no steady-state tokens/s (status {res[0].status}); raise --steps")
+  stats = jax.devices()[0].memory_stats() or {}  # None on CPU
   return {"k": k, "wall_s": wall, "tokens_per_s_per_run": tps_run,
+          "peak_gib": stats.get("peak_bytes_in_use", float("nan")) / 2**30,
           "status": sorted({r.status for r in res})}
 
 
@@ -95,7 +98,7 @@ def main(argv):
     print(f"K={k}: wall {m['wall_s']:.1f} s for {FLAGS.steps} steps, {m['tokens_per_s_per_run']:.0f} "
           f"tokens/s per run ({k * m['tokens_per_s_per_run']:.0f} total), overhead "
           f"{overhead:.1f} s, {m['runs_per_hour']:.0f} runs/hour at {full_steps} steps "
-          f"{m['status']}", flush=True)
+          f"peak {m['peak_gib']:.1f} GiB {m['status']}", flush=True)
   dev = jax.devices()[0]
   try:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -107,12 +110,13 @@ def main(argv):
            f"{datetime.date.today()}, commit {commit}, study preset `{study.preset}` condition "
            f"`{cond}`, optimizer `{opt}`, {FLAGS.steps} steps timed per setting.", "",
            "| runs stacked | wall (s) | tokens/s per run | tokens/s total | overhead (s) | "
-           f"runs / device-hour at {rows[0]['full_steps']} steps | vs one at a time (K=1) |",
-           "|---|---|---|---|---|---|---|"]
+           f"runs / device-hour at {rows[0]['full_steps']} steps | vs one at a time (K=1) | "
+           "peak GPU memory so far (GiB) |",
+           "|---|---|---|---|---|---|---|---|"]
   for m in rows:
     lines.append(f"| {m['k']} | {m['wall_s']:.1f} | {m['tokens_per_s_per_run']:.0f} | "
                  f"{m['k'] * m['tokens_per_s_per_run']:.0f} | {m['overhead_s']:.1f} | "
-                 f"{m['runs_per_hour']:.0f} | {m['runs_per_hour'] / base:.2f}x |")
+                 f"{m['runs_per_hour']:.0f} | {m['runs_per_hour'] / base:.2f}x | {m['peak_gib']:.1f} |")
   table = "\n".join(lines)
   print(table)
   if FLAGS.append:
