@@ -373,8 +373,16 @@ def _wikitext2_sizes(b, c):
   # 600 steps of 16 x 256 = 2.46M tokens, under one pass over the training text (0.74 epochs):
   # no window is seen twice, so no size can memorise (the report gives train - test).
   # Sizes: 4 x 256, 8 x 512 and 12 x 768 (GPT-2 small's blocks; vocabulary 8192, not 50257).
-  #   python scripts/run_study.py --config=configs/study.py:wikitext2_sizes \
-  #       --workdir=studies/wt2 --config.base.data.path=<folder with wiki.*.tokens> --processes=5
+  # One 5-run AdamW stack alone on an H100 (BENCHMARKS.md lease N) peaks at 3.8 / 12.3 / 33.1 GiB
+  # for the three sizes and takes 1 / 2 / 3 minutes, nearly all of it compiling: the study is
+  # compile-bound, so run the two smaller sizes as 5 processes (0.18 of the GPU each) and
+  # 12 x 768 as 2 (0.45 each), into the same workdir:
+  #   XLA_PYTHON_CLIENT_MEM_FRACTION=0.18 python scripts/run_study.py \
+  #       --config=configs/study.py:wikitext2_sizes --workdir=studies/wt2 \
+  #       --config.base.data.path=<folder with wiki.*.tokens> --processes=5 \
+  #       --config.only_conditions="('base','size_8x512')"
+  #   XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 python scripts/run_study.py ... --processes=2 \
+  #       --config.only_conditions="('size_12x768',)"
   b.data = data_lib.default_config("wikitext-2-local")
   b.model.num_layers, b.model.d_model, b.model.num_heads = 4, 256, 8
   b.model.dtype = "bfloat16"
