@@ -1,6 +1,7 @@
 """Tests of jaxopt_study.data: synthetic ground truth, WikiText, packing, caches, eval, errors."""
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -342,8 +343,13 @@ def test_real_wikitext103_offline_preset(tmp_path):
       "local", "valid", "test[:50%]", "test[50%:]")
   c.path, c.cache_dir, c.vocab_size = str(folder), str(tmp_path / "cache"), 512
   ds = data.build_dataset(c, seq_len=128, global_batch_size=8, seed=0)
-  assert ds.eval_splits == ("validation", "test")
+  assert ds.eval_splits == ("validation", "test", data.TRAIN_SAMPLE)
   train = np.asarray(ds.train_tokens)
+  # The train sample is the training text's start, cut like every eval split: consecutive
+  # windows of T + 1 tokens overlapping by one, batch after batch.
+  first_two = list(itertools.islice(ds.eval_batches(data.TRAIN_SAMPLE), 2))
+  np.testing.assert_array_equal(first_two[0][0], train[:129])
+  np.testing.assert_array_equal(first_two[1][0], train[8 * 128:8 * 128 + 129])
   assert (train == ds.eos_id).sum() == sum(1 for l in valid_lines if l.strip())  # 2,461 lines
   assert (train == tokenizer_lib.UNK_ID).sum() == 0
   # The test file's 62 ' = Title = ' articles: the first 31 are 'validation', the last 31

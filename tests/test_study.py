@@ -1182,3 +1182,18 @@ def test_parse_overrides_reads_the_scripts_field_literal_syntax():
   assert protocol.parse_overrides("diagnostics.enabled=False, optimizer.b1=0.95,,name='x'") == {
       "diagnostics.enabled": False, "optimizer.b1": 0.95, "name": "x"}
   assert protocol.parse_overrides("") == {}
+
+
+def test_against_baselines_by_hand():
+  """One hand-built row: every column is a difference written out here, not the report's code."""
+  f = pd.DataFrame([dict(optimizer="adamw", final_loss=3.0, final_train_loss=3.4,
+                         final_train_sample_loss=2.5, num_params=100, tokens_seen=50),
+                    dict(optimizer="lion", final_loss=3.5, final_train_loss=3.7,
+                         num_params=100, tokens_seen=50)])  # an archived run: no train sample
+  lines = report.against_baselines(
+      f, {"unigram": 5.0, "marginal_entropy": 4.0, "entropy_floor": 2.0}, "test")
+  rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]]
+          for l in "\n".join(lines).splitlines() if l.startswith("| **")}
+  # - unigram, - marginal, learnt = (4 - 3) / (4 - 2), train eval - test, last batch - test, tpp
+  assert rows["**adamw**"] == ["-2.000", "-1.000", "0.50", "-0.500", "0.400", "0.50"]
+  assert rows["**lion**"] == ["-1.500", "-0.500", "0.25", "–", "0.200", "0.50"]

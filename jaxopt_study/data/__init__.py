@@ -15,6 +15,7 @@ from jaxopt_study.data.pipeline import DATASETS
 from jaxopt_study.data.pipeline import PRESETS
 from jaxopt_study.data.pipeline import Dataset
 from jaxopt_study.data.pipeline import Prefetcher
+from jaxopt_study.data.pipeline import TRAIN_SAMPLE
 from jaxopt_study.data.pipeline import TextDataset
 from jaxopt_study.data.pipeline import build_dataset
 from jaxopt_study.data.pipeline import check_config
@@ -34,6 +35,7 @@ __all__ = [
     "Prefetcher",
     "SourceUnavailableError",
     "SyntheticDataset",
+    "TRAIN_SAMPLE",
     "TextDataset",
     "build_dataset",
     "check_config",

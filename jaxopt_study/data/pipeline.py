@@ -135,6 +135,9 @@ def _wikitext2_local(c: ml_collections.ConfigDict) -> None:
   c.vocab_size = 8192
 
 
+# The eval split of a text corpus that is NOT held out: its training text's first windows.
+TRAIN_SAMPLE = "train_sample"
+
 # Preset of config.data -> the fields it changes from the synthetic defaults.
 PRESETS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
     "synthetic": lambda c: None,
@@ -151,7 +154,8 @@ class Dataset(Protocol):
   vocab_size: int  # Token ids are in [0, vocab_size).
   eos_id: int | None  # Separator between lines/documents of text; None for synthetic data.
   token_frequencies: np.ndarray  # float64 [vocab_size], unigram frequency of training data.
-  eval_splits: tuple[str, ...]  # Held-out splits: 'validation' first, 'test', maybe more.
+  # 'validation' first, 'test', maybe more; all held out except TRAIN_SAMPLE (text corpora).
+  eval_splits: tuple[str, ...]
 
   def train_batch(self, step: int) -> np.ndarray:
     """int32 [global_batch_size // process_count, seq_len + 1]; pure in (seed, step)."""
@@ -338,7 +342,8 @@ class TextDataset:
     tokenizer: the SentencePiece processor (``decode`` a window to read it).
     train_tokens: the flat training tokens, memory-mapped.
     eval_tokens: {eval split: its flat tokens}, 'validation' first.
-    eval_splits: ('validation', 'test').
+    eval_splits: ('validation', 'test', 'train_sample'): the last is the training text's start,
+      not held out (``TRAIN_SAMPLE``).
     num_train_windows: W of the training text.
     num_eval_batches: {eval split: batches per ``eval_batches(split)`` pass}.
   """
@@ -566,6 +571,12 @@ def _build_text(c, *, seq_len, global_batch_size, seed, process_index, process_c
   info = dict(source=source.source_id, tokenizer_pieces=sp.get_piece_size(),
               train_tokens=len(train), **{f"{k}_tokens": len(v) for k, v in tokens.items()},
               **{f"{k}_text": str(v) for k, v in specs.items()})
+  # Not held out: the training text's first windows, evaluated like the held-out splits (at
+  # most eval_batches batches), so final train_sample - test loss measures memorisation
+  # ('train/loss' is one training batch at a time, drawn while the model still learns).
+  # Skipped when the training text holds less than one eval batch.
+  if num_windows(len(train), seq_len) >= global_batch_size:
+    tokens[TRAIN_SAMPLE] = train
   return TextDataset(train_tokens=train, eval_tokens=tokens, token_counts=counts,
                      vocab_size=c.vocab_size, tokenizer=sp, seq_len=seq_len,
                      global_batch_size=global_batch_size, seed=seed,
