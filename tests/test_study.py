@@ -109,8 +109,10 @@ def _write_run(root, cond, opt, mult, seed, status="completed"):
       "steps_done": stop, "tokens_seen": stop * 64,
       "final_train_loss": float(loss[stop - 1]),
       "final_eval_loss": val if status == "completed" else None,
+      # Seed 0 has no train sample (as a run archived before it existed).
       "final_eval_losses": ({"validation": val, "test": val + 0.02, "current": val - 0.1,
-                             "past": val + 0.3} if status == "completed" else {}),
+                             "past": val + 0.3, **({"train_sample": val - 0.2} if seed else {})}
+                            if status == "completed" else {}),
       "final_eval_perplexity": None,
       "eval_loss_by_frequency": [final - 1, final, final + 1,
                                  final + 2 + (1.0 if opt == "sgd_momentum" else 0.0)],
@@ -344,6 +346,10 @@ def test_aggregation_of_hand_made_runs(fake_report):
       np.std(vals, ddof=1) * 4.302653 / math.sqrt(3), rel=1e-4)
   assert fb.loc["adamw", "final_loss_n"] == 3 and fb.loc["lion", "final_loss_n"] == 2
   # The other eval splits (adaptation to the current topics, forgetting of past ones).
+  # The memorisation gap pairs each run's two losses: seeds 1 and 2 (seed 0 has no train
+  # sample) give (val - 0.2) - (val + 0.02) each, whatever their val; an unpaired difference of
+  # the two means (over seeds 1-2 and 0-2) would not be -0.22.
+  assert fb.loc["adamw", "train_sample_minus_test"] == pytest.approx(-0.22)
   assert fb.loc["adamw", "final_past_loss"] - fb.loc["adamw", "final_current_loss"] == (
       pytest.approx(0.4))
   assert fb.loc["sgd_momentum", "diverged"] == 1 and fb.loc["sgd_momentum", "diverged_lrs"] == 0.3
@@ -474,7 +480,7 @@ def test_report_has_every_figure_and_the_findings_table(fake_report):
           in text)
   assert "## Against the literature" in text and "## Comparisons" in text
   assert "unigram 6.000" in text  # the baselines
-  assert "| current / past loss |" in text
+  assert "| current / past / train_sample loss |" in text
   assert "python scripts/run_study.py" in text
   assert "Smoke test" not in text
   # The post_ln condition has no shift: the drift figure says so instead of crashing.
@@ -1187,7 +1193,7 @@ def test_parse_overrides_reads_the_scripts_field_literal_syntax():
 def test_against_baselines_by_hand():
   """One hand-built row: every column is a difference written out here, not the report's code."""
   f = pd.DataFrame([dict(optimizer="adamw", final_loss=3.0, final_train_loss=3.4,
-                         final_train_sample_loss=2.5, num_params=100, tokens_seen=50),
+                         train_sample_minus_test=-0.5, num_params=100, tokens_seen=50),
                     dict(optimizer="lion", final_loss=3.5, final_train_loss=3.7,
                          num_params=100, tokens_seen=50)])  # an archived run: no train sample
   lines = report.against_baselines(

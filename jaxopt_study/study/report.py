@@ -22,7 +22,6 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
-from jaxopt_study import data as data_lib
 from jaxopt_study import rundir
 from jaxopt_study.study import depth
 from jaxopt_study.study import literature
@@ -388,17 +387,16 @@ def against_baselines(f: pd.DataFrame, baselines: dict, split: str) -> list[str]
   (marginal - loss) / (marginal - floor), 0 at the marginal (per-topic unigram) entropy, 1 at
   the entropy floor (synthetic corpus only). *Train eval - test* < 0 is memorisation: the final
   loss on the training text's first windows (``data.TRAIN_SAMPLE``, text corpora) minus the test
-  loss; *last train batch - test* uses the last step's batch loss instead (one batch, drawn while
+  loss, per run (``tables.TRAIN_GAP_COLUMN``), averaged over the seeds that have both; *last train batch - test* uses the last step's batch loss instead (one batch, drawn while
   the model still learns, so biased upward early in training). Tokens per parameter = tokens
   seen / parameters."""
   if f.empty:
     return []
   uni, marg, floor = (baselines.get(k) for k in ("unigram", "marginal_entropy", "entropy_floor"))
-  sample_col = tables.split_column(data_lib.TRAIN_SAMPLE)
   rows = []
   for _, r in f.iterrows():
     loss, train = r["final_loss"], r["final_train_loss"]
-    sample = r.get(sample_col)
+    gap = r.get(tables.TRAIN_GAP_COLUMN)  # per run, then the mean over seeds
     ok = loss is not None and np.isfinite(loss)
     learnt = None
     if ok and marg is not None and floor is not None and marg - floor > 1e-9:
@@ -409,7 +407,7 @@ def against_baselines(f: pd.DataFrame, baselines: dict, split: str) -> list[str]
     rows.append([f"**{r['optimizer']}**", _fmt(loss - uni) if ok and uni is not None else "–",
                  _fmt(loss - marg) if ok and marg is not None else "–",
                  _fmt(learnt, 2) if learnt is not None else "–",
-                 _fmt(sample - loss) if ok and sample is not None and np.isfinite(sample) else "–",
+                 _fmt(gap) if gap is not None and np.isfinite(gap) else "–",
                  _fmt(train - loss) if ok and train is not None and np.isfinite(train) else "–",
                  _fmt(tpp, 2) if tpp is not None else "–"])
   return [f"Against the data's baselines (final {split} loss, mean over seeds at the best lr; "

@@ -21,6 +21,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from jaxopt_study import data as data_lib
 from jaxopt_study import rundir
 from jaxopt_study.study import measures
 from jaxopt_study.study import stats
@@ -28,6 +29,7 @@ from jaxopt_study.study.loading import FINISHED, Run, Study, UNSTABLE
 
 SELECTION_COLUMN = "final_eval_loss"  # validation split
 TEST_COLUMN = "final_test_loss"
+TRAIN_GAP_COLUMN = "train_sample_minus_test"  # final train-sample loss - final test loss
 
 
 def split_column(split: str) -> str:
@@ -67,6 +69,11 @@ def run_row(run: Run, study: Study) -> dict:
   for split, loss in sorted(res.final_eval_losses.items()):
     if split not in ("validation", "test"):
       row[split_column(split)] = measures.finite(loss)
+  # The memorisation gap per run, so that its mean over seeds pairs the two losses of each run
+  # (runs from before the train sample have none).
+  sample, test = row.get(split_column(data_lib.TRAIN_SAMPLE)), row[TEST_COLUMN]
+  row[TRAIN_GAP_COLUMN] = (sample - test if sample is not None and test is not None
+                           and np.isfinite(sample) and np.isfinite(test) else None)
   steps, loss = run.series("train/loss")
   spikes = measures.count_loss_spikes(steps, loss, st.spike_window, st.spike_sigma,
                                       st.spike_min_history)
@@ -291,7 +298,7 @@ def findings_table(runs: pd.DataFrame, best: pd.DataFrame) -> pd.DataFrame:
     for name, col in (("final_loss", split_col), ("val_loss", SELECTION_COLUMN)):
       ci = best_lr_ci(runs, best, cond, opt, col)
       row[name], row[f"{name}_ci95"], row[f"{name}_n"] = ci.mean, ci.half_width, ci.n
-    for col, new in (("final_train_loss", "final_train_loss"),
+    for col, new in (("final_train_loss", "final_train_loss"), (TRAIN_GAP_COLUMN, TRAIN_GAP_COLUMN),
                      ("num_params", "num_params"), ("tokens_seen", "tokens_seen"),
                      ("best_eval_loss", "best_eval_loss"),
                      ("frequent_token_loss", "frequent_token_loss"),
