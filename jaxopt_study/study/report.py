@@ -387,9 +387,10 @@ def against_baselines(f: pd.DataFrame, baselines: dict, split: str) -> list[str]
   (marginal - loss) / (marginal - floor), 0 at the marginal (per-topic unigram) entropy, 1 at
   the entropy floor (synthetic corpus only). *Train eval - test* < 0 is memorisation: the final
   loss on the training text's first windows (``data.TRAIN_SAMPLE``, text corpora) minus the test
-  loss, per run (``tables.TRAIN_GAP_COLUMN``), averaged over the seeds that have both; *last train batch - test* uses the last step's batch loss instead (one batch, drawn while
-  the model still learns, so biased upward early in training). Tokens per parameter = tokens
-  seen / parameters."""
+  loss, per run (``tables.TRAIN_GAP_COLUMN``), averaged over the seeds that have both; *last
+  train batch - test* uses the last step's batch loss instead (one batch, drawn while the model
+  still learns, so biased upward early in training). Tokens per parameter = tokens seen /
+  parameters."""
   if f.empty:
     return []
   uni, marg, floor = (baselines.get(k) for k in ("unigram", "marginal_entropy", "entropy_floor"))

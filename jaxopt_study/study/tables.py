@@ -298,7 +298,8 @@ def findings_table(runs: pd.DataFrame, best: pd.DataFrame) -> pd.DataFrame:
     for name, col in (("final_loss", split_col), ("val_loss", SELECTION_COLUMN)):
       ci = best_lr_ci(runs, best, cond, opt, col)
       row[name], row[f"{name}_ci95"], row[f"{name}_n"] = ci.mean, ci.half_width, ci.n
-    for col, new in (("final_train_loss", "final_train_loss"), (TRAIN_GAP_COLUMN, TRAIN_GAP_COLUMN),
+    for col, new in (("final_train_loss", "final_train_loss"),
+                     (TRAIN_GAP_COLUMN, TRAIN_GAP_COLUMN),
                      ("num_params", "num_params"), ("tokens_seen", "tokens_seen"),
                      ("best_eval_loss", "best_eval_loss"),
                      ("frequent_token_loss", "frequent_token_loss"),
