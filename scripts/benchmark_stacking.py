@@ -116,7 +116,8 @@ def main(argv):
   for m in rows:
     lines.append(f"| {m['k']} | {m['wall_s']:.1f} | {m['tokens_per_s_per_run']:.0f} | "
                  f"{m['k'] * m['tokens_per_s_per_run']:.0f} | {m['overhead_s']:.1f} | "
-                 f"{m['runs_per_hour']:.0f} | {m['runs_per_hour'] / base:.2f}x | {m['peak_gib']:.1f} |")
+                 f"{m['runs_per_hour']:.0f} | {m['runs_per_hour'] / base:.2f}x | "
+                 f"{m['peak_gib']:.1f} |")
   table = "\n".join(lines)
   print(table)
   if FLAGS.append:
