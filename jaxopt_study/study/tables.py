@@ -71,9 +71,8 @@ def run_row(run: Run, study: Study) -> dict:
       row[split_column(split)] = measures.finite(loss)
   # The memorisation gap per run, so that its mean over seeds pairs the two losses of each run
   # (runs from before the train sample have none).
-  sample, test = row.get(split_column(data_lib.TRAIN_SAMPLE)), row[TEST_COLUMN]
-  row[TRAIN_GAP_COLUMN] = (sample - test if sample is not None and test is not None
-                           and np.isfinite(sample) and np.isfinite(test) else None)
+  sample, test = row.get(split_column(data_lib.TRAIN_SAMPLE)), row[TEST_COLUMN]  # finite or None
+  row[TRAIN_GAP_COLUMN] = sample - test if sample is not None and test is not None else None
   steps, loss = run.series("train/loss")
   spikes = measures.count_loss_spikes(steps, loss, st.spike_window, st.spike_sigma,
                                       st.spike_min_history)
