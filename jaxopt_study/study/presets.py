@@ -383,6 +383,9 @@ def _wikitext2_sizes(b, c):
   #       --config.only_conditions="('base','size_8x512')"
   #   XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 python scripts/run_study.py ... --processes=2 \
   #       --config.only_conditions="('size_12x768',)"
+  # In the study itself (docs/study_gpu_wt2_sizes, H100) a 12 x 768 sweep stack took about 5 min
+  # per optimizer at 2 processes, and the layer scores (analyze_layers) about 1 min per
+  # (size, optimizer): plan one 12 x 768 optimizer (sweep, then seeds) per 10-minute call.
   b.data = data_lib.default_config("wikitext-2-local")
   b.model.num_layers, b.model.d_model, b.model.num_heads = 4, 256, 8
   b.model.dtype = "bfloat16"
