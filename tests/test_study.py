@@ -635,6 +635,32 @@ def test_expand_identical_conditions():
     protocol.expand(bad)
 
 
+@pytest.mark.parametrize("fine,coarse", [("markov_lion", "markov"),
+                                         ("wikitext2_lion", "wikitext2_sizes")])
+def test_a_finer_grid_study_shares_the_coarse_studys_runs(fine, coarse):
+  # The Lion-control presets promise that --from_archive=<the coarse study> reuses its runs:
+  # every 2nd point of the finer grid inside the coarse grid's range is a coarse grid point with
+  # the same workdir and trajectory; the points between are new rates (half the coarse log-step).
+  from jaxopt_study.study import presets as study_configs
+  from jaxopt_study.study import protocol
+
+  fine_runs, coarse_runs = (
+      {r.relpath: r for r in protocol.expand(study_configs.get_config(p))} for p in (fine, coarse))
+  for opt in ("adamw", "lion"):
+    for cond in ("base", "size_8x512"):
+      grid = sorted((r.learning_rate, path) for path, r in fine_runs.items()
+                    if r.optimizer == opt and r.condition == cond)
+      assert np.allclose(np.diff(np.log([lr for lr, _ in grid])), math.log(3) / 2, rtol=1e-2)
+      coarse_lrs = [r.learning_rate for r in coarse_runs.values()
+                    if r.optimizer == opt and r.condition == cond]
+      inside = [path for lr, path in grid[::2] if min(coarse_lrs) <= lr <= max(coarse_lrs)]
+      shared = [path for _, path in grid if path in coarse_runs]
+      assert shared == inside and len(shared) >= 2, (fine, opt, cond)
+      for path in shared:
+        assert (rundir.config_fingerprint(fine_runs[path].config)
+                == rundir.config_fingerprint(coarse_runs[path].config)), path
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("seeds", (0, 1), "config.seeds.*>= 3"),
     ("lr_multipliers", (1 / 3, 1.0, 3.0), "config.lr_multipliers has 3 points"),
