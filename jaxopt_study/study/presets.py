@@ -421,6 +421,15 @@ def _wikitext2_sizes(b, c):
   c.conditions.size_12x768 = _condition(
       "as base, 12 layers x 768 wide (12 heads): GPT-2 small's blocks",
       {"model": {"num_layers": 12, "d_model": 768, "num_heads": 12, "remat": "full"}})
+  # Post-LN blocks at the two smaller sizes (issue 25 part 5, arXiv 2502.00213): the same data
+  # and budget with a different gradient heterogeneity, so SGD's gap to AdamW / SignSGD can be
+  # read against the measured heterogeneity at a fixed size (plots/gap_vs_heterogeneity.png):
+  #   XLA_PYTHON_CLIENT_MEM_FRACTION=0.18 python scripts/run_study.py ... --processes=5 \
+  #       --config.only_conditions="('post_ln','post_ln_8x512')"
+  c.conditions.post_ln = _condition("as base, post-LN", {"model": {"ln_position": "post"}})
+  c.conditions.post_ln_8x512 = _condition(
+      "as size_8x512, post-LN",
+      {"model": {"num_layers": 8, "d_model": 512, "num_heads": 8, "ln_position": "post"}})
 
 
 def _wikitext2_lion(b, c):
@@ -440,7 +449,8 @@ def _wikitext2_lion(b, c):
   c.optimizers = ("adamw", "lion")
   c.learning_rates.adamw, c.learning_rates.lion = 0.0018, 0.0003
   c.lr_multipliers = _FINE_MULTIPLIERS
-  del c.conditions["size_12x768"]  # device time: a 12 x 768 stack costs 5 min
+  for name in ("size_12x768", "post_ln", "post_ln_8x512"):  # pre-LN at 4x256 and 8x512 only
+    del c.conditions[name]  # (device time: a 12 x 768 stack costs 5 min)
 
 
 def _wikitext103(b, c):
