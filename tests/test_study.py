@@ -817,6 +817,20 @@ def test_a_study_continues_from_its_committed_archive(tmp_path, monkeypatch):
   with pytest.raises(FileNotFoundError, match="run_results.json"):
     runner.seed_from_archive(config, str(tmp_path / "nowhere"), str(tmp_path / "x"))
 
+  # Another study sharing some runs (a finer grid, no extensions) takes those runs alone: its
+  # report must not list the archive's other rates, and study.json stays its own.
+  finer = _protocol_config()
+  finer.name = "finer"
+  finer.lr_multipliers = (1 / 3, 3 ** -0.5, 1.0, 3 ** 0.5, 3.0)
+  finer.lr_grid_max_extensions = 0
+  shared = {rel for rel in archived if rel != changed and rundir.parse_run_relpath(rel)[
+      "learning_rate"] in {float(rundir.lr_str(centre * m)) for m in (1 / 3, 1, 3)}}
+  assert len(shared) >= 3
+  fine_dir = tmp_path / "fine"
+  assert runner.seed_from_archive(finer, str(committed), str(fine_dir)) == len(shared)
+  assert not (fine_dir / "study.json").exists()
+  assert set(json.loads((fine_dir / "results" / "run_results.json").read_text())) == shared
+
 
 def test_runner_stacks_fresh_runs_and_runs_checkpointed_at_one_step(tmp_path, monkeypatch):
   from jaxopt_study import train

@@ -512,7 +512,10 @@ def seed_from_archive(study: ml_collections.ConfigDict, archive: str, workdir: s
   completed or diverged, with the config fingerprint of this study's config for it, gets
   ``RUN/results.json`` and ``RUN/config.json``; the report then reads its per-step series and
   layer scores from the archive, copied to ``workdir/results/`` (:func:`loading.load_study`).
-  Nothing already in ``workdir`` is overwritten. Returns the number of runs seeded.
+  The archive may be another study sharing runs with this one (a finer grid, fewer optimizers):
+  then only this study's runs (its optimizers, conditions and reachable rates) are seeded, and
+  study.json / sessions.json stay the archive's. Nothing already in ``workdir`` is overwritten.
+  Returns the number of runs seeded.
   """
   import shutil  # pylint: disable=g-import-not-at-top
 
@@ -521,17 +524,25 @@ def seed_from_archive(study: ml_collections.ConfigDict, archive: str, workdir: s
   if not archived:
     raise FileNotFoundError(f"--from_archive={archive}: no {loading.RESULTS_DIR}/"
                             f"{loading.ARCHIVE_RESULTS} there (a committed study's directory)")
+  same_study = (rundir.read_json(os.path.join(archive, loading.STUDY_FILE)) or {}).get(
+      "name") == study.name
   os.makedirs(workdir, exist_ok=True)
   for name in (loading.STUDY_FILE, "sessions.json", loading.RESULTS_DIR):
     src, dst = os.path.join(archive, name), os.path.join(workdir, name)
-    if os.path.exists(src) and not os.path.exists(dst):
+    if (os.path.exists(src) and not os.path.exists(dst)
+        and (same_study or name == loading.RESULTS_DIR)):
       (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, dst)
+  rates = {o: protocol.reachable_lrs(study, o) for o in study.optimizers}
+
+  def ours(ident):
+    return (ident and ident["condition"] in study.conditions
+            and protocol.round_lr(ident["learning_rate"]) in rates.get(ident["optimizer"], ()))
+
   n = 0
   for rel, res in archived.items():
     ident = rundir.parse_run_relpath(rel)
     rd = os.path.join(workdir, rel)
-    if (not ident or res.get("status") not in ("completed", "diverged")
-        or ident["condition"] not in study.conditions
+    if (not ours(ident) or res.get("status") not in ("completed", "diverged")
         or os.path.exists(rundir.path(rd, rundir.RESULTS))):
       continue
     config = protocol.run_config(study, ident["condition"], ident["optimizer"],
@@ -543,6 +554,10 @@ def seed_from_archive(study: ml_collections.ConfigDict, archive: str, workdir: s
     rundir.write_config(rd, config)
     rundir.write_json(rundir.path(rd, rundir.RESULTS), res)
     n += 1
+  if not same_study:  # the report lists every run of results/'s archive: keep this study's
+    path = os.path.join(workdir, loading.RESULTS_DIR, loading.ARCHIVE_RESULTS)
+    rundir.write_json(path, {rel: res for rel, res in (rundir.read_json(path) or {}).items()
+                             if ours(rundir.parse_run_relpath(rel))})
   return n
 
 
