@@ -57,11 +57,15 @@ LOCK = "run.lock"
 # Dotted config paths that do not change the parameters a run trains (excluded from the
 # fingerprint): cadence of logging / syncs / eval / checkpoints, input prefetch, how the steps
 # compile, device mesh, diagnostics and probes (read-only over the train state), where the token
-# cache lives, and fault injection (it stands for a transient fault: a rerun without it must
-# resume the same run).
+# cache and the local text files live (the text's identity is its content: results.json's
+# ``data_sha256``, checked when a run resumes), and fault injection (it stands for a transient
+# fault: a rerun without it must resume the same run).
 NON_TRAJECTORY = ("log_every", "sync_every", "eval_every", "checkpoint_every", "keep_checkpoints",
                   "prefetch", "parallel_compile", "mesh", "diagnostics", "probes",
-                  "data.cache_dir", "inject_nan_at_step")
+                  "data.cache_dir", "data.path", "inject_nan_at_step")
+# Fields left out of the fingerprint after runs were recorded with them in it: such a run
+# matches when the field holds the value it was recorded with (:func:`config_fingerprints`).
+REMOVED_FIELDS = ("data.path",)
 
 # Trajectory fields added after runs were recorded, with the value that reproduces what the code
 # did before the field existed. A config holding that value also matches the fingerprint
@@ -208,11 +212,12 @@ def _pop(tree: dict, dotted: str) -> None:
     node.pop(last, None)
 
 
-def trajectory_config(config) -> dict:
-  """The config as a plain dict without the :data:`NON_TRAJECTORY` fields."""
+def trajectory_config(config, keep: tuple[str, ...] = ()) -> dict:
+  """The config as a plain dict without the :data:`NON_TRAJECTORY` fields (but ``keep``)."""
   tree = _as_dict(config)
   for dotted in NON_TRAJECTORY:
-    _pop(tree, dotted)
+    if dotted not in keep:
+      _pop(tree, dotted)
   return tree
 
 
@@ -228,17 +233,18 @@ def config_fingerprint(config) -> str:
 
 def config_fingerprints(config) -> set[str]:
   """Every fingerprint under which ``config``'s trajectory may have been recorded: today's
-  :func:`config_fingerprint`, and those without any subset of the :data:`ADDED_FIELDS` that
-  hold their old-behaviour value (a run recorded before those fields existed)."""
-  tree = trajectory_config(config)
-  old = [d for d, before in ADDED_FIELDS.items() if _get(tree, d) == before]
+  :func:`config_fingerprint`, those without any subset of the :data:`ADDED_FIELDS` that
+  hold their old-behaviour value (a run recorded before those fields existed), and the same
+  with the :data:`REMOVED_FIELDS` still in (a run recorded while they were trajectory fields)."""
   out = set()
-  for k in range(len(old) + 1):  # a run may predate any subset of them
-    for fields in itertools.combinations(old, k):
-      t = copy.deepcopy(tree)
-      for dotted in fields:
-        _pop(t, dotted)
-      out.add(_hash(t))
+  for tree in (trajectory_config(config), trajectory_config(config, keep=REMOVED_FIELDS)):
+    old = [d for d, before in ADDED_FIELDS.items() if _get(tree, d) == before]
+    for k in range(len(old) + 1):  # a run may predate any subset of them
+      for fields in itertools.combinations(old, k):
+        t = copy.deepcopy(tree)
+        for dotted in fields:
+          _pop(t, dotted)
+        out.add(_hash(t))
   return out
 
 
@@ -288,6 +294,9 @@ class RunResults:
   diverged_at_step: Optional[int] = None
   init_params_fingerprint: Optional[list[float]] = None
   config_fingerprint: Optional[str] = None
+  # {split part: sha256 of its text} of a text corpus (the identity of local files, wherever
+  # they lie; None for the synthetic corpus, a function of the config).
+  data_sha256: Optional[dict[str, str]] = None
   error: Optional[str] = None
   traceback: Optional[str] = None
 

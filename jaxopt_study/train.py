@@ -19,7 +19,7 @@ import functools
 import logging
 import math
 import os
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, NamedTuple, Optional, Sequence
 
 import flax
 import flax.linen as nn
@@ -601,8 +601,25 @@ def start_results(config, state: TrainState, ds) -> rundir.RunResults:
       seed=config.seed, num_params=sum(x.size for x in jax.tree.leaves(state.params)),
       num_steps=config.num_steps, tokens_per_step=config.batch_size * config.seq_len,
       init_params_fingerprint=params_fingerprint(state.params), baselines=ds.baselines(),
-      config_fingerprint=rundir.config_fingerprint(config),
+      config_fingerprint=rundir.config_fingerprint(config), data_sha256=ds.text_sha256,
   )
+
+
+def check_same_text(workdir: str, previous: Optional[rundir.RunResults], ds) -> None:
+  """Raises ``rundir.ConfigChanged`` if ``workdir``'s run trained on other text than ``ds``'s.
+
+  Where the files lie is not part of a run's identity (``data.path`` is outside the config
+  fingerprint, so a study resumes on another machine); what they hold is.
+  """
+  old, new = (previous.data_sha256 if previous else None), ds.text_sha256
+  if not old or not new or old == new:
+    return
+  parts = ", ".join(f"{k}: {str(old.get(k))[:12]} -> {str(new.get(k))[:12]}"
+                    for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+  raise rundir.ConfigChanged(
+      f"{workdir} holds a run trained on other text (sha256 of {parts}): point "
+      "--config.data.path (and the split fields) at the files it trained on, or use a new "
+      "--workdir, or pass --restart to move the old run aside and start fresh.")
 
 
 def params_fingerprint(params) -> list[float]:
@@ -706,6 +723,8 @@ def train_runs(configs: Sequence[ml_collections.ConfigDict],
     s = setup(config, validate=False)
     stack.enter_context(sharding.activate(s.mesh))
     st = Stack(configs, s)
+    for w, prev, ds in zip(workdirs, previous, st.datasets):
+      check_same_text(w, prev, ds)
     state, start_step, results = st.initial_state(configs, workdirs)
     for w, prev in zip(workdirs, previous):
       if start_step and prev and prev.devices not in (None, jax.device_count()):

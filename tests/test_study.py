@@ -1243,3 +1243,29 @@ def test_against_baselines_by_hand():
   # - unigram, - marginal, learnt = (4 - 3) / (4 - 2), train eval - test, last batch - test, tpp
   assert rows["**adamw**"] == ["-2.000", "-1.000", "0.50", "-0.500", "0.400", "0.50"]
   assert rows["**lion**"] == ["-1.500", "-0.500", "0.25", "–", "0.200", "0.50"]
+
+
+def test_the_report_names_the_text_the_runs_trained_on(tmp_path):
+  """Setup gives the sha256 of the text every run recorded, and says so in bold when the runs
+  trained on different texts (e.g. a resume pointed at other files)."""
+  from jaxopt_study.study import report
+
+  (tmp_path / "study.json").write_text(json.dumps({"optimizers": ["adamw"],
+                                                   "conditions": {"base": {}}}))
+  text = {"train": "a" * 64, "validation": "b" * 64, "test": "c" * 64}
+
+  def run(seed, data_sha256):
+    rd = tmp_path / rundir.run_relpath("base", "adamw", 1e-3, seed)
+    rd.mkdir(parents=True)
+    rundir.RunResults(optimizer="adamw", learning_rate=1e-3, seed=seed, status="completed",
+                      data_sha256=data_sha256).save(str(rd))
+
+  def setup():
+    return "\n".join(report.setup_section(loading.load_study(str(tmp_path))))
+
+  run(0, text)
+  run(1, None)  # recorded before the field existed
+  assert f"train `{'a' * 16}`, validation `{'b' * 16}`" in setup()
+  assert "1 of 2 runs record it" in setup()
+  run(2, {**text, "train": "d" * 64})
+  assert "**2 different texts** among the runs" in setup()

@@ -506,3 +506,42 @@ def test_a_typo_is_one_line_with_the_fix(tmp_path, flag, expected):
   assert "Traceback" not in out.stderr, out.stderr[-2000:]
   lines = out.stderr.strip().splitlines()
   assert len(lines) == 1 and re.search(expected, lines[0]), out.stderr[-2000:]
+
+
+def test_local_text_is_identified_by_content_not_by_where_it_lies(tmp_path):
+  """A run on local files resumes from a copy of them elsewhere (data.path is not part of its
+  identity: a study continues on another machine), and refuses other text at the same path."""
+  from tests.test_data import _write_wikitext
+
+  first = _write_wikitext(tmp_path / "here")
+
+  def config(folder):
+    return tiny_config(**{"data.name": "local", "data.path": str(folder), "data.vocab_size": 400,
+                          "data.cache_dir": str(tmp_path / "cache"), "num_steps": 8})
+
+  workdir = str(tmp_path / "run")
+  done = train.train_and_evaluate(config(first), workdir)
+  assert done.status == "completed"
+  assert set(done.data_sha256) == {"train", "validation", "test"}
+  moved = shutil.copytree(first, tmp_path / "elsewhere")
+  assert rundir.config_fingerprint(config(moved)) == done.config_fingerprint
+  again = train.train_and_evaluate(config(moved), workdir)
+  assert again.status == "completed" and again.steps_done == done.steps_done
+  with open(moved / "wiki.train.tokens", "a", encoding="utf-8") as f:
+    f.write(" the river castle storm . \n")
+  with pytest.raises(rundir.ConfigChanged, match=r"other text \(sha256 of train.*data.path"):
+    train.train_and_evaluate(config(moved), workdir)
+
+
+def test_runs_recorded_with_data_path_in_the_fingerprint_match_at_that_path(monkeypatch):
+  # Before data.path left the fingerprint, it was in: such a record matches a config holding
+  # the same path, and only that path.
+  config = tiny_config(**{"data.name": "local", "data.path": "/data/wt2"})
+  monkeypatch.setattr(rundir, "NON_TRAJECTORY",
+                      tuple(f for f in rundir.NON_TRAJECTORY if f != "data.path"))
+  recorded = rundir.config_fingerprint(config)  # the fingerprint as it was computed then
+  monkeypatch.undo()
+  assert recorded != rundir.config_fingerprint(config)
+  assert recorded in rundir.config_fingerprints(config)
+  config.data.path = "/elsewhere/wt2"
+  assert recorded not in rundir.config_fingerprints(config)

@@ -156,6 +156,9 @@ class Dataset(Protocol):
   token_frequencies: np.ndarray  # float64 [vocab_size], unigram frequency of training data.
   # 'validation' first, 'test', maybe more; all held out except TRAIN_SAMPLE (text corpora).
   eval_splits: tuple[str, ...]
+  # {'train' | 'validation' | 'test': sha256 of the text it reads}: a text corpus's identity,
+  # wherever its files lie; None for synthetic data (its tokens are a function of the config).
+  text_sha256: dict[str, str] | None
 
   def train_batch(self, step: int) -> np.ndarray:
     """int32 [global_batch_size // process_count, seq_len + 1]; pure in (seed, step)."""
@@ -346,12 +349,15 @@ class TextDataset:
       not held out (``TRAIN_SAMPLE``).
     num_train_windows: W of the training text.
     num_eval_batches: {eval split: batches per ``eval_batches(split)`` pass}.
+    text_sha256: {'train' | 'validation' | 'test': sha256 of the text it selects} (local files
+      by content, hub releases by name: ``wikitext.TextSource.fingerprint``).
   """
 
   def __init__(self, *, train_tokens: np.ndarray, eval_tokens: dict[str, np.ndarray],
                token_counts: np.ndarray, vocab_size: int, tokenizer, seq_len: int,
                global_batch_size: int, seed: int, eval_batches: int, process_index: int = 0,
-               process_count: int = 1, info: dict | None = None):
+               process_count: int = 1, info: dict | None = None,
+               text_sha256: dict[str, str] | None = None):
     self.train_tokens, self.eval_tokens = train_tokens, dict(eval_tokens)
     self.token_counts = np.asarray(token_counts, np.int64)
     self.token_frequencies = self.token_counts / max(1, self.token_counts.sum())
@@ -362,6 +368,7 @@ class TextDataset:
     self.process_index, self.process_count = process_index, process_count
     self.local_batch_size = global_batch_size // process_count
     self.info = dict(info or {})
+    self.text_sha256 = dict(text_sha256) if text_sha256 else None
     self.eval_splits = tuple(self.eval_tokens)
 
     self.num_train_windows = num_windows(len(train_tokens), seq_len)
@@ -581,7 +588,7 @@ def _build_text(c, *, seq_len, global_batch_size, seed, process_index, process_c
                      vocab_size=c.vocab_size, tokenizer=sp, seq_len=seq_len,
                      global_batch_size=global_batch_size, seed=seed,
                      eval_batches=c.eval_batches, process_index=process_index,
-                     process_count=process_count, info=info)
+                     process_count=process_count, info=info, text_sha256=text_hash)
 
 
 class Source(NamedTuple):

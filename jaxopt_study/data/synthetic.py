@@ -347,6 +347,7 @@ class SyntheticDataset:
           f"config.data.synthetic.num_eval_sequences={num_eval_sequences} is fewer than one global "
           f"batch of {self.global_batch_size} sequences; raise it to at least that.")
     self._positions = self._eval_positions()  # Eval split -> schedule position of each batch.
+    self.text_sha256 = None  # the corpus is a function of the config (the fingerprint's)
     self.info = dict(source="synthetic", zipf_exponent=self.zipf_exponent,
                      num_topics=self.num_topics, shift=self.shift, shift_every=self.shift_every,
                      copy_prob=self.copy_prob, horizon_steps=self.horizon_steps,

@@ -193,12 +193,11 @@ def expand(study: ml_collections.ConfigDict) -> list[RunSpec]:
 
 def reachable_lrs(study: ml_collections.ConfigDict, optimizer: str) -> set[float]:
   """Every learning rate the study can train for ``optimizer``: its grid and every extension."""
-  mults = sorted(float(m) for m in study.lr_multipliers)
-  ratio, k = grid_ratio(mults), int(study.lr_grid_max_extensions)
-  if ratio is not None:
-    mults += [mults[0] / ratio ** (i + 1) for i in range(k)]
-    mults += [mults[len(mults) - k - 1] * ratio ** (i + 1) for i in range(k)]
-  return {round_lr(study.learning_rates[optimizer] * m) for m in mults}
+  grid = sorted(float(m) for m in study.lr_multipliers)
+  ratio, k = grid_ratio(grid), int(study.lr_grid_max_extensions)
+  ext = [] if ratio is None else [
+      m for i in range(1, k + 1) for m in (grid[0] / ratio ** i, grid[-1] * ratio ** i)]
+  return {round_lr(study.learning_rates[optimizer] * m) for m in grid + ext}
 
 
 def next_multipliers(study, multipliers: list[float], records, extended: dict[str, int]

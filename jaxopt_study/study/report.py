@@ -14,6 +14,7 @@ split over every seed at that rate, each "±" a 95% Student-t interval, and two 
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import os
 import re
@@ -174,6 +175,20 @@ def header_section(study: Study) -> list[str]:
   return out + ([""] if sessions else [])
 
 
+def _texts(study: Study) -> Optional[str]:
+  """The text corpus's identity from the runs' ``data_sha256`` (None for synthetic data);
+  more than one text among the runs is said in bold."""
+  recorded = [r.results.data_sha256 for r in study.runs if r.results and r.results.data_sha256]
+  if not recorded:
+    return None
+  texts = {json.dumps(d, sort_keys=True) for d in recorded}
+  n = f"{len(recorded)} of {len(study.runs)} runs record it; older runs predate the record"
+  if len(texts) > 1:
+    return f"**{len(texts)} different texts** among the runs ({n}): runs.csv lists each run's"
+  return ", ".join(f"{k} `{v[:16]}`" for k, v in sorted(recorded[0].items())) + (
+      f" ({n})" if len(recorded) < len(study.runs) else "")
+
+
 def setup_section(study: Study) -> list[str]:
   spec = study.spec
   setup = spec.get("setup", {})
@@ -193,7 +208,7 @@ def setup_section(study: Study) -> list[str]:
       ("token budget per run", spec.get("token_budget")),
       ("steps per run", spec.get("num_steps")),
       ("tokens per step", spec.get("tokens_per_step")),
-  ] + list(setup.items())
+  ] + list(setup.items()) + [("text trained and evaluated on (sha256)", _texts(study))]
   for k, v in items:
     if v not in (None, "", []):
       out.append(f"- **{k}**: {v}")

@@ -65,6 +65,7 @@ def run_row(run: Run, study: Study) -> dict:
       "tokens_per_second": res.tokens_per_second,
       "num_params": res.num_params, "error": res.error,
       "config_fingerprint": res.config_fingerprint,
+      "train_text_sha256": (res.data_sha256 or {}).get("train"),  # None: synthetic, or older
   }
   for split, loss in sorted(res.final_eval_losses.items()):
     if split not in ("validation", "test"):
