@@ -34,6 +34,7 @@ Exit codes (jaxopt_study.study.runner.EXIT_*):
 """
 
 import datetime
+import functools
 import os
 import shlex
 import signal
@@ -82,14 +83,20 @@ def main(argv):
   if FLAGS.from_archive:
     n = runner.seed_from_archive(FLAGS.config, FLAGS.from_archive, FLAGS.workdir)
     print(f"seeded {n} finished runs from {FLAGS.from_archive}")
+  os.makedirs(FLAGS.workdir, exist_ok=True)
+  session = functools.partial(runner.record_session, FLAGS.workdir, command=command, start=start,
+                              processes=FLAGS.processes)
+  session()
   try:
     if FLAGS.processes > 1:
-      code = train_in_processes(FLAGS.config, FLAGS.workdir, FLAGS.processes)
+      code = train_in_processes(FLAGS.config, FLAGS.workdir, FLAGS.processes,
+                                on_stop=lambda: session(end=datetime.datetime.now()))
       if code in (runner.EXIT_PREEMPTED, runner.EXIT_CONFIG_CHANGED, runner.EXIT_LOCKED):
-        record_session(FLAGS.workdir, command, start)
+        session(end=datetime.datetime.now(), device=_device())
         sys.exit(code)  # stopped or refused: nothing more to train here, no report
     spec = runner.run_study(FLAGS.config, FLAGS.workdir, command=command)
   except (rundir.ConfigChanged, rundir.Locked) as e:
+    session(end=datetime.datetime.now())
     print(f"error: {e}", file=sys.stderr)
     sys.exit(runner.EXIT_CONFIG_CHANGED if isinstance(e, rundir.ConfigChanged)
              else runner.EXIT_LOCKED)
@@ -97,7 +104,7 @@ def main(argv):
   for r in spec["runs"]:
     counts[r["status"]] = counts.get(r["status"], 0) + 1
   print(f"study {FLAGS.workdir}: {len(spec['runs'])} runs: {counts}")
-  record_session(FLAGS.workdir, command, start)
+  session(end=datetime.datetime.now(), device=_device())
   make = FLAGS.config.make_report if FLAGS.report is None else FLAGS.report
   if make:
     path = report.make_report(FLAGS.workdir)
@@ -108,9 +115,10 @@ def main(argv):
   sys.exit(code)
 
 
-def train_in_processes(config, workdir: str, n: int) -> int:
+def train_in_processes(config, workdir: str, n: int, on_stop=lambda: None) -> int:
   """Trains the work units in ``n`` child processes at a time (module docstring); their worst
-  exit code. A process that ends hands its slot to the next unit (longest first)."""
+  exit code. A process that ends hands its slot to the next unit (longest first); at SIGTERM,
+  ``on_stop()`` runs first (the session's end, in case the children outlive a kill's grace)."""
   workdir = os.path.abspath(workdir)
   protocol.validate(config)
   units = processes.work_units(config, n, workdir)
@@ -141,6 +149,7 @@ def train_in_processes(config, workdir: str, n: int) -> int:
   def forward(signum, frame):  # SIGTERM: every child checkpoints its run; start no more
     del frame
     stopping.append(signum)
+    on_stop()
     for p, _ in running:
       if p.poll() is None:
         p.send_signal(signum)
@@ -171,20 +180,12 @@ def train_in_processes(config, workdir: str, n: int) -> int:
   return runner.EXIT_OK
 
 
-def record_session(workdir: str, command: str, start: datetime.datetime) -> None:
-  """Appends this invocation to WORKDIR/sessions.json (the report's device and wall time)."""
+def _device() -> str:
+  """'<count> x <kind>' of this machine's JAX devices (initialises JAX's backend here)."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  path = os.path.join(workdir, "sessions.json")
-  sessions = rundir.read_json(path) or []
-  end = datetime.datetime.now()
   dev = jax.devices()[0]
-  sessions.append({
-      "start": start.isoformat(timespec="seconds"), "end": end.isoformat(timespec="seconds"),
-      "wall_s": round((end - start).total_seconds(), 1), "command": command,
-      "device": f"{jax.device_count()} x {getattr(dev, 'device_kind', dev.platform)}",
-      "processes": FLAGS.processes})
-  rundir.write_json(path, sessions)
+  return f"{jax.device_count()} x {getattr(dev, 'device_kind', dev.platform)}"
 
 
 if __name__ == "__main__":

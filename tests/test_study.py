@@ -6,6 +6,7 @@ in study.json, never written). The end-to-end test executes notebooks/quickstart
 study through scripts' code paths and the report) with nbclient.
 """
 
+import functools
 import json
 import math
 import os
@@ -1269,3 +1270,28 @@ def test_the_report_names_the_text_the_runs_trained_on(tmp_path):
   assert "1 of 2 runs record it" in setup()
   run(2, {**text, "train": "d" * 64})
   assert "**2 different texts** among the runs" in setup()
+
+
+def test_a_session_is_recorded_from_its_start_so_a_killed_one_still_shows(tmp_path):
+  """run_study.py writes its sessions.json entry at the start and completes it at SIGTERM and at
+  the end: a parent killed in between (timeout -k) still leaves when it started."""
+  import datetime as dt
+  from jaxopt_study.study import runner
+
+  start = dt.datetime(2026, 1, 1, 0, 0, 0)
+  session = functools.partial(runner.record_session, str(tmp_path), command="python x.py",
+                              start=start, processes=3)
+  session()
+
+  def head():
+    return pathlib.Path(report.make_report(str(tmp_path))).read_text().split("## ")[0]
+
+  assert ("started 2026-01-01T00:00:00, killed before it recorded its end, on a device it did "
+          "not record, 3 process(es): python x.py") in head()
+  session(end=start + dt.timedelta(minutes=9))  # SIGTERM: the end, no device query
+  session(end=start + dt.timedelta(minutes=9, seconds=30), device="1 x NVIDIA H100")
+  assert "ran 2026-01-01T00:00:00 to 2026-01-01T00:09:30 (9.5 min) on 1 x NVIDIA H100" in head()
+  assert len(json.loads((tmp_path / "sessions.json").read_text())) == 1
+  runner.record_session(str(tmp_path), command="python x.py", start=start + dt.timedelta(hours=1),
+                        processes=1)  # the next invocation: its own entry
+  assert len(json.loads((tmp_path / "sessions.json").read_text())) == 2

@@ -169,8 +169,10 @@ def header_section(study: Study) -> list[str]:
   # scripts/run_study.py's record of every invocation: device and wall time.
   sessions = rundir.read_json(os.path.join(study.study_dir, "sessions.json")) or []
   for s in sessions:
-    out.append(f"- ran {s.get('start')} to {s.get('end')} ({s.get('wall_s', 0) / 60:.1f} min) on "
-               f"{s.get('device')}, {s.get('processes')} process(es): {s.get('command')}"
+    when = (f"ran {s.get('start')} to {s['end']} ({(s.get('wall_s') or 0) / 60:.1f} min)"
+            if s.get("end") else f"started {s.get('start')}, killed before it recorded its end,")
+    out.append(f"- {when} on {s.get('device') or 'a device it did not record'}, "
+               f"{s.get('processes')} process(es): {s.get('command')}"
                + (f" ({s['note']})" if s.get("note") else ""))
   return out + ([""] if sessions else [])
 

@@ -503,6 +503,29 @@ def _sweep_and_seeds(study, runner: _Runner, cond: str, opt: str) -> bool:
   return not runner.stopped
 
 
+def record_session(workdir: str, *, command: str, start: datetime.datetime, processes: int,
+                   end: Optional[datetime.datetime] = None, device: Optional[str] = None) -> None:
+  """Writes this invocation's entry of WORKDIR/sessions.json (the report's device and wall time).
+
+  Called at the start (no end yet: a parent killed before its end, e.g. by ``timeout -k`` while
+  its children finish a compile, still leaves its start), at SIGTERM (the end of its work) and
+  at the end. The entry is the one with the same start and command.
+  """
+  path = os.path.join(workdir, "sessions.json")
+  sessions = rundir.read_json(path) or []
+  key = start.isoformat(timespec="seconds")
+  entry = next((s for s in sessions if s.get("start") == key and s.get("command") == command),
+               None)
+  if entry is None:
+    entry = {"start": key, "command": command, "processes": processes}
+    sessions.append(entry)
+  entry["end"] = end.isoformat(timespec="seconds") if end else None
+  entry["wall_s"] = round((end - start).total_seconds(), 1) if end else None
+  if device:
+    entry["device"] = device
+  rundir.write_json(path, sessions)
+
+
 def seed_from_archive(study: ml_collections.ConfigDict, archive: str, workdir: str) -> int:
   """Seeds ``workdir`` with the finished runs of a committed study so that the runner reuses them.
 
