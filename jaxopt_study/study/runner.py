@@ -537,8 +537,8 @@ def seed_from_archive(study: ml_collections.ConfigDict, archive: str, workdir: s
   layer scores from the archive, copied to ``workdir/results/`` (:func:`loading.load_study`).
   The archive may be another study sharing runs with this one (a finer grid, fewer optimizers):
   then only this study's runs (its optimizers, conditions and reachable rates) are seeded, and
-  the archive's study.json and sessions.json are not copied. Nothing already in ``workdir`` is overwritten.
-  Returns the number of runs seeded.
+  the archive's study.json and sessions.json are not copied. Nothing already in ``workdir`` is
+  overwritten. Returns the number of runs seeded.
   """
   import shutil  # pylint: disable=g-import-not-at-top
 
