@@ -1295,3 +1295,34 @@ def test_a_session_is_recorded_from_its_start_so_a_killed_one_still_shows(tmp_pa
   runner.record_session(str(tmp_path), command="python x.py", start=start + dt.timedelta(hours=1),
                         processes=1)  # the next invocation: its own entry
   assert len(json.loads((tmp_path / "sessions.json").read_text())) == 2
+
+
+def test_the_post_ln_claim_is_checked_on_every_pre_post_pair(tmp_path):
+  """Two (pre-LN, post-LN) pairs, e.g. at two model sizes: one row each, never just the first.
+  The second pair is the first one copied with a width override on both sides, and its post-LN
+  runs' CV lowered instead: its row must say so."""
+  spec = make_fake_study(tmp_path)
+  for src, dst in (("base", "wide"), ("post_ln", "wide_post")):
+    shutil.copytree(tmp_path / "runs" / src, tmp_path / "runs" / dst)
+    spec["runs"] += [dict(r, condition=dst, workdir=r["workdir"].replace(f"/{src}/", f"/{dst}/"))
+                     for r in spec["runs"] if r["condition"] == src]
+  spec["conditions"]["wide"] = {"overrides": {"model.d_model": 64}, "ln_position": "pre"}
+  spec["conditions"]["wide_post"] = {"overrides": {"model.d_model": 64,
+                                                   "model.ln_position": "post"},
+                                     "ln_position": "post"}
+  (tmp_path / "study.json").write_text(json.dumps(spec))
+  for path in (tmp_path / "runs" / "wide_post").glob("*/*/*/metrics.jsonl"):
+    lines = path.read_text().split("\n")  # the last one is cut short on purpose (a kill)
+    for i, line in enumerate(lines[:-1]):
+      row = json.loads(line)
+      if "heterogeneity/grad_norm_cv" in row:
+        row["heterogeneity/grad_norm_cv"] -= 3.0
+        lines[i] = json.dumps(row)
+    path.write_text("\n".join(lines))
+  study = loading.load_study(str(tmp_path))
+  runs = tables.runs_table(study)
+  best = tables.select_best_lr(runs, study.spec.get("sweep_seeds"))
+  ln = [c for c in literature.literature_checks(study, runs, best, tables.findings_table(runs, best))
+        if c["claim"].startswith("Post-LN")]
+  assert [c["condition"] for c in ln] == ["base -> post_ln", "wide -> wide_post"]
+  assert [c["verdict"] for c in ln] == ["agrees", "disagrees"]

@@ -142,15 +142,15 @@ def ln_pairs(study: Study) -> list[tuple[str, str]]:
           if pa == "pre" and pb == "post" and oa == ob]
 
 
-def post_ln_heterogeneity(study, runs, best, findings, condition) -> dict:
-  del best, findings, condition  # compares two conditions over their whole sweeps
+def post_ln_heterogeneity(study, runs, pair: Optional[tuple[str, str]]) -> dict:
+  """The claim on one (pre-LN, post-LN) condition pair (:func:`ln_pairs`), over their whole
+  sweeps matched on (lr, seed); ``pair`` None: the study has no such pair."""
   claim = "Post-LN raises gradient heterogeneity (CV of per-tensor gradient norms) over pre-LN"
-  pairs = ln_pairs(study)
-  if not pairs:
+  if pair is None:
     return _check(claim, "–", "inconclusive", "no pre-/post-LN condition pair in the study")
   if HETEROGENEITY not in runs:
     return _check(claim, "–", "inconclusive", "no heterogeneity metrics in the runs")
-  pre_c, post_c = pairs[0]
+  pre_c, post_c = pair
   done = runs[runs["status"].isin(FINISHED)]
   parts, verdicts, fixed = [], {}, []
   for opt in study.optimizers:
@@ -185,7 +185,7 @@ def post_ln_heterogeneity(study, runs, best, findings, condition) -> dict:
 
 # Checks of one condition, run on every condition: the literature measured these claims on
 # stationary pretraining data, and whether they survive a shifting corpus is this study's
-# question. The LN check compares conditions (ln_pairs), so it runs once.
+# question. The LN check compares conditions: it runs once per pair (ln_pairs).
 PER_CONDITION = (adam_beats_sgd, lion_lr_ratio)
 
 
@@ -197,8 +197,9 @@ def literature_checks(study: Study, runs: pd.DataFrame, best: pd.DataFrame,
     return []
   out = [dict(check(study, runs, best, findings, cond), condition=cond)
          for check in PER_CONDITION for cond in study.conditions]
-  out.append(dict(post_ln_heterogeneity(study, runs, best, findings, None), condition=", ".join(
-      f"{a} -> {b}" for a, b in ln_pairs(study)) or "–"))
+  for pair in ln_pairs(study) or [None]:  # one row per pair (e.g. per model size)
+    out.append(dict(post_ln_heterogeneity(study, runs, pair),
+                    condition=" -> ".join(pair) if pair else "–"))
   if study.settings.smoke_test:
     out = [dict(c, verdict="inconclusive",
                 reason="smoke test (a preset that exercises the machinery): no verdicts")
