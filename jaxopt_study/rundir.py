@@ -498,6 +498,25 @@ def check_same_trajectory(workdir: str, config) -> None:
   )
 
 
+def check_same_text(workdir: str, previous: Optional[RunResults],
+                    text_sha256: Optional[dict[str, str]]) -> None:
+  """Raises ``ConfigChanged`` if ``workdir``'s run (``previous``, its results) trained on other
+  text than ``text_sha256`` (the dataset's, ``ds.text_sha256``).
+
+  Where the files lie is not part of a run's identity (``data.path`` is outside the config
+  fingerprint, so a study resumes on another machine); what they hold is.
+  """
+  old, new = (previous.data_sha256 if previous else None), text_sha256
+  if not old or not new or old == new:
+    return
+  parts = ", ".join(f"{k}: {str(old.get(k))[:12]} -> {str(new.get(k))[:12]}"
+                    for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+  raise ConfigChanged(
+      f"{workdir} holds a run trained on other text (sha256 of {parts}): point "
+      "--config.data.path (and the split fields) at the files it trained on, or use a new "
+      "--workdir, or pass --restart to move the old run aside and start fresh.")
+
+
 def move_aside(workdir: str) -> Optional[str]:
   """Moves everything in ``workdir`` into ``workdir/replaced-<UTC time>/``; returns that path.
 

@@ -19,7 +19,7 @@ import functools
 import logging
 import math
 import os
-from typing import Any, Iterable, NamedTuple, Optional, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import flax
 import flax.linen as nn
@@ -605,23 +605,6 @@ def start_results(config, state: TrainState, ds) -> rundir.RunResults:
   )
 
 
-def check_same_text(workdir: str, previous: Optional[rundir.RunResults], ds) -> None:
-  """Raises ``rundir.ConfigChanged`` if ``workdir``'s run trained on other text than ``ds``'s.
-
-  Where the files lie is not part of a run's identity (``data.path`` is outside the config
-  fingerprint, so a study resumes on another machine); what they hold is.
-  """
-  old, new = (previous.data_sha256 if previous else None), ds.text_sha256
-  if not old or not new or old == new:
-    return
-  parts = ", ".join(f"{k}: {str(old.get(k))[:12]} -> {str(new.get(k))[:12]}"
-                    for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
-  raise rundir.ConfigChanged(
-      f"{workdir} holds a run trained on other text (sha256 of {parts}): point "
-      "--config.data.path (and the split fields) at the files it trained on, or use a new "
-      "--workdir, or pass --restart to move the old run aside and start fresh.")
-
-
 def params_fingerprint(params) -> list[float]:
   """[global L2 norm, sum] of the parameters: runs of a study must start from the same ones."""
   return [float(x) for x in jax.device_get(_fingerprint(params))]
@@ -724,7 +707,7 @@ def train_runs(configs: Sequence[ml_collections.ConfigDict],
     stack.enter_context(sharding.activate(s.mesh))
     st = Stack(configs, s)
     for w, prev, ds in zip(workdirs, previous, st.datasets):
-      check_same_text(w, prev, ds)
+      rundir.check_same_text(w, prev, ds.text_sha256)
     state, start_step, results = st.initial_state(configs, workdirs)
     for w, prev in zip(workdirs, previous):
       if start_step and prev and prev.devices not in (None, jax.device_count()):

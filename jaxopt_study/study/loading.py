@@ -34,6 +34,7 @@ from jaxopt_study import rundir
 from jaxopt_study.analysis import files as analysis_files
 
 STUDY_FILE = "study.json"
+SESSIONS_FILE = "sessions.json"  # each invocation of scripts/run_study.py: device, wall time
 RESULTS_DIR = "results"
 # The compact archive of every run (regenerates the report without the run directories).
 ARCHIVE_RESULTS = "run_results.json"  # {relpath: results.json dict}

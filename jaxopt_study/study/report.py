@@ -14,7 +14,6 @@ split over every seed at that rate, each "±" a 95% Student-t interval, and two 
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import os
 import re
@@ -167,7 +166,7 @@ def header_section(study: Study) -> list[str]:
   if spec.get("command"):
     out += ["Command:", "", "```", spec["command"], "```", ""]
   # scripts/run_study.py's record of every invocation: device and wall time.
-  sessions = rundir.read_json(os.path.join(study.study_dir, "sessions.json")) or []
+  sessions = rundir.read_json(os.path.join(study.study_dir, loading.SESSIONS_FILE)) or []
   for s in sessions:
     when = (f"ran {s.get('start')} to {s['end']} ({(s.get('wall_s') or 0) / 60:.1f} min)"
             if s.get("end") else f"started {s.get('start')}, killed before it recorded its end,")
@@ -183,7 +182,7 @@ def _texts(study: Study) -> Optional[str]:
   recorded = [r.results.data_sha256 for r in study.runs if r.results and r.results.data_sha256]
   if not recorded:
     return None
-  texts = {json.dumps(d, sort_keys=True) for d in recorded}
+  texts = {tuple(sorted(d.items())) for d in recorded}
   n = f"{len(recorded)} of {len(study.runs)} runs record it; older runs predate the record"
   if len(texts) > 1:
     return f"**{len(texts)} different texts** among the runs ({n}): runs.csv lists each run's"

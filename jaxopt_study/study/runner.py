@@ -511,7 +511,7 @@ def record_session(workdir: str, *, command: str, start: datetime.datetime, proc
   its children finish a compile, still leaves its start), at SIGTERM (the end of its work) and
   at the end. The entry is the one with the same start and command.
   """
-  path = os.path.join(workdir, "sessions.json")
+  path = os.path.join(workdir, loading.SESSIONS_FILE)
   sessions = rundir.read_json(path) or []
   key = start.isoformat(timespec="seconds")
   entry = next((s for s in sessions if s.get("start") == key and s.get("command") == command),
@@ -550,7 +550,7 @@ def seed_from_archive(study: ml_collections.ConfigDict, archive: str, workdir: s
   same_study = (rundir.read_json(os.path.join(archive, loading.STUDY_FILE)) or {}).get(
       "name") == study.name
   os.makedirs(workdir, exist_ok=True)
-  for name in (loading.STUDY_FILE, "sessions.json", loading.RESULTS_DIR):
+  for name in (loading.STUDY_FILE, loading.SESSIONS_FILE, loading.RESULTS_DIR):
     src, dst = os.path.join(archive, name), os.path.join(workdir, name)
     if (os.path.exists(src) and not os.path.exists(dst)
         and (same_study or name == loading.RESULTS_DIR)):
