@@ -436,6 +436,30 @@ def test_literature_never_compares_against_a_diverged_run(tmp_path):
   assert c["verdict"] == "inconclusive" and "diverged or failed" in c["reason"]
 
 
+def test_a_claim_whose_optimizers_are_absent_gets_one_row_not_one_per_condition(tmp_path):
+  # A two-optimizer study (AdamW and Lion, like markov_lion): the Adam-vs-SGD claim cannot be
+  # measured in any condition, so one row says so; Lion's ratio is still checked per condition.
+  spec = make_fake_study(tmp_path)
+  spec["optimizers"] = ["adamw", "lion"]
+  spec["runs"] = [r for r in spec["runs"] if r["optimizer"] in spec["optimizers"]]
+  (tmp_path / "study.json").write_text(json.dumps(spec))
+  for opt in ("sgd_momentum", "adafactor", "signsgd"):
+    for p in tmp_path.glob(f"runs/*/{opt}"):
+      shutil.rmtree(p)
+  study = loading.load_study(str(tmp_path))
+  assert study.optimizers == ["adamw", "lion"]
+  runs = tables.runs_table(study)
+  best = tables.select_best_lr(runs, study.spec.get("sweep_seeds"))
+  lit = literature.literature_checks(study, runs, best, tables.findings_table(runs, best))
+  assert [(c["claim"].split()[0], c["condition"]) for c in lit] == [
+      ("Adam-family", "–"), ("Lion's", "base"), ("Lion's", "post_ln"),
+      ("Post-LN", "base -> post_ln")]
+  assert lit[0]["reason"] == "SGD-momentum or the Adam family not in the study"
+  text = "\n".join(report.literature_section(lit))
+  assert "- Adam-family (AdamW, Adafactor) reaches a lower loss than SGD-momentum on " \
+         "transformers: not measured here (SGD-momentum or the Adam family not in the study)" in text
+
+
 def test_literature_inconclusive_when_fixed_by_the_configuration(fake_report, tmp_path):
   # One learning rate per optimizer: the "best" rates are the configured centres, so neither
   # the comparison nor the ratio of best rates nor the LN effect is a finding.
@@ -599,7 +623,7 @@ def test_a_check_without_a_condition_to_run_on_says_so_in_the_tally():
             {"claim": "Adam", "condition": "base", "measured": "x", "verdict": "agrees",
              "reason": "r"}]
   text = "\n".join(report.literature_section(checks))
-  assert "- post-LN: **inconclusive** (no condition to measure it on)" in text
+  assert ("- post-LN: not measured here (no pre-/post-LN condition pair in the study)" in text)
   assert "- Adam: **agrees** in base" in text and " in –" not in text
 
 

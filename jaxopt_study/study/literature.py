@@ -34,6 +34,7 @@ from jaxopt_study.study.loading import FINISHED, Study
 ADAM_FAMILY = ("adamw", "adafactor")
 LION_RANGE = (3.0, 10.0)  # Chen et al. 2023: Lion's lr is 3-10x smaller than AdamW's.
 HETEROGENEITY = "heterogeneity/grad_norm_cv"
+NOT_IN_STUDY = "not in the study"  # the reason's tail when a claim's optimizers are absent
 
 
 def _check(claim, measured, verdict, reason) -> dict:
@@ -65,7 +66,7 @@ def adam_beats_sgd(study, runs, best, findings, condition) -> dict:
   claim = "Adam-family (AdamW, Adafactor) reaches a lower loss than SGD-momentum on transformers"
   opts = [o for o in ADAM_FAMILY if o in study.optimizers]
   if "sgd_momentum" not in study.optimizers or not opts:
-    return _check(claim, "–", "inconclusive", "SGD-momentum or the Adam family not in the study")
+    return _check(claim, "–", "inconclusive", f"SGD-momentum or the Adam family {NOT_IN_STUDY}")
   col = tables.report_column(runs)
   split = "test" if col == tables.TEST_COLUMN else "validation"
   cis = {o: tables.best_lr_ci(runs, best, condition, o, col) for o in opts + ["sgd_momentum"]}
@@ -102,7 +103,7 @@ def _spacing(runs: pd.DataFrame, condition: str, opt: str, lr: float) -> float:
 def lion_lr_ratio(study, runs, best, findings, condition) -> dict:
   claim = "Lion's best learning rate is 3-10x smaller than AdamW's"
   if not {"lion", "adamw"} <= set(study.optimizers):
-    return _check(claim, "–", "inconclusive", "Lion or AdamW not in the study")
+    return _check(claim, "–", "inconclusive", f"Lion or AdamW {NOT_IN_STUDY}")
   lrs = {o: tables.best_lr_of(best, condition, o) for o in ("adamw", "lion")}
   measured = "–"
   if all(lrs.values()):
@@ -192,11 +193,17 @@ PER_CONDITION = (adam_beats_sgd, lion_lr_ratio)
 def literature_checks(study: Study, runs: pd.DataFrame, best: pd.DataFrame,
                       findings: pd.DataFrame) -> list[dict]:
   """Every check of :data:`PER_CONDITION` on every condition (the primary, first, condition
-  first), then the post-LN check; each dict also names its ``condition``."""
+  first), then the post-LN check; each dict also names its ``condition`` ("–" for a claim the
+  study cannot measure at all: its optimizers or condition pair are absent)."""
   if not study.conditions:
     return []
-  out = [dict(check(study, runs, best, findings, cond), condition=cond)
-         for check in PER_CONDITION for cond in study.conditions]
+  out = []
+  for check in PER_CONDITION:
+    rows = [dict(check(study, runs, best, findings, cond), condition=cond)
+            for cond in study.conditions]
+    if all(r["reason"].endswith(NOT_IN_STUDY) for r in rows):  # its optimizers are absent:
+      rows = [dict(rows[0], condition="–")]  # one row saying so, not one per condition
+    out += rows
   for pair in ln_pairs(study) or [None]:  # one row per pair (e.g. per model size)
     out.append(dict(post_ln_heterogeneity(study, runs, pair),
                     condition=" -> ".join(pair) if pair else "–"))

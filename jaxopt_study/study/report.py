@@ -465,12 +465,13 @@ def literature_section(checks: list[dict]) -> list[str]:
   corpus may move them), with a one-line tally per claim."""
   tally = {}
   for c in checks:
-    conds = tally.setdefault(c["claim"], {}).setdefault(c["verdict"], [])
-    if c["condition"] not in ("", "–"):  # a check that found no condition to run on
-      conds.append(c["condition"])
-  lines = [f"- {claim}: " + "; ".join(f"**{v}** in {', '.join(conds)}" if conds else
-                                      f"**{v}** (no condition to measure it on)"
-                                      for v, conds in by.items()) for claim, by in tally.items()]
+    by = tally.setdefault(c["claim"], {})
+    if c["condition"] in ("", "–"):  # no condition to run on: say why (e.g. no such optimizer)
+      by[f"not measured here ({c['reason']})"] = None
+    else:
+      by.setdefault(f"**{c['verdict']}** in ", []).append(c["condition"])
+  lines = [f"- {claim}: " + "; ".join(k + ", ".join(conds or []) for k, conds in by.items())
+           for claim, by in tally.items()]
   return ["## Against the literature", "", *lines, "",
           _md_table(["claim", "condition", "measured here", "verdict", "why"],
                     [[c["claim"], c["condition"], c["measured"], f"**{c['verdict']}**",
