@@ -126,8 +126,7 @@ def make_report(study_dir: str, settings: Optional[dict] = None) -> str:
   # The compact archive: regenerates this report without the run directories.
   rundir.write_json(os.path.join(results_dir, loading.ARCHIVE_RESULTS),
                     {r.relpath: r.results.to_dict() for r in study.runs if r.status != "missing"})
-  tables.scalars_long(study).to_parquet(os.path.join(results_dir, loading.ARCHIVE_SCALARS),
-                                        index=False, compression="zstd")
+  _write_parquet(tables.scalars_long(study), os.path.join(results_dir, loading.ARCHIVE_SCALARS))
   legacy = os.path.join(results_dir, loading.LEGACY_ARCHIVE_SCALARS)
   if os.path.exists(legacy):  # superseded by the parquet file just written
     os.remove(legacy)
@@ -458,6 +457,18 @@ def comparisons_section(study: Study, comparisons: pd.DataFrame) -> list[str]:
                           for _, r in g.iterrows()]))
     out.append("")
   return out
+
+
+def _write_parquet(df: pd.DataFrame, path: str) -> None:
+  """Writes ``df`` to ``path`` atomically, leaving an existing file with the same table alone:
+  a committed archive (tens of MB) regenerated with the same data stays byte-identical, so
+  re-making a report does not add a copy of it to the repository's history."""
+  tmp = path + ".tmp"
+  df.to_parquet(tmp, index=False, compression="zstd")
+  if os.path.exists(path) and pd.read_parquet(path).equals(pd.read_parquet(tmp)):
+    os.remove(tmp)
+  else:
+    os.replace(tmp, path)
 
 
 def literature_section(checks: list[dict]) -> list[str]:
