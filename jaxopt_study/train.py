@@ -269,12 +269,17 @@ def state_shardings(abstract_state, mesh, params_shape):
       rng=rep, diverged_at=rep)
 
 
-def create_state(config, model, tx, mesh, token_frequencies, params_shape):
+def create_state(config, model, tx, mesh, token_frequencies, params_shape, abstract=False):
   """Sharded initial TrainState (and its shardings) from ``config.seed`` alone; initialised
-  once, already sharded."""
+  once, already sharded. ``abstract``: ShapeDtypeStructs with those shardings instead (nothing
+  compiled or allocated)."""
   init = state_init(config, model, tx, token_frequencies)
   key = jax.random.PRNGKey(config.seed)
-  state_sh = state_shardings(jax.eval_shape(init, key), mesh, params_shape)
+  shapes = jax.eval_shape(init, key)
+  state_sh = state_shardings(shapes, mesh, params_shape)
+  if abstract:
+    return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                        shapes, state_sh), state_sh
   return jax.jit(init, out_shardings=state_sh)(key), state_sh
 
 
@@ -285,9 +290,10 @@ def token_frequencies(model, ds) -> np.ndarray:
   return freq
 
 
-def initial_state(config, model, mesh, ds):
+def initial_state(config, model, mesh, ds, abstract=False):
   """``(state, state_shardings, tx, learning_rate)`` of run ``config``: its seed's parameters
-  and its peak learning rate in the optimizer state, sharded over ``mesh``."""
+  and its peak learning rate in the optimizer state, sharded over ``mesh`` (``abstract``: the
+  state's shapes only, :func:`create_state`)."""
   token_freq = token_frequencies(model, ds)
   # Abstract parameters (boxed with their logical axes): the optimizer's masks and the
   # shardings come from them; the real ones are initialised once, already sharded.
@@ -296,7 +302,8 @@ def initial_state(config, model, mesh, ds):
       jax.random.PRNGKey(0),
   )
   tx, learning_rate = optimizers.build(config, nn.meta.unbox(params_shape))
-  return (*create_state(config, model, tx, mesh, token_freq, params_shape), tx, learning_rate)
+  return (*create_state(config, model, tx, mesh, token_freq, params_shape, abstract), tx,
+          learning_rate)
 
 
 class Setup(NamedTuple):
@@ -307,14 +314,16 @@ class Setup(NamedTuple):
   model: gpt.GPT
   tx: optax.GradientTransformation
   learning_rate: Any  # (opt_state, step) -> the rate of that step
-  state: TrainState
+  state: TrainState  # run `config`'s initial state (ShapeDtypeStructs with setup(abstract=True))
   state_sharding: TrainState
   batch_sharding: Any
 
 
-def setup(config: ml_collections.ConfigDict, *, validate: bool = True) -> Setup:
+def setup(config: ml_collections.ConfigDict, *, validate: bool = True,
+          abstract: bool = False) -> Setup:
   """Validates ``config`` (before any compile; ``validate=False``: the caller did), then builds
-  mesh, data, model and the state."""
+  mesh, data, model and the state (``abstract``: its shapes and shardings only, for a stack,
+  which initialises its K runs itself)."""
   if validate:
     validate_config(config)
   sharding.maybe_initialize_distributed()
@@ -328,7 +337,7 @@ def setup(config: ml_collections.ConfigDict, *, validate: bool = True) -> Setup:
   ds = _dataset(config)
   model = gpt.GPT(gpt.from_config(config.model, padded_vocab(ds.vocab_size,
                                                             config.model.vocab_multiple)))
-  state, state_sh, tx, learning_rate = initial_state(config, model, mesh, ds)
+  state, state_sh, tx, learning_rate = initial_state(config, model, mesh, ds, abstract)
   return Setup(mesh, ds, model, tx, learning_rate, state, state_sh, sharding.batch_sharding(mesh))
 
 
@@ -514,7 +523,7 @@ class Stack:
     results = [start_results(c, st, ds) for c, st, ds in zip(configs, runs, self.datasets)]
     del runs
     restored = [restore(w, c, s.state) for c, w in zip(configs, workdirs)]
-    steps = [int(st.step) for st in restored]
+    steps = [0 if st is None else int(st.step) for st in restored]
     if len(set(steps)) > 1:
       raise ValueError(f"the runs stand at different steps {steps}; resume them one at a time "
                        "(train.train_and_evaluate).")
@@ -703,7 +712,7 @@ def train_runs(configs: Sequence[ml_collections.ConfigDict],
       rundir.check_same_trajectory(w, c)
     previous = [rundir.RunResults.load(w) for w in workdirs]
     # 2. Mesh, data, model, the state of each run (restored where a checkpoint exists).
-    s = setup(config, validate=False)
+    s = setup(config, validate=False, abstract=len(configs) > 1)  # a stack inits its own
     stack.enter_context(sharding.activate(s.mesh))
     st = Stack(configs, s)
     for w, prev, ds in zip(workdirs, previous, st.datasets):
@@ -829,7 +838,8 @@ def train_runs(configs: Sequence[ml_collections.ConfigDict],
 
 
 def restore(workdir: str, config, state):
-  """The latest good checkpoint of ``workdir`` restored into ``state``'s layout, else ``state``.
+  """The latest good checkpoint of ``workdir`` restored into ``state``'s layout (arrays or
+  ShapeDtypeStructs with shardings), else None.
 
   A checkpoint of another state layout, from a change to a field the trajectory fingerprint
   ignores (``diagnostics.enabled``, ``diagnostics.entry_sample_size``: the diagnostic state's
@@ -837,7 +847,7 @@ def restore(workdir: str, config, state):
   intact, so the fix is the old value (or ``--restart``), never a silent start from step 0.
   """
   try:
-    return checkpointing.restore_latest(rundir.path(workdir, rundir.CHECKPOINTS), state) or state
+    return checkpointing.restore_latest(rundir.path(workdir, rundir.CHECKPOINTS), state)
   except checkpointing.StateMismatch as e:
     old = rundir.read_json(rundir.path(workdir, rundir.CONFIG))
     diff = rundir.config_diff(old, config, trajectory=False) if old else {}

@@ -103,17 +103,8 @@ def abstract_setup(config, devices) -> train.Setup:
   )
   tx, learning_rate = optimizers.build(config, nn.meta.unbox(params_shape))
   token_freq = np.full(vocab, 1.0 / vocab)
-  shardings = []
-
-  def create():
-    state, state_sh = train.create_state(config, model, tx, mesh, token_freq, params_shape)
-    shardings.append(state_sh)  # static Python objects: kept aside, not traced
-    return state
-
-  shapes = jax.eval_shape(create)
-  state_sh = shardings[0]
-  state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                       shapes, state_sh)
+  state, state_sh = train.create_state(config, model, tx, mesh, token_freq, params_shape,
+                                       abstract=True)
   return train.Setup(mesh, None, model, tx, learning_rate, state, state_sh,
                      sharding.batch_sharding(mesh))
 

@@ -93,6 +93,17 @@ def test_step_modes_are_the_variants_the_loop_runs():
   assert train.step_modes(0, STEPS, dcfg) == [None]
 
 
+def test_an_abstract_setup_has_the_real_states_layout_and_allocates_nothing():
+  # A stack initialises its K runs itself: its Setup's single-run state is shapes only.
+  config = tiny_config()
+  real, abstract = train.setup(config).state, train.setup(config, abstract=True).state
+  leaves = jax.tree.leaves(abstract)
+  assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+  assert jax.tree.structure(real) == jax.tree.structure(abstract)
+  for r, a in zip(jax.tree.leaves(real), leaves):
+    assert (r.shape, r.dtype, r.sharding) == (a.shape, a.dtype, a.sharding)
+
+
 def test_precompiled_variants_are_not_compiled_again_by_the_loop():
   """``precompile`` compiles every variant, the probes and the eval step before step 1 (in
   parallel); the jitted steps, probes and evaluation then reuse them."""
