@@ -17,6 +17,7 @@ import sys
 import time
 import types
 
+import ml_collections
 import numpy as np
 import pandas as pd
 import pytest
@@ -807,6 +808,52 @@ def test_extension_points_are_added_together_and_trained_in_one_stack(tmp_path, 
   config.lr_grid_extension_points = 0
   with pytest.raises(ValueError, match="lr_grid_extension_points"):
     runner.run_study(config, str(tmp_path / "bad"), progress=False)
+
+
+def test_a_study_run_in_parts_keeps_one_study_json_for_all_of_them(tmp_path, monkeypatch):
+  """One invocation per condition (and per optimizer) into one workdir, as the wikitext2_sizes
+  preset runs its sizes: study.json keeps every part's conditions and runs, in the config's
+  order; each invocation's returned spec (its exit code) is its own."""
+  from jaxopt_study import train
+  from jaxopt_study.study import runner
+
+  config = _protocol_config()
+  config.optimizers = ("adamw", "lion")
+  config.report.smoke_test = True  # 3 rates, one seed: the protocol's minimums do not apply
+  config.lr_multipliers, config.lr_grid_max_extensions = (1 / 3, 1.0, 3.0), 0
+  config.sweep_seeds = config.seeds = (0,)
+  config.conditions.wide = ml_collections.ConfigDict(
+      {"description": "as base, wider", "overrides": {"model": {"d_model": 128}}})
+  calls = []
+  monkeypatch.setattr(train, "train_and_evaluate", _fake_trainer(calls, lambda c: 3.0))
+  wd = str(tmp_path / "study")
+  config.only_conditions = ("wide",)
+  part = runner.run_study(config, wd, progress=False)
+  assert {r["condition"] for r in part["runs"]} == {"wide"} and len(calls) == 6
+  config.only_conditions, config.optimizers = ("base",), ("lion",)
+  part = runner.run_study(config, wd, progress=False)
+  assert {(r["condition"], r["optimizer"]) for r in part["runs"]} == {("base", "lion")}
+  whole = json.loads((tmp_path / "study" / "study.json").read_text())
+  assert list(whole["conditions"]) == ["base", "wide"]  # the config's order, primary first
+  assert whole["conditions"]["wide"]["description"] == "as base, wider"
+  assert set(whole["optimizers"]) == {"adamw", "lion"} and len(whole["runs"]) == 9
+  assert {(r["condition"], r["optimizer"]) for r in whole["runs"]} == {
+      ("wide", "adamw"), ("wide", "lion"), ("base", "lion")}
+  study = loading.load_study(wd)
+  assert study.conditions == ["base", "wide"] and study.condition_info("wide")["overrides"]
+  # A part run again (nothing to train) changes nothing; another preset's study.json in the
+  # workdir is not carried into this one.
+  calls.clear()
+  runner.run_study(config, wd, progress=False)
+  key = lambda runs: sorted((r["workdir"], r["status"]) for r in runs)
+  assert not calls and key(json.loads((tmp_path / "study" / "study.json").read_text())[
+      "runs"]) == key(whole["runs"])
+  other = json.loads((tmp_path / "study" / "study.json").read_text())
+  other["preset"] = "another"
+  (tmp_path / "study" / "study.json").write_text(json.dumps(other))
+  runner.run_study(config, wd, progress=False)
+  assert list(json.loads((tmp_path / "study" / "study.json").read_text())["conditions"]) == [
+      "base"]
 
 
 def test_a_study_continues_from_its_committed_archive(tmp_path, monkeypatch):

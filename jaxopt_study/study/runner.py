@@ -149,6 +149,43 @@ def condition_info(study: ml_collections.ConfigDict, cond: str,
   return info
 
 
+def earlier_parts(previous: dict, spec: dict, sweep, condition_order) -> Optional[dict]:
+  """What an earlier invocation in this workdir recorded of the (condition, optimizer) pairs
+  that this one leaves out (``config.only_conditions`` / ``config.optimizers``): their
+  conditions, optimizers and run entries; None when there are none, or when ``previous`` is
+  another preset's study.json.
+
+  A study run in parts into one workdir (one invocation per model size, as the `wikitext2_sizes`
+  preset does) then keeps ONE study.json describing all of them: before, each invocation
+  rewrote it with its own conditions only, and the report lost the others' descriptions, shift
+  steps and frequency buckets. ``condition_order``: the study config's, the primary first.
+  """
+  if not previous or previous.get("preset") != spec["preset"]:
+    return None
+  pairs = {(r.condition, r.optimizer) for r in sweep}
+  runs = [e for e in previous.get("runs", []) if (e["condition"], e["optimizer"]) not in pairs]
+  if not runs:
+    return None
+  conds = {e["condition"] for e in runs}
+  return {"runs": runs, "condition_order": list(condition_order),
+          "conditions": {c: v for c, v in previous.get("conditions", {}).items()
+                         if c in conds and c not in spec["conditions"]},
+          "optimizers": list(dict.fromkeys(e["optimizer"] for e in runs))}
+
+
+def whole_study(spec: dict, earlier: Optional[dict]) -> dict:
+  """``spec`` (this invocation's study.json) with :func:`earlier_parts` added: every condition
+  in the study config's order, the optimizers of both, the earlier runs first."""
+  if not earlier:
+    return spec
+  conds = {**earlier["conditions"], **spec["conditions"]}
+  order = [c for c in earlier["condition_order"] if c in conds]
+  order += [c for c in conds if c not in order]
+  return {**spec, "conditions": {c: conds[c] for c in order},
+          "optimizers": list(dict.fromkeys(spec["optimizers"] + earlier["optimizers"])),
+          "runs": earlier["runs"] + spec["runs"]}
+
+
 def is_done(results: Optional[rundir.RunResults], num_steps: int) -> bool:
   """A run to reuse: completed with every step, or diverged (a finding, not retried)."""
   if results is None:
@@ -177,10 +214,12 @@ STOPPED_ANALYSIS = "stopped: the study stopped (SIGTERM) before these scores; re
 class _Runner:
   """Trains RunSpecs one at a time, keeping study.json up to date."""
 
-  def __init__(self, study, workdir: str, spec: dict, previous: dict, progress: bool):
+  def __init__(self, study, workdir: str, spec: dict, previous: dict, progress: bool,
+               earlier: Optional[dict] = None):
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
     self.study, self.workdir, self.spec = study, workdir, spec
+    self.earlier = earlier  # earlier_parts: saved with this invocation's spec
     self.path = os.path.join(workdir, loading.STUDY_FILE)
     self.previous = {r.get("workdir"): r for r in previous.get("runs", [])}  # study.json's
     self.entries: dict[str, dict] = {}
@@ -226,7 +265,7 @@ class _Runner:
 
   def save(self) -> None:
     self.spec["stopped_early"] = self.stopped
-    rundir.write_json(self.path, self.spec)
+    rundir.write_json(self.path, whole_study(self.spec, self.earlier))
 
   def check_config(self, r: protocol.RunSpec) -> Optional[rundir.RunResults]:
     """The run's results if its directory was trained under r.config (module docstring)."""
@@ -456,7 +495,8 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *, command: Option
   }
   if previous.get("note"):  # hand-written (the report prints it first): kept, for its author
     spec["note"] = previous["note"]
-  runner = _Runner(study, workdir, spec, previous, progress)
+  runner = _Runner(study, workdir, spec, previous, progress,
+                   earlier=earlier_parts(previous, spec, sweep, list(study.conditions)))
   try:
     for r in sweep:
       if study.on_config_change == "refuse":  # refuse a changed config before anything trains
