@@ -48,8 +48,9 @@ trains it again. A run directory locked by another live process (``rundir.Locked
 study: two studies are running in one workdir.
 
 ``WORKDIR/study.json`` describes the study (config, protocol, conditions with their shift steps
-and token-frequency buckets, every run with its phase, status and fingerprint) for the report.
-A SIGTERM during a run checkpoints it (train.py) and stops the study; running the same command
+and token-frequency buckets, every run with its phase, status and fingerprint) for the report;
+an invocation with ``config.only_conditions`` / ``config.optimizers`` keeps what earlier ones
+recorded of the rest (:func:`earlier_parts`), so a study run in parts has one. A SIGTERM during a run checkpoints it (train.py) and stops the study; running the same command
 again continues where it stopped. :func:`exit_code` maps the outcome to the process exit code.
 """
 
