@@ -459,6 +459,11 @@ def test_a_claim_whose_optimizers_are_absent_gets_one_row_not_one_per_condition(
   text = "\n".join(report.literature_section(lit))
   assert "- Adam-family (AdamW, Adafactor) reaches a lower loss than SGD-momentum on " \
          "transformers: not measured here (SGD-momentum or the Adam family not in the study)" in text
+  # A smoke test withholds the verdicts, not the reason a claim was not measured at all.
+  smoke = loading.load_study(str(tmp_path), {"smoke_test": True})
+  lit = literature.literature_checks(smoke, runs, best, tables.findings_table(runs, best))
+  assert lit[0]["reason"] == "SGD-momentum or the Adam family not in the study"
+  assert all("smoke test" in c["reason"] for c in lit[1:])
 
 
 def test_literature_inconclusive_when_fixed_by_the_configuration(fake_report, tmp_path):
