@@ -476,12 +476,12 @@ def literature_section(checks: list[dict]) -> list[str]:
   corpus may move them), with a one-line tally per claim."""
   tally = {}
   for c in checks:
-    by = tally.setdefault(c["claim"], {})
+    by = tally.setdefault(c["claim"], {})  # "**verdict** in " -> its conditions
     if c["condition"] in ("", "–"):  # no condition to run on: say why (e.g. no such optimizer)
-      by[f"not measured here ({c['reason']})"] = None
+      by.setdefault(f"not measured here ({c['reason']})", [])
     else:
       by.setdefault(f"**{c['verdict']}** in ", []).append(c["condition"])
-  lines = [f"- {claim}: " + "; ".join(k + ", ".join(conds or []) for k, conds in by.items())
+  lines = [f"- {claim}: " + "; ".join(k + ", ".join(conds) for k, conds in by.items())
            for claim, by in tally.items()]
   return ["## Against the literature", "", *lines, "",
           _md_table(["claim", "condition", "measured here", "verdict", "why"],

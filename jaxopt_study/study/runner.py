@@ -50,7 +50,8 @@ study: two studies are running in one workdir.
 ``WORKDIR/study.json`` describes the study (config, protocol, conditions with their shift steps
 and token-frequency buckets, every run with its phase, status and fingerprint) for the report;
 an invocation with ``config.only_conditions`` / ``config.optimizers`` keeps what earlier ones
-recorded of the rest (:func:`earlier_parts`), so a study run in parts has one. A SIGTERM during a run checkpoints it (train.py) and stops the study; running the same command
+recorded of the rest (:func:`add_earlier_parts`), so a study run in parts has one. A SIGTERM
+during a run checkpoints it (train.py) and stops the study; running the same command
 again continues where it stopped. :func:`exit_code` maps the outcome to the process exit code.
 """
 
@@ -64,7 +65,7 @@ import os
 import signal
 import time
 import traceback
-from typing import Optional
+from typing import Optional, Sequence
 
 import ml_collections
 import numpy as np
@@ -150,41 +151,30 @@ def condition_info(study: ml_collections.ConfigDict, cond: str,
   return info
 
 
-def earlier_parts(previous: dict, spec: dict, sweep, condition_order) -> Optional[dict]:
-  """What an earlier invocation in this workdir recorded of the (condition, optimizer) pairs
-  that this one leaves out (``config.only_conditions`` / ``config.optimizers``): their
-  conditions, optimizers and run entries; None when there are none, or when ``previous`` is
-  another preset's study.json.
+def add_earlier_parts(spec: dict, previous: dict, sweep, condition_order) -> list[dict]:
+  """Adds to ``spec`` (this invocation's study.json) the conditions and optimizers an earlier
+  invocation in this workdir recorded for the (condition, optimizer) pairs this one leaves out
+  (``config.only_conditions`` / ``config.optimizers``), conditions in ``condition_order`` (the
+  study config's); returns those pairs' run entries (saved before this invocation's own). None
+  of it when ``previous`` is another preset's study.json.
 
   A study run in parts into one workdir (one invocation per model size, as the `wikitext2_sizes`
   preset does) then keeps ONE study.json describing all of them: before, each invocation
   rewrote it with its own conditions only, and the report lost the others' descriptions, shift
-  steps and frequency buckets. ``condition_order``: the study config's, the primary first.
+  steps and frequency buckets.
   """
   if not previous or previous.get("preset") != spec["preset"]:
-    return None
+    return []
   pairs = {(r.condition, r.optimizer) for r in sweep}
   runs = [e for e in previous.get("runs", []) if (e["condition"], e["optimizer"]) not in pairs]
-  if not runs:
-    return None
-  conds = {e["condition"] for e in runs}
-  return {"runs": runs, "condition_order": list(condition_order),
-          "conditions": {c: v for c, v in previous.get("conditions", {}).items()
-                         if c in conds and c not in spec["conditions"]},
-          "optimizers": list(dict.fromkeys(e["optimizer"] for e in runs))}
-
-
-def whole_study(spec: dict, earlier: Optional[dict]) -> dict:
-  """``spec`` (this invocation's study.json) with :func:`earlier_parts` added: every condition
-  in the study config's order, the optimizers of both, the earlier runs first."""
-  if not earlier:
-    return spec
-  conds = {**earlier["conditions"], **spec["conditions"]}
-  order = [c for c in earlier["condition_order"] if c in conds]
-  order += [c for c in conds if c not in order]
-  return {**spec, "conditions": {c: conds[c] for c in order},
-          "optimizers": list(dict.fromkeys(spec["optimizers"] + earlier["optimizers"])),
-          "runs": earlier["runs"] + spec["runs"]}
+  old = previous.get("conditions", {})
+  conds = {**{e["condition"]: old[e["condition"]] for e in runs if e["condition"] in old},
+           **spec["conditions"]}
+  order = [c for c in condition_order if c in conds] + [c for c in conds
+                                                         if c not in condition_order]
+  spec["conditions"] = {c: conds[c] for c in order}
+  spec["optimizers"] = list(dict.fromkeys(spec["optimizers"] + [e["optimizer"] for e in runs]))
+  return runs
 
 
 def is_done(results: Optional[rundir.RunResults], num_steps: int) -> bool:
@@ -216,11 +206,11 @@ class _Runner:
   """Trains RunSpecs one at a time, keeping study.json up to date."""
 
   def __init__(self, study, workdir: str, spec: dict, previous: dict, progress: bool,
-               earlier: Optional[dict] = None):
+               earlier_runs: Sequence[dict] = ()):
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
     self.study, self.workdir, self.spec = study, workdir, spec
-    self.earlier = earlier  # earlier_parts: saved with this invocation's spec
+    self.earlier_runs = list(earlier_runs)  # add_earlier_parts: saved before spec["runs"]
     self.path = os.path.join(workdir, loading.STUDY_FILE)
     self.previous = {r.get("workdir"): r for r in previous.get("runs", [])}  # study.json's
     self.entries: dict[str, dict] = {}
@@ -266,7 +256,7 @@ class _Runner:
 
   def save(self) -> None:
     self.spec["stopped_early"] = self.stopped
-    rundir.write_json(self.path, whole_study(self.spec, self.earlier))
+    rundir.write_json(self.path, {**self.spec, "runs": self.earlier_runs + self.spec["runs"]})
 
   def check_config(self, r: protocol.RunSpec) -> Optional[rundir.RunResults]:
     """The run's results if its directory was trained under r.config (module docstring)."""
@@ -496,8 +486,8 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *, command: Option
   }
   if previous.get("note"):  # hand-written (the report prints it first): kept, for its author
     spec["note"] = previous["note"]
-  runner = _Runner(study, workdir, spec, previous, progress,
-                   earlier=earlier_parts(previous, spec, sweep, list(study.conditions)))
+  earlier_runs = add_earlier_parts(spec, previous, sweep, list(study.conditions))
+  runner = _Runner(study, workdir, spec, previous, progress, earlier_runs)
   try:
     for r in sweep:
       if study.on_config_change == "refuse":  # refuse a changed config before anything trains
